@@ -1,0 +1,162 @@
+"""Dense patches δ = θ_trained − θ_B: the safety patch (gradient ascent) and the over-safety patch (descent).
+
+A patch folder holds `delta.safetensors` (δ per parameter), `saliency.safetensors` (SNIP scores on the
+patched model θ_B + δ by default, or on the backbone) and `manifest.json` (backbone fingerprint, data,
+hyper-parameters, steps run, why training stopped). The backbone is restored bit-for-bit afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, Field
+from safetensors import safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.data.records import Record
+from safeunits.io import read_json, save_safetensors, write_json
+from safeunits.models.loading import architecture_signature, model_fingerprint
+from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
+
+DELTA_FILE, SALIENCY_FILE, MANIFEST_FILE = "delta.safetensors", "saliency.safetensors", "manifest.json"
+Objective = Literal["ascent", "descent", "npo"]
+
+# Defaults chosen for SmolLM2-135M on CPU (see docs/patching.md); every field is overridable.
+DEFAULT_TRAIN: dict[str, dict[str, Any]] = {
+    # bounded ascent: stop as soon as the harmful responses' NLL passes the bound, or after the step budget
+    "ascent": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
+                   scheduler="constant", max_length=256, seed=0, stop_nll_above=6.0),
+    "descent": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
+                    scheduler="constant", max_length=256, seed=0),
+    "npo": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
+                scheduler="constant", max_length=256, seed=0),
+}
+
+
+class PatchConfig(BaseModel):
+    """How one patch is derived from the backbone."""
+
+    objective: Objective = Field(..., description="'ascent' gives δ_SE (unlearn harmful answers), 'descent' δ_OSM, "
+                                                  "'npo' the NPO baseline")
+    train: dict[str, Any] = Field(default_factory=dict,
+                                  description="TrainConfig fields overriding DEFAULT_TRAIN[objective]")
+    saliency_on: Literal["patched", "backbone"] = Field(
+        "patched", description="SNIP on θ_B + δ (SafePatching's choice) or on the backbone θ_B")
+    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
+
+    def train_config(self):
+        from safeunits.train.engine import TrainConfig
+
+        return TrainConfig(**{**DEFAULT_TRAIN[self.objective], **self.train, "objective": self.objective})
+
+
+class DensePatch:
+    """A patch folder read lazily: tensors come from memory-mapped safetensors one at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        for f in (DELTA_FILE, MANIFEST_FILE):
+            if not (self.folder / f).is_file():
+                raise FileNotFoundError(f"{self.folder / f} missing: not a patch folder written by `safeunits patch derive`")
+        self.manifest: dict[str, Any] = read_json(self.folder / MANIFEST_FILE)
+        self._delta = safe_open(str(self.folder / DELTA_FILE), framework="pt")
+        sal = self.folder / SALIENCY_FILE
+        self._saliency = safe_open(str(sal), framework="pt") if sal.is_file() else None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._delta.keys())
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        return self.manifest["signature"]
+
+    def delta(self, name: str) -> torch.Tensor:
+        return self._delta.get_tensor(name)
+
+    def saliency(self, name: str) -> torch.Tensor:
+        if self._saliency is None:
+            raise FileNotFoundError(f"{self.folder / SALIENCY_FILE} missing: derive the patch with saliency")
+        return self._saliency.get_tensor(name)
+
+
+def derive_patch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[Record],
+    config: PatchConfig,
+    out_dir: str | Path,
+    *,
+    data_info: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> DensePatch:
+    """Train a copy of the weights with `config.objective` on D_h, save δ + SNIP saliency + manifest, restore θ_B."""
+    from safeunits.train.engine import train
+
+    if not records or any(not r.response for r in records):
+        raise ValueError("patches are derived from harmful prompts WITH harmful responses; build them with "
+                         "`safeunits patch build-data`")
+    tconf = config.train_config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = patchable_parameters(model, config.saliency.exclude)
+    fingerprint = model_fingerprint(model)
+    signature = architecture_signature(model)
+    backbone = {n: p.detach().clone() for n, p in params.items()}
+    sal_config = config.saliency.model_copy(update={"system_prompt": config.saliency.system_prompt or tconf.system_prompt})
+    try:
+        if config.saliency_on == "backbone":
+            saliency = snip_saliency(model, tokenizer, records, sal_config, progress=progress)
+        started = time.time()
+        result = train(model, tokenizer, records, tconf, progress=progress)
+        seconds = time.time() - started
+        with torch.no_grad():
+            delta = {n: (p.detach() - backbone[n]).float() for n, p in params.items()}
+        for n, d in delta.items():
+            if not torch.isfinite(d).all():
+                raise FloatingPointError(f"{config.objective} produced non-finite weights in {n}: lower the lr "
+                                         "or the ascent bound")
+        if config.saliency_on == "patched":
+            saliency = snip_saliency(model, tokenizer, records, sal_config, progress=progress)
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(backbone[n])
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    manifest = {
+        "kind": {"ascent": "safety (SE)", "descent": "over-safety (OSM)", "npo": "NPO"}[config.objective],
+        "objective": config.objective,
+        "backbone_fingerprint": fingerprint,
+        "model_type": signature["model_type"],
+        "data": data_info or {"n_records": len(records)},
+        "config": config.model_dump(mode="json"),
+        "train_config": tconf.model_dump(mode="json"),
+        "steps": result.steps,
+        "final_loss": result.final_loss,
+        "losses": list(result.losses),
+        "stopped_reason": result.stopped_reason,
+        "train_seconds": seconds,
+        "delta_norm": float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values()))),
+        "signature": signature,
+    }
+    return save_dense_patch(out, delta, saliency, manifest)
+
+
+def save_dense_patch(out_dir: str | Path, delta: dict[str, torch.Tensor], saliency: dict[str, torch.Tensor] | None,
+                     manifest: dict[str, Any]) -> DensePatch:
+    """Write a patch folder (each file atomically); `manifest` must carry `signature` and `backbone_fingerprint`."""
+    for key in ("signature", "backbone_fingerprint"):
+        if key not in manifest:
+            raise ValueError(f"a patch manifest needs {key!r}")
+    out = Path(out_dir)
+    save_safetensors(out / DELTA_FILE, delta, {"format": "safeunits.dense-patch/1"})
+    if saliency is not None:
+        if set(saliency) != set(delta):
+            raise ValueError("saliency and delta must cover the same tensors")
+        save_safetensors(out / SALIENCY_FILE, saliency, {"on": str(manifest.get("config", {}).get("saliency_on"))})
+    write_json(out / MANIFEST_FILE, manifest)
+    return DensePatch(out)
