@@ -18,6 +18,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "safeunits.models.cli",
     "safeunits.data.cli",
+    "safeunits.eval.cli",
 ]
 
 

@@ -1,0 +1,27 @@
+"""Rates with Wilson 95% confidence intervals: eval sets are small, so every rate carries its interval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well-behaved at 0 and n, unlike the normal one)."""
+    if n <= 0:
+        raise ValueError("a rate needs n > 0")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes} outside [0, {n}]")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate(successes: int, n: int) -> dict[str, Any]:
+    """`{"k", "n", "rate", "ci95": [lo, hi]}` as written to metrics.json."""
+    lo, hi = wilson_interval(successes, n)
+    return {"k": successes, "n": n, "rate": successes / n, "ci95": [lo, hi]}

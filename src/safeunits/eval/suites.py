@@ -1,0 +1,128 @@
+"""Declarative evaluation suites: which datasets, how many prompts, which judges, which decoding budget.
+
+Suites live as YAML files (`safeunits/configs/suites/<name>.yaml`) validated by `SuiteConfig`; a user suite
+is any YAML path with the same fields. `quick` is the CPU preset (~3 minutes on the default model);
+`full` is the SPEC protocol (AdvBench first 100, HarmBench, all 250 XSTest safe prompts, 256 tokens).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SUITES_DIR = Path(__file__).resolve().parents[1] / "configs" / "suites"
+
+SystemPromptMode = Literal["none", "safety"]
+
+
+class HarmfulSet(BaseModel):
+    """Harmful prompts whose answers are judged for attack success (ASR)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Short name used in file names and metrics.")
+    dataset: str = Field(description="Registered dataset name or data file (see `safeunits datasets`).")
+    limit: int | None = Field(None, ge=1, description="Use the first N prompts (AdvBench: 100 as Wei et al.).")
+    system_prompts: list[SystemPromptMode] = Field(
+        ["none", "safety"], description="'none': no system message; 'safety': models.chat.SAFETY_SYSTEM_PROMPT."
+    )
+    optional: bool = Field(False, description="Skip (and say so in metrics.json) when the dataset is not available.")
+
+
+class OverSafetySet(BaseModel):
+    """Benign-but-scary prompts (XSTest safe) judged in three classes; refusal = full + partial."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "xstest_safe"
+    dataset: str = "xstest:safe"
+    limit: int | None = Field(None, ge=1)
+    judge: str = Field("xstest", description="Three-class judge (see `safeunits judge-check`).")
+
+
+class UtilitySet(BaseModel):
+    """Benign instructions with reference answers; utility = mean response-token NLL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    dataset: str
+    limit: int | None = Field(None, ge=1)
+    optional: bool = False
+
+
+class AnswerSet(BaseModel):
+    """Prompts answered and written to JSONL for an external judge (MT-Bench first turns)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "mt_bench"
+    dataset: str = "mt-bench"
+    limit: int | None = Field(None, ge=1)
+
+
+class LMEvalConfig(BaseModel):
+    """Optional lm-evaluation-harness tasks (run only when `lm_eval` imports; skipped otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(default_factory=list, description="e.g. boolq, rte, hellaswag, winogrande, arc_challenge.")
+    limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
+    num_fewshot: int = 0
+
+
+class SuiteConfig(BaseModel):
+    """One evaluation protocol on the three axes; the resolved copy is saved in every run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per answer (papers: 256).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    nll_batch_size: int = Field(8, ge=1)
+    nll_max_length: int = Field(512, ge=16, description="Prompt + reference tokens; longer references are cut.")
+    asr_judge: str = Field("keyword", description="Judge for harmful prompts (attack success = complied).")
+    harmful: list[HarmfulSet] = Field(default_factory=list, description="The first set gives the headline ASR.")
+    over_safety: OverSafetySet | None = OverSafetySet()
+    utility: list[UtilitySet] = Field(default_factory=list)
+    answers: list[AnswerSet] = Field(default_factory=list)
+    lm_eval: LMEvalConfig | None = None
+
+    def with_limit(self, limit: int | None) -> SuiteConfig:
+        """The same suite with every set cut to at most `limit` items (smoke tests, CLI --limit)."""
+        if limit is None:
+            return self
+
+        def cut(s):
+            return s.model_copy(update={"limit": min(s.limit or limit, limit)})
+
+        return self.model_copy(update={
+            "harmful": [cut(s) for s in self.harmful],
+            "over_safety": cut(self.over_safety) if self.over_safety else None,
+            "utility": [cut(s) for s in self.utility],
+            "answers": [cut(s) for s in self.answers],
+        })
+
+
+def available_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(suite: str | Path | SuiteConfig) -> SuiteConfig:
+    """A suite by name (`quick`, `full`), from a YAML path, or passed through when already a SuiteConfig."""
+    if isinstance(suite, SuiteConfig):
+        return suite
+    path = Path(suite).expanduser()
+    if not path.is_file():
+        path = SUITES_DIR / f"{suite}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"unknown suite {suite!r}: not a YAML file and not one of {', '.join(available_suites())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return SuiteConfig.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as err:
+        raise ValueError(f"{path}: invalid suite ({err})") from err
