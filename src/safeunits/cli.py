@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "safeunits.models.cli",
     "safeunits.data.cli",
     "safeunits.eval.cli",
+    "safeunits.train.cli",
+    "safeunits.patching.cli",
 ]
 
 

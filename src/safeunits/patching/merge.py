@@ -52,49 +52,77 @@ def dare_mask(shape: torch.Size, p: float, seed: int, name: str) -> torch.Tensor
     return torch.rand(shape, generator=gen) < p
 
 
-def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, progress: bool = True) -> SparsePatch:
-    """Merge the salient, non-overlapping parts of δ_SE and δ_OSM into one sparse patch (values = what to add)."""
+def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
+                progress: bool = True) -> tuple[SparsePatch, SparsePatch, dict[str, int]]:
+    """The unscaled parts M_SE ⊙ δ_SE and M_OSM ⊙ δ_OSM (DARE's 1/p included) as two sparse patches, plus counts.
+
+    α and β are applied afterwards (`controllable_merge`, or `apply_patch(scale=...)` in a sweep), so a sweep over
+    α, β reuses one pass over the saliency and evaluates exactly the bits `controllable_merge` would save.
+    """
     check_signature(se.signature, osm.signature, what="the two patches")
     if se.manifest.get("backbone_fingerprint") != osm.manifest.get("backbone_fingerprint"):
         raise ValueError("the safety and over-safety patches come from different backbones (fingerprints differ)")
-    names = [n for n in se.names if n in set(osm.names)]
+    osm_names = set(osm.names)
+    names = [n for n in se.names if n in osm_names]
     if not names:
         raise ValueError("the two patches share no tensors")
     thresholds = None
     if config.scope == "global":
         thresholds = (global_threshold(names, se.saliency, config.a / 100),
                       global_threshold(names, osm.saliency, config.b / 100))
-    deltas: dict[str, SparseTensorDelta] = {}
+    parts: tuple[dict[str, SparseTensorDelta], dict[str, SparseTensorDelta]] = ({}, {})
     stats = {"se": 0, "osm": 0, "both_salient": 0, "total": 0}
     for name in tqdm(names, desc="merge patches", disable=not progress):
         s_se, s_osm = se.saliency(name), osm.saliency(name)
-        m_se, m_osm = difference_masks(s_se, s_osm, config.a, config.b, thresholds=thresholds)
+        top_se, top_osm = topk_or(s_se, config.a, thresholds, 0), topk_or(s_osm, config.b, thresholds, 1)
+        m_se, m_osm = top_se & ~top_osm, top_osm & ~top_se
         stats["total"] += m_se.numel()
-        stats["both_salient"] += int((topk_or(s_se, config.a, thresholds, 0) & topk_or(s_osm, config.b, thresholds, 1)).sum())
-        scale_se, scale_osm = config.alpha, config.beta
+        stats["both_salient"] += int((top_se & top_osm).sum())
+        rescale = 1.0
         if config.dare_p is not None:
             keep = dare_mask(m_se.shape, config.dare_p, config.seed, name)
             m_se, m_osm = m_se & keep, m_osm & keep
-            scale_se, scale_osm = config.alpha / config.dare_p, config.beta / config.dare_p
-        stats["se"] += int(m_se.sum())
-        stats["osm"] += int(m_osm.sum())
-        idx_se = torch.nonzero(m_se.reshape(-1)).reshape(-1)
-        idx_osm = torch.nonzero(m_osm.reshape(-1)).reshape(-1)
-        vals = torch.cat([se.delta(name).reshape(-1)[idx_se].float() * scale_se,
-                          osm.delta(name).reshape(-1)[idx_osm].float() * scale_osm])
-        idx = torch.cat([idx_se, idx_osm])
+            rescale = 1.0 / config.dare_p
+        for part, mask, patch, key in ((parts[0], m_se, se, "se"), (parts[1], m_osm, osm, "osm")):
+            stats[key] += int(mask.sum())
+            idx = torch.nonzero(mask.reshape(-1)).reshape(-1)
+            vals = patch.delta(name).reshape(-1)[idx].float()
+            part[name] = SparseTensorDelta(_index_dtype(idx, mask.numel()), vals * rescale if rescale != 1.0 else vals,
+                                           tuple(mask.shape))
+    common = {"backbone_fingerprint": se.manifest.get("backbone_fingerprint"), "model_type": se.signature.get("model_type"),
+              "merge_config": config.model_dump(mode="json")}
+    return (SparsePatch(parts[0], se.signature, {**common, "part": "se", "patch": str(se.folder)}),
+            SparsePatch(parts[1], se.signature, {**common, "part": "osm", "patch": str(osm.folder)}), stats)
+
+
+def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, beta: float) -> SparsePatch:
+    """α·part_SE + β·part_OSM for disjoint parts: one sorted index list per tensor, values scaled like apply does."""
+    deltas = {}
+    for name, d_se in part_se.deltas.items():
+        d_osm = part_osm.deltas[name]
+        idx = torch.cat([d_se.indices.long(), d_osm.indices.long()])
+        vals = torch.cat([d_se.values * alpha if alpha != 1.0 else d_se.values,
+                          d_osm.values * beta if beta != 1.0 else d_osm.values])
         order = torch.argsort(idx)
-        deltas[name] = SparseTensorDelta(_index_dtype(idx[order], m_se.numel()), vals[order].contiguous(),
-                                         tuple(m_se.shape))
-    manifest: dict[str, Any] = {
+        deltas[name] = SparseTensorDelta(_index_dtype(idx[order], d_se.numel), vals[order].contiguous(), d_se.shape)
+    return SparsePatch(deltas, part_se.signature, {})
+
+
+def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, progress: bool = True) -> SparsePatch:
+    """Merge the salient, non-overlapping parts of δ_SE and δ_OSM into one sparse patch (values = what to add)."""
+    part_se, part_osm, stats = merge_parts(se, osm, config, progress=progress)
+    merged = combine_parts(part_se, part_osm, config.alpha, config.beta)
+    merged.manifest = {
         "method": "safepatching",
         "merge_config": config.model_dump(mode="json"),
         "backbone_fingerprint": se.manifest.get("backbone_fingerprint"),
         "model_type": se.signature.get("model_type"),
         "se_patch": str(se.folder), "osm_patch": str(osm.folder),
+        "se_manifest": {k: se.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
+        "osm_manifest": {k: osm.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
         "counts": stats,
     }
-    return SparsePatch(deltas, se.signature, manifest)
+    return merged
 
 
 def topk_or(scores: torch.Tensor, pct: float, thresholds: tuple[float, float] | None, which: int) -> torch.Tensor:

@@ -1,0 +1,114 @@
+"""The three axes for patched models: the shared evaluation runner, with a patch applied and exactly undone.
+
+Model selection (the sweep) must not see the test prompts, so `validation_suite` builds a suite from the
+held-out split of D_h (harmful), XSTest safe prompts *after* those the CPU `quick` suite uses (over-safety),
+and Self-Instruct seed tasks (utility; the suites use the user-oriented set).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.data.registry import load_dataset
+from safeunits.io import write_text
+from safeunits.patching.apply import apply_patch, undo_patch
+from safeunits.patching.sparse import SparsePatch
+
+AXES = ("asr", "xstest_refusal", "utility_nll")
+
+
+class ValidationConfig(BaseModel):
+    """The held-out evaluation the sweep selects on (small: it runs once per grid point)."""
+
+    xstest_offset: int = Field(200, ge=0, description="use XSTest safe prompts from this index (quick suite: first 48)")
+    n_xstest: int = Field(24, ge=1, description="XSTest safe prompts judged for over-refusal")
+    utility: str = Field("self-instruct:seed", description="benign set with reference answers for the NLL")
+    n_utility: int = Field(16, ge=1, description="reference answers scored")
+    n_harmful: int | None = Field(None, ge=1, description="cap on the D_h validation prompts (None: all)")
+    max_new_tokens: int = Field(48, ge=1, description="generation budget per answer")
+    batch_size: int = Field(16, ge=1)
+
+
+def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: ValidationConfig | None = None,
+                     data_dir: str | None = None):
+    """A SuiteConfig over held-out prompts only; the XSTest subset is written beside it for the record."""
+    from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
+
+    config = config or ValidationConfig()
+    val = Path(dh_folder) / "val.jsonl"
+    if not val.is_file() or not val.read_text().strip():
+        raise ValueError(f"{val} is missing or empty: build D_h with --n-val > 0 to sweep on held-out prompts")
+    safe = load_dataset("xstest:safe", data_dir=data_dir)[config.xstest_offset:config.xstest_offset + config.n_xstest]
+    if not safe:
+        raise ValueError(f"no XSTest safe prompts from index {config.xstest_offset}")
+    xs_path = Path(out_dir) / "xstest_val.jsonl"
+    write_text(xs_path, "".join(json.dumps({"prompt": r.prompt, "label": "safe", "category": r.category}) + "\n"
+                                for r in safe))
+    return SuiteConfig(
+        name="patch-validation",
+        description="held-out: D_h val split, XSTest safe tail, Self-Instruct seed references",
+        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, asr_judge="keyword",
+        harmful=[HarmfulSet(name="dh_val", dataset=str(val), limit=config.n_harmful, system_prompts=["none"])],
+        over_safety=OverSafetySet(name="xstest_val", dataset=str(xs_path), judge="xstest"),
+        utility=[UtilitySet(name="utility_val", dataset=config.utility, limit=config.n_utility)],
+    )
+
+
+def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suite: Any, out_dir: Path | None,
+                   *, progress: bool = True) -> dict[str, Any]:
+    """Headline metrics of one evaluation (the shared runner), plus wall time."""
+    from safeunits.eval.runner import evaluate
+
+    started = time.time()
+    result = evaluate(model, tokenizer, suite, out_dir=out_dir, progress=progress)
+    return {**{k: float(v) for k, v in result.headline.items()}, "eval_seconds": round(time.time() - started, 1)}
+
+
+def evaluate_patched(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, patches: list[tuple[SparsePatch, float]],
+                     suite: Any, out_dir: Path | None, *, progress: bool = True) -> dict[str, Any]:
+    """Apply (patch, scale) pairs, evaluate, and restore the model bit-for-bit whatever happens."""
+    undos = []
+    try:
+        for patch, scale in patches:
+            undos.append(apply_patch(model, patch, scale=scale))
+        return evaluate_model(model, tokenizer, suite, out_dir, progress=progress)
+    finally:
+        for undo in reversed(undos):
+            undo_patch(model, undo)
+
+
+def pareto_front(rows: list[dict[str, Any]], axes: tuple[str, ...] = AXES) -> list[int]:
+    """Indices of rows no other row beats on every axis (all axes: lower is better)."""
+    front = []
+    for i, r in enumerate(rows):
+        dominated = any(all(o[a] <= r[a] for a in axes) and any(o[a] < r[a] for a in axes)
+                        for j, o in enumerate(rows) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """(key, header, format) columns; percentages given as fractions are shown x100 with format '%'."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            if v is None:
+                cells.append("")
+            elif fmt == "%":
+                cells.append(f"{100 * v:.1f}")
+            elif fmt:
+                cells.append(format(v, fmt))
+            else:
+                cells.append(str(v))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body

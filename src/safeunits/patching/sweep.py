@@ -1,0 +1,148 @@
+"""Sweep (a, b, α, β) of controllable patching on held-out prompts; Pareto table + plot; pick the default.
+
+The saliency masks depend on (a, b) only, so each (a, b) pair is merged once and every (α, β) is applied
+as `apply_patch(scale=...)` of the two parts: the same bits `controllable_merge` saves. Each evaluated
+point is appended to `sweep.jsonl` at once, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.io import write_json, write_text
+from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_model, evaluate_patched, markdown_table,
+                                           pareto_front, validation_suite)
+from safeunits.patching.merge import MergeConfig, merge_parts
+from safeunits.patching.patches import DensePatch
+
+
+class SweepConfig(BaseModel):
+    """The grid (CPU-sized by default) and the rule that picks the default point."""
+
+    a: list[float] = Field([1.0, 5.0, 20.0], description="top-a % of δ_SE values to try")
+    b: list[float] = Field([1.0, 5.0], description="top-b % of δ_OSM values to try")
+    alpha: list[float] = Field([1.0, 2.0], description="safety-patch scales to try")
+    beta: list[float] = Field([1.0], description="over-safety-patch scales to try")
+    dare_p: float | None = Field(None, gt=0, le=1, description="DARE keep-rate for every point (None: off)")
+    seed: int = 0
+    scope: str = Field("per_tensor", description="saliency ranking scope: per_tensor | global")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    utility_tolerance: float = Field(0.05, ge=0, description="selection: utility NLL at most (1 + tol) x backbone's")
+
+
+def _key(a: float, b: float, alpha: float, beta: float) -> str:
+    return f"a={a:g},b={b:g},alpha={alpha:g},beta={beta:g}"
+
+
+def select_default(rows: list[dict[str, Any]], baseline: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """Lowest ASR + XSTest refusal among points whose utility NLL stays within tolerance of the backbone's."""
+    bound = baseline["utility_nll"] * (1 + tolerance)
+    ok = [r for r in rows if r["utility_nll"] <= bound] or rows
+    return min(ok, key=lambda r: (r["asr"] + r["xstest_refusal"], r["utility_nll"]))
+
+
+def run_sweep(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    se: DensePatch,
+    osm: DensePatch,
+    dh_folder: str | Path,
+    config: SweepConfig,
+    out_dir: str | Path,
+    *,
+    data_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every grid point on the held-out suite; write sweep.jsonl, sweep.md, pareto.png, best.json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    suite = validation_suite(dh_folder, out, config.validation, data_dir)
+    log = out / "sweep.jsonl"
+    done = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = row
+
+    def record(row: dict[str, Any]) -> dict[str, Any]:
+        done[row["key"]] = row
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return row
+
+    baseline = done.get("backbone") or record({"key": "backbone", "method": "backbone",
+                                               **evaluate_model(model, tokenizer, suite, None, progress=progress)})
+    for single, patch in (("se_alone", se), ("osm_alone", osm)):
+        if single not in done:
+            from safeunits.patching.methods import task_arithmetic
+
+            full = task_arithmetic([patch], [1.0], progress=False)
+            record({"key": single, "method": single, "nnz": full.nnz,
+                    **evaluate_patched(model, tokenizer, [(full, 1.0)], suite, None, progress=progress)})
+            del full
+    for a, b in itertools.product(config.a, config.b):
+        todo = [(al, be) for al, be in itertools.product(config.alpha, config.beta) if _key(a, b, al, be) not in done]
+        if not todo:
+            continue
+        merge = MergeConfig(a=a, b=b, dare_p=config.dare_p, seed=config.seed, scope=config.scope)
+        part_se, part_osm, stats = merge_parts(se, osm, merge, progress=progress)
+        for alpha, beta in todo:
+            metrics = evaluate_patched(model, tokenizer, [(part_se, alpha), (part_osm, beta)], suite, None,
+                                       progress=progress)
+            record({"key": _key(a, b, alpha, beta), "method": "safepatching", "a": a, "b": b, "alpha": alpha,
+                    "beta": beta, "nnz": part_se.nnz + part_osm.nnz, "se_kept": stats["se"],
+                    "osm_kept": stats["osm"], "both_salient": stats["both_salient"], **metrics})
+    rows = list(done.values())
+    grid = [r for r in rows if r["method"] == "safepatching"]
+    front = set(pareto_front(rows))
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    best = select_default(grid, baseline, config.utility_tolerance) if grid else None
+    columns = [("key", "point", ""), ("asr", "harmful % (val)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
+               ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
+    text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "
+            f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}).\n\n"
+            + markdown_table(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
+    write_text(out / "sweep.md", text)
+    write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json")})
+    plot_pareto(rows, out / "pareto.png", best)
+    return {"rows": rows, "best": best, "baseline": baseline}
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, best: dict[str, Any] | None = None) -> None:
+    """Harmful rate vs XSTest refusal, colour = utility NLL, Pareto points ringed, the chosen point starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safeunits.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [100 * r["xstest_refusal"] for r in rows]
+    ys = [100 * r["asr"] for r in rows]
+    sc = ax.scatter(xs, ys, c=[r["utility_nll"] for r in rows], cmap="viridis_r", s=40, zorder=2)
+    fig.colorbar(sc, ax=ax, label="utility NLL (lower is better)")
+    for r, x, y in zip(rows, xs, ys):
+        if r.get("pareto"):
+            ax.scatter([x], [y], s=140, facecolors="none", edgecolors="red", zorder=3)
+        if r["method"] != "safepatching":
+            ax.annotate(r["key"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if best:
+        ax.scatter([100 * best["xstest_refusal"]], [100 * best["asr"]], marker="*", s=220, c="red", zorder=4,
+                   label=f"chosen {best['key']}")
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel("XSTest safe refusal % (over-safety, lower better)")
+    ax.set_ylabel("harmful-prompt ASR % (held-out, lower better)")
+    ax.set_title("SafePatching sweep: Pareto points ringed")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
