@@ -16,10 +16,16 @@ size is closest to the target, so achieved shares are within one unit's size of 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from pydantic import BaseModel, Field, model_validator
 
 from safeunits.units.unit_map import CLASS_CODE, KINDS
+
+if TYPE_CHECKING:
+    from safeunits.units.scores import UnitScores
+    from safeunits.units.unit_map import UnitMap
 
 
 class ClassifyConfig(BaseModel):
@@ -94,3 +100,39 @@ def classify(
         out[kind] = code[start:start + count].reshape(shapes[kind])
         start += count
     return out
+
+
+def build_unit_map(
+    model,
+    safety: "UnitScores",
+    utility: "UnitScores",
+    config: ClassifyConfig | None = None,
+    *,
+    settings: dict | None = None,
+    fingerprint: bool = True,
+) -> "UnitMap":
+    """Classify units from a safety and a utility score pass and package the result as a UnitMap."""
+    from safeunits.models.adapters import get_adapter
+    from safeunits.models.loading import model_fingerprint
+    from safeunits.units.unit_map import UnitMap, architecture_hash
+
+    config = config or ClassifyConfig()
+    if safety.method != utility.method:
+        raise ValueError(f"safety scores ({safety.method}) and utility scores ({utility.method}) use different methods")
+    adapter = get_adapter(model)
+    unit_params = {"mlp": adapter.unit_params("mlp"), "head": adapter.unit_params("head")}
+    classes = classify(safety.scores, utility.scores, unit_params, config)
+    info = {
+        "score_method": safety.method,
+        "fractions": config.model_dump(),
+        "safety_data": {"n_examples": safety.n_examples, "n_tokens": safety.n_tokens, **safety.extra},
+        "utility_data": {"n_examples": utility.n_examples, "n_tokens": utility.n_tokens, **utility.extra},
+        **(settings or {}),
+    }
+    return UnitMap(
+        safety={k: v.double() for k, v in safety.scores.items()},
+        utility={k: v.double() for k, v in utility.scores.items()},
+        classes=classes, unit_params=unit_params, model_type=adapter.model_type,
+        arch_hash=architecture_hash(model), fingerprint=model_fingerprint(model) if fingerprint else "",
+        geometry=adapter.describe(), settings=info,
+    )
