@@ -43,6 +43,18 @@ class NamedModel:
 
 _NAMED: dict[str, NamedModel] = {}
 
+# modules that register further named models (they import this module, so they load lazily on first lookup)
+NAMED_MODEL_MODULES = ("safeunits.train.named",)
+_modules_loaded = False
+
+
+def _load_named_modules() -> None:
+    global _modules_loaded
+    if not _modules_loaded:
+        _modules_loaded = True
+        for module in NAMED_MODEL_MODULES:
+            importlib.import_module(module)
+
 
 def register_named_model(name: str, build: Callable[[Path], None], description: str) -> None:
     """Register a model name that resolves to a cached folder built by `build` on first use."""
@@ -50,6 +62,7 @@ def register_named_model(name: str, build: Callable[[Path], None], description: 
 
 
 def named_models() -> dict[str, NamedModel]:
+    _load_named_modules()
     return dict(_NAMED)
 
 
@@ -59,6 +72,7 @@ def named_model_dir(name: str) -> Path:
 
 def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     """Turn a registered name into its cached folder (building it if needed); pass paths and hub ids through."""
+    _load_named_modules()
     if name_or_path in _NAMED:
         target = named_model_dir(name_or_path)
         if rebuild and target.exists():

@@ -1,0 +1,147 @@
+"""The SSAH training experiments as functions (the CLI wraps them), each writing a table into its run dir.
+
+(a) `ssah_budget`: full `align` vs `align --budget ru` (SSAH Table 4): safety gained and alignment tax of each.
+(b) `ssah_freeze`: benign fine-tuning of an aligned model, full vs frozen units (SSAH settings (i) SCU + top 6 %
+    CU and (ii) SCU + CU): ASR before and after, final loss. SSAH gave frozen runs ~2x the epochs so their final
+    loss matched; `frozen_epochs_factor` does the same.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from safeunits.io import write_json, write_text
+from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, data_manifest, train_recipe
+
+HEADLINE = ("asr", "asr_system", "xstest_refusal", "utility_nll", "perplexity")
+
+
+def _evaluate(model, tokenizer, suite: str | None, out_dir: Path, data_dir, progress: bool) -> dict[str, float]:
+    if not suite or suite == "none":
+        return {}
+    from safeunits.eval.runner import evaluate
+
+    return dict(evaluate(model, tokenizer, suite, out_dir=out_dir, data_dir=data_dir, progress=progress).headline)
+
+
+def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, suite: str | None, data_dir, progress: bool,
+         save_model: bool) -> dict:
+    """Train one setting from a fresh copy of the recipe's model, evaluate it, write its report."""
+    from safeunits.models.loading import load_model
+    from safeunits.models.loading import save_model as save
+
+    model, tokenizer = load_model(recipe.model)
+    t0 = time.perf_counter()
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=data_dir, progress=progress)
+    wall = time.perf_counter() - t0
+    if save_model:
+        save(model, tokenizer, out_dir / "model")
+    headline = _evaluate(model, tokenizer, suite, out_dir / "eval", data_dir, progress)
+    report = {"recipe": recipe.model_dump(mode="json"), "data": data_manifest(records), "train": result.to_dict(),
+              "train_wall_s": wall, "eval": headline}
+    write_json(out_dir / "train_report.json", report)
+    return report
+
+
+def _baseline(model_name: str, out_dir: Path, suite: str | None, data_dir, progress: bool) -> dict[str, float]:
+    from safeunits.models.loading import load_model
+
+    model, tokenizer = load_model(model_name)
+    headline = _evaluate(model, tokenizer, suite, out_dir / "eval", data_dir, progress)
+    write_json(out_dir / "eval_headline.json", headline)
+    return headline
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _write_table(out_dir: Path, name: str, rows: list[dict], columns: list[str], note: str) -> str:
+    md = f"# {name}\n\n{note}\n\n" + _table(rows, columns)
+    write_text(out_dir / "table.md", md)
+    write_json(out_dir / "table.json", {"experiment": name, "rows": rows})
+    return md
+
+
+def ssah_budget(
+    recipe: AlignRecipe,
+    unit_map: Path,
+    out_dir: Path,
+    *,
+    budget: str = "ru",
+    eval_suite: str | None = "quick",
+    data_dir=None,
+    progress: bool = True,
+    save_models: bool = False,
+) -> list[dict]:
+    """SSAH Table 4 on our model: align every weight vs only the budget units; rows for base, full, budget."""
+    out_dir = Path(out_dir)
+    base = _baseline(recipe.model, out_dir / "base", eval_suite, data_dir, progress)
+    rows = [{"setting": "base (no training)", **{k: base.get(k) for k in HEADLINE}}]
+    for label, sub, rec in (
+        ("full align", "full", recipe.model_copy(update={"budget": None})),
+        (f"align --budget {budget}", f"budget-{budget}", recipe.model_copy(update={"budget": budget, "unit_map": unit_map})),
+    ):
+        rep = _run(rec, out_dir / sub.replace(":", "_"), eval_suite, data_dir, progress, save_models)
+        row = {"setting": label, "trainable_share": rep["train"]["mask"]["trainable_share"],
+               "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
+               "train_wall_s": rep["train_wall_s"], **{k: rep["eval"].get(k) for k in HEADLINE}}
+        if base.get("asr") is not None and row.get("asr") is not None:
+            row["safety_gained"] = base["asr"] - row["asr"]
+        if base.get("utility_nll") is not None and row.get("utility_nll") is not None:
+            row["alignment_tax_nll"] = row["utility_nll"] - base["utility_nll"]
+        rows.append(row)
+    cols = ["setting", "trainable_share", "steps", "final_loss", "asr", "asr_system", "xstest_refusal", "utility_nll",
+            "safety_gained", "alignment_tax_nll", "train_wall_s"]
+    note = (f"Model {recipe.model}; unit map {unit_map}; eval suite {eval_suite}. safety_gained = base ASR - ASR; "
+            "alignment_tax_nll = utility NLL - base utility NLL (higher = more utility lost).")
+    _write_table(out_dir, "SSAH alignment budget: full align vs RU-only", rows, cols, note)
+    return rows
+
+
+def ssah_freeze(
+    recipe: FinetuneRecipe,
+    unit_map: Path,
+    out_dir: Path,
+    *,
+    settings: tuple[str, ...] = ("full", "scu+cu:top0.06", "scu+cu"),
+    frozen_epochs_factor: float = 1.0,
+    eval_suite: str | None = "quick",
+    data_dir=None,
+    progress: bool = True,
+    save_models: bool = False,
+) -> list[dict]:
+    """SSAH §5 on our model: fine-tune with nothing / (i) / (ii) frozen; ASR before and after, final loss."""
+    out_dir = Path(out_dir)
+    before = _baseline(recipe.model, out_dir / "before", eval_suite, data_dir, progress)
+    rows = [{"setting": "before fine-tuning", **{k: before.get(k) for k in HEADLINE}}]
+    for setting in settings:
+        frozen = None if setting == "full" else setting
+        train_cfg = recipe.train if frozen is None else recipe.train.model_copy(
+            update={"epochs": recipe.train.epochs * frozen_epochs_factor})
+        rec = recipe.model_copy(update={"freeze": frozen, "unit_map": unit_map if frozen else None, "train": train_cfg})
+        rep = _run(rec, out_dir / ("full" if frozen is None else "freeze-" + setting.replace(":", "_")), eval_suite,
+                   data_dir, progress, save_models)
+        row = {"setting": "full fine-tuning" if frozen is None else f"freeze {setting}",
+               "frozen_share": 1 - rep["train"]["mask"]["trainable_share"], "epochs": train_cfg.epochs,
+               "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
+               "asr_before": before.get("asr"), "train_wall_s": rep["train_wall_s"],
+               **{k: rep["eval"].get(k) for k in HEADLINE}}
+        rows.append(row)
+    cols = ["setting", "frozen_share", "epochs", "steps", "final_loss", "asr_before", "asr", "asr_system",
+            "xstest_refusal", "utility_nll", "train_wall_s"]
+    note = (f"Model {recipe.model}; data {recipe.data} ({recipe.n_examples} examples); unit map {unit_map}; "
+            f"eval suite {eval_suite}; frozen runs train {frozen_epochs_factor}x the epochs.")
+    _write_table(out_dir, "SSAH fine-tuning with frozen safety units", rows, cols, note)
+    return rows

@@ -1,0 +1,49 @@
+"""Named models built by training: `smollm2-135m-aligned` (the aligned default) and `smollm2-135m-oversafe`.
+
+Each is the default model trained with a bundled align preset (`configs/recipes/aligned-default.yaml`,
+`oversafe.yaml`), built once on first `load_model(name)` (or `safeunits models --build NAME`) and cached.
+The build is deterministic: fixed data sample, data order and torch seeds (on the same hardware and thread
+count; floating-point reductions may differ across machines). `safeunits_build.json` in the model folder
+records the recipe, data manifest and training result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from safeunits.io import write_json
+from safeunits.models.loading import load_model, model_fingerprint, register_named_model
+
+log = logging.getLogger(__name__)
+
+ALIGNED = "smollm2-135m-aligned"
+OVERSAFE = "smollm2-135m-oversafe"
+
+
+def recipe_builder(preset: str) -> Callable[[Path], None]:
+    """A named-model builder that trains the preset's model with the preset and saves the result."""
+
+    def build(target: Path) -> None:
+        from safeunits.train.recipes import data_manifest, load_recipe, train_recipe
+
+        recipe = load_recipe(preset)
+        log.warning("building %s: training %s with the %r preset (once; cached)", target.name, recipe.model, preset)
+        model, tokenizer = load_model(recipe.model)
+        base_fp = model_fingerprint(model)
+        result, records = train_recipe(recipe, model, tokenizer)
+        model.config.name_or_path = target.name
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+        write_json(target / "safeunits_build.json", {
+            "preset": preset, "recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
+            "model_fingerprint": model_fingerprint(model), "data": data_manifest(records), "train": result.to_dict()})
+
+    return build
+
+
+register_named_model(ALIGNED, recipe_builder("aligned-default"),
+                     "smollm2-135m-instruct after safety SFT with the aligned-default preset (built on CPU, cached)")
+register_named_model(OVERSAFE, recipe_builder("oversafe"),
+                     "smollm2-135m-instruct after safety SFT with a safety-heavy mix: refuses benign-but-scary prompts")

@@ -1,0 +1,243 @@
+"""Training recipes: `align` (safety SFT, optionally only on a unit budget) and `finetune` (with frozen units).
+
+A recipe is a pydantic config (loadable from YAML, see `safeunits/configs/recipes/`) that says which model,
+which data mix, which units train or stay frozen, and the `TrainConfig`. `run_recipe` does the whole run:
+build the data, build the masks, train, save the model folder and a report (recipe, data manifest, mask
+shares, losses) into the run directory, and optionally evaluate the three axes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.data.records import Record
+from safeunits.data.registry import load_dataset
+from safeunits.io import write_json, write_text
+from safeunits.models.chat import prompt_text
+from safeunits.train.engine import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+
+
+class AlignRecipe(BaseModel):
+    """Safety SFT: harmful prompts with safe responses mixed with benign instructions.
+
+    The safety share is the knob between under- and over-safety: Safety-Tuned LLaMAs found a few percent of
+    safety data enough; too much makes the model refuse benign-but-scary prompts (XSTest).
+    Benign data defaults to Self-Instruct *seed* tasks and T0 so the Self-Instruct *user* set stays unseen for
+    the utility NLL of the evaluation.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Literal["align"] = "align"
+    model: str = Field("smollm2-135m-instruct", description="Model to align: registered name, folder or hub id.")
+    safety_data: str = Field("safety-tuned-llamas", description="Harmful prompts with safe responses "
+                             "(safety-tuned-llamas or advbench-refusals, or a file).")
+    benign_data: list[str] = Field(["self-instruct:seed", "t0"], description="Benign instruction sets, mixed evenly.")
+    n_examples: int = Field(400, ge=1, description="Training examples in total (safety + benign).")
+    safety_share: float = Field(0.1, ge=0, le=1, description="Share of the examples that are safety examples.")
+    data_seed: int = Field(0, description="Seed of the data sampling (the training order has its own seed).")
+    budget: str | None = Field(None, description="Train only these units of the unit map (e.g. 'ru': SSAH's "
+                               "alignment budget); None trains every weight.")
+    unit_map: Path | None = Field(None, description="Unit map (from `safeunits attribute`) for --budget.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=2, batch_size=8, max_length=256))
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlignRecipe":
+        if self.budget and self.unit_map is None:
+            raise ValueError("--budget needs a unit map (--unit-map, from `safeunits attribute`)")
+        return self
+
+
+class FinetuneRecipe(BaseModel):
+    """Ordinary fine-tuning on user data, optionally with units frozen (SSAH: 'scu+cu:top0.06', 'scu+cu')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: Literal["finetune"] = "finetune"
+    model: str = Field("smollm2-135m-aligned", description="Model to fine-tune.")
+    data: list[str] = Field(["t0"], description="Training data: dataset names or files with prompt/response.")
+    n_examples: int | None = Field(200, ge=1, description="Examples sampled from the data (None: all).")
+    data_seed: int = Field(0, description="Seed of the data sampling.")
+    freeze: str | None = Field(None, description="Units kept bit-identical, e.g. 'scu+cu:top0.06' or 'scu+cu'.")
+    unit_map: Path | None = Field(None, description="Unit map for --freeze.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=1, batch_size=8, max_length=256))
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneRecipe":
+        if self.freeze and self.unit_map is None:
+            raise ValueError("--freeze needs a unit map (--unit-map, from `safeunits attribute`)")
+        return self
+
+
+Recipe = AlignRecipe | FinetuneRecipe
+
+
+def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read a recipe YAML (a path, or a name of a bundled config such as 'aligned-default'), apply overrides.
+
+    Overrides are nested dicts merged into the YAML (e.g. `{"train": {"epochs": 1}}`).
+    """
+    path = Path(path_or_name)
+    if not path.is_file():
+        bundled = RECIPE_DIR / f"{path_or_name}.yaml"
+        if not bundled.is_file():
+            known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+            raise FileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a bundled recipe ({known})")
+        path = bundled
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a recipe YAML must be a mapping")
+    raw = _merge(raw, overrides or {})
+    kind = raw.get("recipe")
+    if kind == "align":
+        return AlignRecipe.model_validate(raw)
+    if kind == "finetune":
+        return FinetuneRecipe.model_validate(raw)
+    raise ValueError(f"{path}: 'recipe' must be 'align' or 'finetune', got {kind!r}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def fits(tokenizer: PreTrainedTokenizerBase, record: Record, config: TrainConfig, min_response_tokens: int = 16) -> bool:
+    """Whether the prompt leaves room for at least a few response tokens within max_length (long T0 passages don't)."""
+    n = len(tokenizer(prompt_text(tokenizer, record.prompt, config.system_prompt), add_special_tokens=False)["input_ids"])
+    return bool(record.response) and n + min_response_tokens <= config.max_length
+
+
+def _sample(records: list[Record], n: int, rng: random.Random, keep) -> list[Record]:
+    pool = [r for r in records if keep(r)]
+    rng.shuffle(pool)
+    return pool[:n]
+
+
+def align_data(recipe: AlignRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
+    """The align mix: round(n * share) safety examples + the rest split evenly over the benign sets."""
+    rng = random.Random(recipe.data_seed)
+    keep = lambda r: fits(tokenizer, r, recipe.train)  # noqa: E731
+    n_safety = round(recipe.n_examples * recipe.safety_share)
+    safety = _sample(load_dataset(recipe.safety_data, data_dir=data_dir), n_safety, rng, keep) if n_safety else []
+    if len(safety) < n_safety:
+        raise ValueError(f"{recipe.safety_data} has only {len(safety)} usable examples; {n_safety} requested")
+    n_benign = recipe.n_examples - n_safety
+    if n_benign and not recipe.benign_data:
+        raise ValueError("benign_data is empty but the safety share leaves benign examples to fill")
+    pools = [_sample(load_dataset(spec, data_dir=data_dir), n_benign, rng, keep) for spec in recipe.benign_data]
+    benign = _round_robin(pools, n_benign)
+    if len(benign) < n_benign:
+        raise ValueError(f"{recipe.benign_data} have only {len(benign)} usable examples; {n_benign} requested")
+    mix = safety + benign
+    rng.shuffle(mix)
+    return mix
+
+
+def finetune_data(recipe: FinetuneRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
+    """User data for fine-tuning, sampled evenly over the listed sets."""
+    rng = random.Random(recipe.data_seed)
+    keep = lambda r: fits(tokenizer, r, recipe.train)  # noqa: E731
+    pools = []
+    for spec in recipe.data:
+        records = load_dataset(spec, data_dir=data_dir)
+        pools.append(_sample(records, len(records), rng, keep))
+    out = _round_robin(pools, recipe.n_examples if recipe.n_examples is not None else sum(map(len, pools)))
+    if not out:
+        raise ValueError(f"no usable training examples in {recipe.data} (need responses that fit max_length)")
+    rng.shuffle(out)
+    return out
+
+
+def _round_robin(pools: list[list[Record]], n: int) -> list[Record]:
+    """Take from each pool in turn, so the sets are mixed evenly and a short set is topped up by the others."""
+    out: list[Record] = []
+    pos = [0] * len(pools)
+    while len(out) < n and any(pos[k] < len(p) for k, p in enumerate(pools)):
+        for k, pool in enumerate(pools):
+            if pos[k] < len(pool) and len(out) < n:
+                out.append(pool[pos[k]])
+                pos[k] += 1
+    return out
+
+
+def data_manifest(records: list[Record]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.source] = counts.get(r.source, 0) + 1
+    return counts
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+def recipe_masks(recipe: Recipe, model: PreTrainedModel) -> tuple[dict | None, dict | None]:
+    """(frozen, trainable) masks for the recipe: --budget trains only those units, --freeze keeps them."""
+    from safeunits.train.masks import unit_masks
+
+    if isinstance(recipe, AlignRecipe) and recipe.budget:
+        return None, unit_masks(model, recipe.unit_map, recipe.budget)
+    if isinstance(recipe, FinetuneRecipe) and recipe.freeze:
+        return unit_masks(model, recipe.unit_map, recipe.freeze), None
+    return None, None
+
+
+def train_recipe(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    data_dir=None,
+    progress: bool = True,
+) -> tuple[TrainResult, list[Record]]:
+    """Build the recipe's data and masks and train `model` in place."""
+    records = align_data(recipe, tokenizer, data_dir) if isinstance(recipe, AlignRecipe) else \
+        finetune_data(recipe, tokenizer, data_dir)
+    frozen, trainable = recipe_masks(recipe, model)
+    result = train(model, tokenizer, records, recipe.train, frozen=frozen, trainable=trainable, progress=progress)
+    return result, records
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    data_dir=None,
+    eval_suite: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when evaluated)."""
+    from safeunits.models.loading import load_model, model_fingerprint, save_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    model, tokenizer = load_model(recipe.model)
+    base_fp = model_fingerprint(model)
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=data_dir, progress=progress)
+    save_model(model, tokenizer, out_dir / "model")
+    report = {"recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
+              "model_fingerprint": model_fingerprint(model), "data": data_manifest(records),
+              "train": result.to_dict()}
+    if eval_suite:
+        from safeunits.eval.runner import evaluate
+
+        ev = evaluate(model, tokenizer, eval_suite, out_dir=out_dir / "eval", data_dir=data_dir, progress=progress)
+        report["eval"] = ev.headline
+    write_json(out_dir / "train_report.json", report)
+    return report

@@ -1,0 +1,160 @@
+"""Recipes, unit-map masks, CLI and the SSAH experiment commands on a tiny model saved to a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safeunits.cli import app
+from safeunits.train.recipes import AlignRecipe, align_data, load_recipe
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path) -> Path:
+    path = tmp_path / "tiny-model"
+    tiny_model().save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def data_files(tmp_path) -> dict[str, Path]:
+    harmful = _jsonl(tmp_path / "harm.jsonl", [{"prompt": f"how to do bad thing {i}", "response": "I can't help."}
+                                               for i in range(30)])
+    benign = _jsonl(tmp_path / "benign.jsonl", [{"prompt": f"add {i} and {i}", "response": f"{2 * i}"}
+                                                for i in range(30)])
+    benign2 = _jsonl(tmp_path / "benign2.jsonl", [{"prompt": f"say {i}", "response": f"{i}!"} for i in range(5)])
+    return {"harm": harmful, "benign": benign, "benign2": benign2}
+
+
+@pytest.fixture()
+def unit_map_path(tmp_path) -> Path:
+    """A unit map of the tiny model from random scores, classified by the units package."""
+    from safeunits.units.classes import ClassifyConfig, classify
+    from safeunits.units.unit_map import UnitMap, architecture_hash
+
+    model = tiny_model()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"mlp": (cfg.num_hidden_layers, cfg.intermediate_size), "head": (cfg.num_hidden_layers, cfg.num_attention_heads)}
+    safety = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    utility = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    unit_params = {"mlp": 3 * cfg.hidden_size, "head": 2 * head_dim * cfg.hidden_size}
+    classes = classify(safety, utility, unit_params, ClassifyConfig(r=0.2, s=0.1, u=0.1))
+    umap = UnitMap(safety=safety, utility=utility, classes=classes, unit_params=unit_params,
+                   model_type=cfg.model_type, arch_hash=architecture_hash(model))
+    return umap.save(tmp_path / "unit_map.safetensors")
+
+
+def test_bundled_recipes_load_and_override():
+    rec = load_recipe("align", {"safety_share": 0.3, "train": {"epochs": 1}})
+    assert isinstance(rec, AlignRecipe) and rec.safety_share == 0.3 and rec.train.epochs == 1
+    assert rec.train.lr == 5e-5  # untouched field kept from the YAML
+    assert load_recipe("finetune").recipe == "finetune"
+    assert load_recipe("aligned-default").model == "smollm2-135m-instruct"
+    with pytest.raises(FileNotFoundError, match="bundled"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="unit map"):
+        load_recipe("align", {"budget": "ru"})
+    with pytest.raises(ValueError, match="extra"):
+        load_recipe("align", {"train": {"learning_rate": 1}})
+
+
+def test_align_mix_share_and_determinism(data_files):
+    tok = tiny_tokenizer()
+    rec = AlignRecipe(safety_data=str(data_files["harm"]), benign_data=[str(data_files["benign"]), str(data_files["benign2"])],
+                      n_examples=40, safety_share=0.25)
+    mix = align_data(rec, tok)
+    sources = [r.source for r in mix]
+    assert len(mix) == 40 and sources.count(str(data_files["harm"])) == 10
+    assert sources.count(str(data_files["benign2"])) == 5  # the short set is used up, the other tops it up
+    assert mix == align_data(rec, tok)
+    assert mix != align_data(rec.model_copy(update={"data_seed": 1}), tok)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _selected_masks(model_dir: Path, unit_map: Path, spec: str) -> dict[str, torch.Tensor]:
+    from safeunits.models.loading import load_model
+    from safeunits.train.masks import unit_masks
+
+    model, _ = load_model(str(model_dir))
+    return unit_masks(model, unit_map, spec)
+
+
+def test_cli_finetune_freeze_keeps_units_bit_identical(tmp_path, tiny_dir, data_files, unit_map_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--recipe", "finetune", "--model", str(tiny_dir), "--data",
+                                   str(data_files["benign"]), "--freeze", "scu+cu", "--unit-map", str(unit_map_path),
+                                   "--out", str(out), "--epochs", "2", "--lr", "1e-2", "--batch-size", "4",
+                                   "--set", "train.weight_decay=0.1", "--set", "train.max_length=64", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["recipe"]["freeze"] == "scu+cu" and report["train"]["steps"] == 16
+    assert 0 < report["train"]["mask"]["trainable_share"] < 1
+    before, after = _weights(tiny_dir), _weights(out / "model")
+    masks = _selected_masks(tiny_dir, unit_map_path, "scu+cu")
+    assert masks and any(m.any() for m in masks.values())
+    for name, mask in masks.items():
+        assert torch.equal(after[name][mask], before[name][mask]), name
+        assert (after[name][~mask] != before[name][~mask]).any(), name
+
+
+def test_cli_align_budget_trains_only_ru(tmp_path, tiny_dir, data_files, unit_map_path):
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--recipe", "align", "--model", str(tiny_dir), "--out", str(out),
+                                   "--budget", "ru", "--unit-map", str(unit_map_path), "--n-examples", "16",
+                                   "--set", f"safety_data={data_files['harm']}", "--set",
+                                   f"benign_data=[{data_files['benign']}]", "--set", "train.max_length=64",
+                                   "--lr", "1e-2", "--epochs", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    before, after = _weights(tiny_dir), _weights(out / "model")
+    masks = _selected_masks(tiny_dir, unit_map_path, "ru")
+    for name in before:
+        mask = masks.get(name, torch.zeros_like(before[name], dtype=torch.bool))
+        assert torch.equal(after[name][~mask], before[name][~mask]), name
+    assert any((after[n][m] != before[n][m]).any() for n, m in masks.items())
+
+
+def test_cli_errors(tmp_path, unit_map_path):
+    runner = CliRunner(env={"COLUMNS": "400"})
+    res = runner.invoke(app, ["train", "--recipe", "align", "--freeze", "scu", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "--freeze belongs to --recipe finetune" in res.output
+    res = runner.invoke(app, ["train", "--recipe", "align", "--budget", "ru", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "unit map" in res.output
+    res = runner.invoke(app, ["ssah-freeze", "--unit-map", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "does not exist" in res.output
+
+
+def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_path):
+    runner = CliRunner()
+    common = ["--model", str(tiny_dir), "--unit-map", str(unit_map_path), "--eval", "none", "--no-progress",
+              "--set", "train.max_length=64", "--set", "train.lr=1e-2"]
+    res = runner.invoke(app, ["ssah-freeze", "--out", str(tmp_path / "freeze"), "--set", f"data=[{data_files['benign']}]",
+                              "--set", "n_examples=8", "--frozen-epochs-factor", "2", *common])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "freeze" / "table.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["before fine-tuning", "full fine-tuning", "freeze scu+cu:top0.06", "freeze scu+cu"]
+    assert rows[1]["frozen_share"] == 0 and 0 < rows[2]["frozen_share"] < rows[3]["frozen_share"] < 1
+    assert rows[2]["steps"] == 2 * rows[1]["steps"]
+    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "budget"), "--set", f"safety_data={data_files['harm']}",
+                              "--set", f"benign_data=[{data_files['benign']}]", "--set", "n_examples=8", *common])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "budget" / "table.json").read_text())["rows"]
+    assert rows[1]["trainable_share"] == 1 and 0 < rows[2]["trainable_share"] < 0.5
+    assert "| full align |" in (tmp_path / "budget" / "table.md").read_text()
