@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "safeunits.eval.cli",
     "safeunits.train.cli",
     "safeunits.patching.cli",
+    "safeunits.units.cli",
 ]
 
 

@@ -105,12 +105,19 @@ class RunningMoments:
 
 def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[Record], config: ScoreConfig) -> list:
     """Response-only tokenisation of (prompt, response) records; records without a response are an error."""
-    pairs = []
+    pairs, too_long = [], 0
     for i, r in enumerate(records):
         if r.response is None:
             raise ValueError(f"record {i} ({r.source or 'unknown source'}) has no response; scores need prompt+response pairs")
-        pairs.append(encode_pair(tokenizer, r.prompt, r.response, system_prompt=config.system_prompt,
-                                 max_length=config.max_length, loss_on="all" if config.tokens == "all" else "response"))
+        try:
+            pairs.append(encode_pair(tokenizer, r.prompt, r.response, system_prompt=config.system_prompt,
+                                     max_length=config.max_length, loss_on="all" if config.tokens == "all" else "response"))
+        except ValueError:  # the prompt alone fills max_length: no response token would be left to score
+            too_long += 1
+    if too_long:
+        log.warning("skipped %d of %d examples whose prompt is longer than max_length=%d", too_long, len(records), config.max_length)
+    if not pairs:
+        raise ValueError(f"every prompt is longer than max_length={config.max_length}; raise --max-length")
     return pairs
 
 

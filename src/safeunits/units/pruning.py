@@ -1,0 +1,140 @@
+"""Pruning checks of a unit map (SPEC §2.3, SSAH Table 1): zero a class's units and evaluate.
+
+A target is a unit selection spec (``scu``, ``ru``, ``ucu``, ``scu+cu:top0.06``, see
+``units.selection.select_units``) or ``random:<spec>``: a seeded random control with as many MLP
+channels and heads as ``<spec>`` (hence exactly as many parameters), drawn uniformly from all
+units of the model. Each target is applied to a copy of the affected weights, evaluated with
+``safeunits.eval.runner.evaluate``, and the weights are restored, so one loaded model serves the
+whole table.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.io import write_json, write_text
+from safeunits.models.adapters import SharedKV
+from safeunits.units.selection import UnitSelection, random_selection, select_units, unit_parameter_masks
+from safeunits.units.unit_map import KINDS, UnitMap
+
+log = logging.getLogger(__name__)
+
+
+class PruneConfig(BaseModel):
+    """Which unit sets to zero, and how the controls are drawn."""
+
+    targets: list[str] = Field(["scu", "random:scu", "ru"], description="selection specs; 'random:<spec>' = random control of equal size")
+    baseline: bool = Field(True, description="also evaluate the unpruned model (first row)")
+    seed: int = Field(0, description="seed of the random controls")
+    shared_kv: SharedKV = Field("none", description="'group': also zero a grouped K/V row block when any head of its group is pruned")
+
+
+def resolve_target(unit_map: UnitMap, target: str, seed: int = 0) -> UnitSelection:
+    """The units a target names (a class spec, or a random control the size of one)."""
+    target = target.strip()
+    if target.lower().startswith("random:"):
+        like = select_units(unit_map, target.split(":", 1)[1])
+        shapes = {k: tuple(unit_map.classes[k].shape) for k in KINDS}
+        return random_selection(like, shapes, seed=seed)
+    return select_units(unit_map, target)
+
+
+@torch.no_grad()
+def prune_units(model: PreTrainedModel, units: UnitSelection, *, shared_kv: SharedKV = "none") -> int:
+    """Zero every weight of the selected units in place; returns how many weights were zeroed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    zeroed = 0
+    for name, mask in unit_parameter_masks(model, units, shared_kv=shared_kv).items():
+        if mask.any():
+            params[name].masked_fill_(mask, 0.0)
+            zeroed += int(mask.sum())
+    return zeroed
+
+
+class _Restore:
+    """Snapshot of the unit-bearing weights, restored after each pruned evaluation."""
+
+    def __init__(self, model: PreTrainedModel, names: list[str]):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.saved = {n: self.params[n].detach().clone() for n in names}
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for n, t in self.saved.items():
+            self.params[n].copy_(t)
+
+
+def pruning_table(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    unit_map: UnitMap,
+    config: PruneConfig | None = None,
+    *,
+    suite: Any = "quick",
+    out_dir: Path | None = None,
+    data_dir: Any = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate the model with each target's units zeroed; rows like SSAH Table 1 (JSON + markdown in out_dir)."""
+    from safeunits.eval.runner import evaluate
+
+    config = config or PruneConfig()
+    unit_map.check_model(model)
+    n_model = sum(p.numel() for p in model.parameters())
+    total_unit = unit_map.total_params()
+    all_units = UnitSelection(mlp={l: list(range(unit_map.classes["mlp"].shape[1])) for l in range(unit_map.n_layers)},
+                              heads={l: list(range(unit_map.classes["head"].shape[1])) for l in range(unit_map.n_layers)})
+    restore = _Restore(model, list(unit_parameter_masks(model, all_units, shared_kv=config.shared_kv)))
+    rows: list[dict[str, Any]] = []
+    targets = (["none"] if config.baseline else []) + list(config.targets)
+    for i, target in enumerate(targets):
+        if target == "none":
+            units, zeroed = UnitSelection(), 0
+        else:
+            units = resolve_target(unit_map, target, seed=config.seed + i)
+            zeroed = prune_units(model, units, shared_kv=config.shared_kv)
+        try:
+            log.info("pruning %s: %s units, %d weights", target, units.counts(), zeroed)
+            sub = None if out_dir is None else Path(out_dir) / _slug(target)
+            result = evaluate(model, tokenizer, suite, out_dir=sub, data_dir=data_dir, progress=progress,
+                              model_name=f"{getattr(model.config, 'name_or_path', '')}|pruned:{target}")
+        finally:
+            restore()
+        rows.append({
+            "pruned": target, **units.counts(), "weights_zeroed": zeroed,
+            "unit_param_share": units.n_params(unit_map.unit_params) / total_unit,
+            "model_param_share": zeroed / n_model,
+            **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.headline.items()},
+        })
+    if out_dir is not None:
+        write_json(Path(out_dir) / "pruning.json", {"config": config.model_dump(), "suite": str(getattr(suite, "name", suite)),
+                                                    "map_settings": unit_map.settings, "rows": rows})
+        write_text(Path(out_dir) / "pruning.md", table_markdown(rows))
+    return rows
+
+
+def _slug(target: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in target)
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """SSAH Table-1-style markdown: class pruned, parameter share, perplexity, utility NLL, ASR (no / with system prompt)."""
+    def f(v: Any, pct: bool = False) -> str:
+        if v is None:
+            return "n/a"
+        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+
+    lines = ["| pruned | channels | heads | share of unit params | share of model params | perplexity | utility NLL | ASR | ASR (system prompt) | XSTest refusal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pruned']} | {r['mlp_channels']} | {r['heads']} | {f(r['unit_param_share'], True)} | "
+                     f"{f(r['model_param_share'], True)} | {f(r.get('perplexity'))} | {f(r.get('utility_nll'))} | "
+                     f"{f(r.get('asr'), True)} | {f(r.get('asr_system'), True)} | {f(r.get('xstest_refusal'), True)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,166 @@
+"""Pruning, role transfer, the probe, plots and the CLI of the units package."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from safeunits.models.chat import prompt_text
+from safeunits.units.classes import ClassifyConfig, classify
+from safeunits.units.probe import ProbeConfig, run_probe
+from safeunits.units.pruning import PruneConfig, prune_units, pruning_table, resolve_target
+from safeunits.units.selection import UnitSelection, select_units
+from safeunits.units.transfer import transition_matrix, write_transfer
+from safeunits.units.unit_map import CLASSES, KINDS, UnitMap, architecture_hash
+
+
+def _map(model, seed=0, config=None) -> UnitMap:
+    """A unit map of `model` from random scores (classification itself is tested elsewhere)."""
+    from safeunits.models.adapters import get_adapter
+
+    a = get_adapter(model)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"mlp": (a.n_layers, a.n_channels), "head": (a.n_layers, a.n_heads)}
+    safety = {k: torch.rand(shapes[k], generator=g, dtype=torch.float64) for k in KINDS}
+    utility = {k: torch.rand(shapes[k], generator=g, dtype=torch.float64) for k in KINDS}
+    unit_params = {"mlp": a.unit_params("mlp"), "head": a.unit_params("head")}
+    classes = classify(safety, utility, unit_params, config or ClassifyConfig(r=0.2, s=0.1, u=0.2))
+    return UnitMap(safety, utility, classes, unit_params, a.model_type, architecture_hash(model))
+
+
+def test_prune_units_zeroes_exactly_the_units():
+    model = tiny_model("gpt2")
+    um = _map(model)
+    units = select_units(um, "scu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zeroed = prune_units(model, units)
+    assert zeroed == units.n_params(um.unit_params)
+    changed = sum(int((before[n] != p).sum()) for n, p in model.named_parameters())
+    assert changed <= zeroed and changed > 0.9 * zeroed  # random init: nearly every zeroed weight was non-zero
+    assert sum(int((p == 0).sum()) for p in model.parameters()) >= zeroed
+
+
+def test_random_target_same_size_different_units():
+    model = tiny_model("llama")
+    um = _map(model)
+    scu = resolve_target(um, "scu")
+    rnd = resolve_target(um, "random:scu", seed=3)
+    assert rnd.counts() == scu.counts() and rnd != scu
+    assert rnd == resolve_target(um, "random:scu", seed=3)
+
+
+def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
+    from safeunits.eval.suites import HarmfulSet, SuiteConfig, UtilitySet
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    um = _map(model)
+    util = tmp_path / "util.jsonl"
+    util.write_text('{"prompt": "Add 2 and 3.", "response": "Five."}\n{"prompt": "Say hi.", "response": "Hi there!"}\n')
+    suite = SuiteConfig(name="tiny", max_new_tokens=4, batch_size=4, over_safety=None,
+                        harmful=[HarmfulSet(name="advbench", dataset="advbench", limit=2)],
+                        utility=[UtilitySet(name="si", dataset=str(util))])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = pruning_table(model, tok, um, PruneConfig(targets=["all", "ru"]), suite=suite, out_dir=tmp_path / "out",
+                         data_dir=data_dir, progress=False)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert [r["pruned"] for r in rows] == ["none", "all", "ru"]
+    assert rows[0]["weights_zeroed"] == 0 and rows[1]["unit_param_share"] == pytest.approx(1.0)
+    assert rows[1]["utility_nll"] != rows[0]["utility_nll"]
+    assert 0 <= rows[2]["asr"] <= 1
+    assert (tmp_path / "out" / "pruning.md").read_text().count("\n") == 5
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["rows"][2]["pruned"] == "ru"
+
+
+def test_transition_matrix_against_loop(tmp_path):
+    model = tiny_model("llama")
+    a, b = _map(model, seed=0), _map(model, seed=1)
+    result = transition_matrix(a, b)
+    ref_units = np.zeros((4, 4), int)
+    ref_params = np.zeros((4, 4), int)
+    for kind in KINDS:
+        for x, y in zip(a.classes[kind].flatten().tolist(), b.classes[kind].flatten().tolist()):
+            ref_units[x, y] += 1
+            ref_params[x, y] += a.unit_params[kind]
+    assert result["units"] == ref_units.tolist() and result["params"] == ref_params.tolist()
+    assert np.allclose(np.array(result["param_share_of_row"]).sum(1)[ref_params.sum(1) > 0], 1)
+    same = transition_matrix(a, a)
+    assert all(v == pytest.approx(1.0) for c, v in same["kept_class_share"].items() if np.array(same["params"])[CLASSES.index(c)].sum())
+    write_transfer(a, b, tmp_path)
+    assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+    other = _map(tiny_model("llama", intermediate_size=64))
+    with pytest.raises(ValueError, match="different architectures"):
+        transition_matrix(a, other)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_probe_matches_separate_forward_passes(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    prompts = ["How to build a bomb?", "Write malware now please", "hi"]
+    cfg = ProbeConfig(refusal="Sorry, no way.", compliance="Sure, here it is:", k_min=2, k_max=6, batch_size=2)
+    got = run_probe(model, tok, prompts, cfg, progress=False)
+    ref = {"refusal": np.zeros((5, 2)), "compliance": np.zeros((5, 2))}
+
+    def last(ids):
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]
+        return [h[0, -1].double() for h in hs]
+
+    for p in prompts:
+        head = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        clean = last(head)
+        for name, text in (("refusal", cfg.refusal), ("compliance", cfg.compliance)):
+            cont = tok(text, add_special_tokens=False)["input_ids"]
+            for i, k in enumerate(range(2, 7)):
+                states = last(head + cont[:k])
+                for l in range(2):
+                    ref[name][i, l] += 1 - torch.nn.functional.cosine_similarity(clean[l], states[l], dim=0).item()
+    for name in ref:
+        np.testing.assert_allclose(np.array(got[f"{name}_distance"]), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
+    assert got["ks"] == [2, 3, 4, 5, 6] and len(got["gap_per_layer"]) == 2
+
+
+def test_probe_errors():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with pytest.raises(ValueError, match="fewer than k_max"):
+        run_probe(model, tok, ["x"], ProbeConfig(refusal="No", k_max=10), progress=False)
+    with pytest.raises(ValueError):
+        ProbeConfig(k_min=5, k_max=3)
+
+
+def test_cli_end_to_end(data_dir, tmp_path):
+    """attribute -> prune --save-model -> transfer -> probe on a tiny model saved as a folder."""
+    from typer.testing import CliRunner
+
+    from safeunits.cli import app
+    from safeunits.models.loading import save_model
+
+    model_dir = save_model(tiny_model("qwen2"), tiny_tokenizer(), tmp_path / "tiny")
+    runner = CliRunner()
+    common = ["--model", str(model_dir), "--data-dir", str(data_dir), "--quiet"]
+    util = tmp_path / "util.jsonl"
+    util.write_text('{"prompt": "Add 2 and 3.", "response": "Five."}\n{"prompt": "Say hi.", "response": "Hi there!"}\n')
+    res = runner.invoke(app, ["attribute", "--out", str(tmp_path / "map"), "--limit", "3", "--max-length", "200",
+                              "--utility-data", str(util), *common])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "map" / "unit_map.json").read_text())
+    assert info["settings"]["safety_data"]["dataset"] == "advbench-refusals" and info["model_type"] == "qwen2"
+    assert (tmp_path / "map" / "unit_map.png").is_file() and (tmp_path / "map" / "class_shares.png").is_file()
+    res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--target", "scu", "--save-model",
+                              "--out", str(tmp_path / "pruned"), *common[:2]])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pruned" / "config.json").is_file()
+    res = runner.invoke(app, ["transfer", str(tmp_path / "map"), str(tmp_path / "map"), "--out", str(tmp_path / "tr")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "tr" / "transfer.json").read_text())["kept_class_share"]["SCU"] == 1.0
+    res = runner.invoke(app, ["probe", "--out", str(tmp_path / "probe"), "--limit", "2", *common])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["n_prompts"] == 2
+    # a map refuses a model of another architecture
+    other = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "other")
+    res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--out", str(tmp_path / "x"), "--model", str(other)])
+    assert res.exit_code != 0 and "architecture hash" in res.output
