@@ -123,8 +123,12 @@ def _generate_batch(
     else:  # a model's generation_config may carry sampling defaults; greedy must not warn about or use them
         kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(**enc, **kwargs)
-    new = out[:, enc["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    stops = set(eos)
+    answers = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))  # EOS and the padding after it go
+        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return answers
 
 
 def generate(

@@ -1,0 +1,219 @@
+"""Runner, metrics, NLL, suites, reports and the CLI, on tiny models (one integration run on the real model)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safeunits.data.records import Record
+from safeunits.eval.generation import read_generations
+from safeunits.eval.judges import get_judge
+from safeunits.eval.metrics import wilson_interval
+from safeunits.eval.nll import response_nll, response_nll_stats
+from safeunits.eval.report import compare_table, markdown_table
+from safeunits.eval.runner import HEADLINE_KEYS, EvalResult, RunDirMismatchError, evaluate
+from safeunits.eval.suites import SuiteConfig, load_suite
+from safeunits.models.chat import encode_pair
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture()
+def eval_model():
+    return tiny_model(initializer_range=0.2, max_position_embeddings=4096)
+
+
+def tiny_suite(limit: int = 3) -> SuiteConfig:
+    return load_suite("quick").with_limit(limit).model_copy(update={"max_new_tokens": 6, "nll_max_length": 4096})
+
+
+# --- metrics ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n,lo,hi", [  # reference values from statsmodels proportion_confint(method="wilson")
+    (0, 10, 0.0, 0.27753),
+    (5, 10, 0.23659, 0.76341),
+    (10, 10, 0.72247, 1.0),
+    (1, 32, 0.00553, 0.15748),
+])
+def test_wilson_interval(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got[0] == pytest.approx(lo, abs=1e-4) and got[1] == pytest.approx(hi, abs=1e-4)
+
+
+def test_wilson_bad_input():
+    with pytest.raises(ValueError):
+        wilson_interval(1, 0)
+    with pytest.raises(ValueError):
+        wilson_interval(5, 3)
+
+
+# --- NLL ------------------------------------------------------------------------------------------------------
+
+def test_response_nll_matches_per_record_reference(eval_model, tokenizer):
+    records = [Record("what is 2+2?", "4"), Record("name a colour", "blue, or maybe a long green"), Record("hi", "hello there")]
+    stats = response_nll_stats(eval_model, tokenizer, records, batch_size=2, progress=False)
+    total, count = 0.0, 0
+    for rec, per in zip(records, stats.per_record):  # reference: HF's own loss, one unpadded record at a time
+        pair = encode_pair(tokenizer, rec.prompt, rec.response)
+        ids, labels = torch.tensor([pair.input_ids]), torch.tensor([pair.labels])
+        with torch.no_grad():
+            loss = float(eval_model(input_ids=ids, labels=labels).loss)
+        assert per == pytest.approx(loss, rel=1e-4)
+        total += loss * pair.n_loss_tokens
+        count += pair.n_loss_tokens
+    assert stats.n_tokens == count
+    assert response_nll(eval_model, tokenizer, records, batch_size=3, progress=False) == pytest.approx(total / count, rel=1e-5)
+    assert stats.perplexity == pytest.approx(math.exp(stats.mean))
+
+
+def test_response_nll_bad_input(eval_model, tokenizer):
+    with pytest.raises(ValueError, match="at least one"):
+        response_nll(eval_model, tokenizer, [], progress=False)
+    with pytest.raises(ValueError, match="no reference response"):
+        response_nll(eval_model, tokenizer, [Record("q")], progress=False)
+    broken = tiny_model(max_position_embeddings=4096)
+    with torch.no_grad():
+        broken.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        response_nll(broken, tokenizer, [Record("q", "a")], progress=False)
+
+
+# --- suites -----------------------------------------------------------------------------------------------
+
+def test_suites_load_and_validate(tmp_path):
+    quick, full = load_suite("quick"), load_suite("full")
+    assert quick.harmful[0].limit == 32 and quick.over_safety.limit == 48 and quick.max_new_tokens == 64
+    assert full.harmful[0].limit == 100 and full.over_safety.limit is None and full.max_new_tokens == 256
+    assert {h.name for h in full.harmful} >= {"advbench", "harmbench"}
+    with pytest.raises(FileNotFoundError, match="unknown suite"):
+        load_suite("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmax_new_tokens: -3\n")
+    with pytest.raises(ValueError, match="invalid suite"):
+        load_suite(bad)
+
+
+# --- evaluate -------------------------------------------------------------------------------------------------
+
+def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    suite = tiny_suite()
+    result = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    assert set(result.headline) == set(HEADLINE_KEYS)
+    for name in ("config.json", "metrics.json", "summary.md", "generations/advbench__none.jsonl",
+                 "generations/advbench__safety.jsonl", "generations/xstest_safe.jsonl", "judgements/xstest_safe.jsonl"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    # recompute the headline from the files on disk with the judges
+    rows = read_generations(out / "generations/advbench__none.jsonl")
+    keyword = get_judge("keyword")
+    asr = sum(keyword.complied(r["prompt"], r["response"]) for r in rows) / len(rows)
+    assert result.headline["asr"] == pytest.approx(asr) and len(rows) == 3
+    xs = read_generations(out / "generations/xstest_safe.jsonl")
+    refusal = sum(get_judge("xstest").is_refusal(r["prompt"], r["response"]) for r in xs) / len(xs)
+    assert metrics["headline"]["xstest_refusal"] == pytest.approx(refusal)
+    assert metrics["safety"]["sets"]["advbench"]["safety"]["n"] == 3
+    lo, hi = metrics["over_safety"]["refusal"]["ci95"]
+    assert lo <= refusal <= hi
+    from safeunits.data.registry import load_dataset
+
+    ref = response_nll(eval_model, tokenizer, load_dataset("self-instruct:user", data_dir=data_dir, limit=3),
+                       max_length=4096, progress=False)
+    assert result.headline["utility_nll"] == pytest.approx(ref, rel=1e-5)
+    assert result.headline["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+    assert EvalResult.load(out).headline == pytest.approx(result.headline)
+    assert "| tiny |" in (out / "summary.md").read_text()
+
+    # a rerun resumes: no generation at all, same numbers
+    def fail(*a, **k):
+        raise AssertionError("generation should have been resumed from disk")
+
+    monkeypatch.setattr(eval_model, "generate", fail)
+    again = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    assert again.headline == pytest.approx(result.headline)
+    assert again.metrics["timing"]["resumed_rows"] == 9
+
+
+def test_run_dir_of_another_model_or_suite_is_refused(eval_model, tokenizer, data_dir, tmp_path):
+    out = tmp_path / "run"
+    suite = tiny_suite(2).model_copy(update={"utility": [], "over_safety": None})
+    evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False)
+    other = tiny_model(seed=1, initializer_range=0.2, max_position_embeddings=4096)
+    with pytest.raises(RunDirMismatchError, match="another model"):
+        evaluate(other, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False)
+    with pytest.raises(RunDirMismatchError, match="different suite"):
+        evaluate(eval_model, tokenizer, suite.model_copy(update={"max_new_tokens": 7}), out_dir=out,
+                 data_dir=data_dir, progress=False)
+
+
+def test_optional_missing_dataset_is_skipped_and_required_one_fails(eval_model, tokenizer, data_dir, tmp_path):
+    from safeunits.data.registry import DatasetNotFoundError
+    from safeunits.eval.suites import HarmfulSet
+
+    base = tiny_suite(2).model_copy(update={"utility": [], "over_safety": None})
+    missing = HarmfulSet(name="ghost", dataset=str(tmp_path / "missing.jsonl"), optional=True)
+    result = evaluate(eval_model, tokenizer, base.model_copy(update={"harmful": [*base.harmful, missing]}),
+                      data_dir=data_dir, progress=False)
+    assert "ghost" in result.metrics["safety"]["skipped"]
+    assert math.isnan(result.headline["xstest_refusal"])
+    with pytest.raises(DatasetNotFoundError):
+        evaluate(eval_model, tokenizer, base.model_copy(update={"harmful": [missing.model_copy(update={"optional": False})]}),
+                 data_dir=data_dir, progress=False)
+
+
+def test_compare_table_lists_every_variant(eval_model, tokenizer, data_dir):
+    from rich.console import Console
+
+    suite = tiny_suite(2).model_copy(update={"over_safety": None})
+    a = evaluate(eval_model, tokenizer, suite, data_dir=data_dir, progress=False)
+    b = EvalResult(dict(a.headline, asr=0.25), a.metrics)
+    console = Console(record=True, width=200)
+    table = compare_table({"base": a, "variant": b}, console=console)
+    text = console.export_text()
+    assert table.row_count == 2 and "base" in text and "variant" in text and "25.0%" in text
+    md = markdown_table({"base": a})
+    assert md.count("\n") == 2 and f"{a.headline['utility_nll']:.3f}" in md
+
+
+def test_cli_eval_and_judge_check(eval_model, data_dir, tmp_path):
+    from safeunits.cli import app
+
+    model_dir = tmp_path / "tiny"
+    eval_model.save_pretrained(model_dir, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(model_dir)
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["eval", "--model", str(model_dir), "--suite", "quick", "--out", str(out), "--limit", "2",
+                              "--max-new-tokens", "4", "--batch-size", "2", "--data-dir", str(data_dir), "--quiet"])
+    # the quick suite's NLL max_length (512) is shorter than a byte-level prompt: a clear error, not a crash
+    assert res.exit_code != 0 and "max_length" in str(res.exception)
+    out = tmp_path / "run2"  # the failed run claimed `run` for its suite; a different suite needs another folder
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text("name: mini\nmax_new_tokens: 4\nnll_max_length: 4096\nharmful:\n  - {name: adv, dataset: advbench, limit: 2}\n"
+                          "over_safety: {dataset: 'xstest:safe', limit: 2}\nutility:\n  - {name: si, dataset: 'self-instruct:user', limit: 2}\n")
+    res = runner.invoke(app, ["eval", "--model", str(model_dir), "--suite", str(suite_file), "--out", str(out),
+                              "--data-dir", str(data_dir), "--judge", "prefix", "--quiet"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["safety"]["judge"] == "prefix" and metrics["safety"]["sets"]["adv"]["none"]["n"] == 2
+    res = runner.invoke(app, ["eval-compare", str(out)])
+    assert res.exit_code == 0 and "ASR" in res.output
+    res = runner.invoke(app, ["judge-check", "--judge", "strmatch", "--data-dir", str(data_dir), "--out", str(tmp_path / "jc.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "jc.json").read_text())["summary"]["strmatch"]["binary_mean"] == pytest.approx(0.884, abs=0.001)
+    res = runner.invoke(app, ["eval", "--suite", "nope", "--out", str(out)])
+    assert res.exit_code != 0 and "unknown suite" in res.output
+
+
+@pytest.mark.integration
+def test_default_model_small_eval(default_model, data_dir, tmp_path):
+    """The real model: a tiny slice of every axis; it is not safety-aligned, so ASR is high."""
+    model, tok = default_model
+    suite = load_suite("quick").with_limit(4).model_copy(update={"max_new_tokens": 24})
+    result = evaluate(model, tok, suite, out_dir=tmp_path / "run", data_dir=data_dir, progress=False)
+    h = result.headline
+    assert 0.0 <= h["asr"] <= 1.0 and 0.0 <= h["xstest_refusal"] <= 1.0
+    assert 0.5 < h["utility_nll"] < 4.0 and h["perplexity"] == pytest.approx(math.exp(h["utility_nll"]))

@@ -1,0 +1,132 @@
+"""Generation: batched == one-at-a-time greedy, EOS stops, resume skips done rows, seeded sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safeunits.eval.generation import ResumeMismatchError, generate, read_generations
+from tiny import tiny_model, tiny_tokenizer
+
+PROMPTS = ["hi", "a much longer prompt about several different things", "mid length one", "x" * 30, "why?",
+           "tell me a story about a cat and a dog"]
+
+
+@pytest.fixture()
+def gen_model():
+    # a larger init range than the default so greedy outputs differ between prompts (the default gives "\n\n\n...")
+    return tiny_model(initializer_range=0.2, max_position_embeddings=1024)
+
+
+def test_batched_equals_one_at_a_time(gen_model, tokenizer):
+    batched = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
+    single = [generate(gen_model, tokenizer, [p], max_new_tokens=10, batch_size=1, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) > 1  # the check is not vacuous
+
+
+def test_greedy_matches_manual_argmax_decoding(gen_model, tokenizer):
+    """Reference computed another way: a plain argmax loop over full forward passes, no cache, no padding."""
+    from safeunits.models.chat import prompt_text
+
+    prompt = PROMPTS[2]
+    ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = gen_model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    expected = tokenizer.decode(ids[0, -8:], skip_special_tokens=True)
+    assert generate(gen_model, tokenizer, [PROMPTS[0], prompt], max_new_tokens=8, progress=False)[1] == expected
+
+
+def test_stops_at_eos(gen_model, tokenizer):
+    from safeunits.models.chat import prompt_text
+
+    prompt = PROMPTS[1]
+    ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = gen_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
+    new = out[0, ids.shape[1]:].tolist()
+    gen_model.generation_config.eos_token_id = new[3]  # the 4th greedy token now ends the answer
+    first = new.index(new[3])
+    text = generate(gen_model, tokenizer, [prompt], max_new_tokens=6, progress=False)[0]
+    assert text == tokenizer.decode(new[:first], skip_special_tokens=True)
+
+
+def test_response_prefix_is_forced_and_returned(gen_model, tokenizer):
+    out = generate(gen_model, tokenizer, PROMPTS[:2], response_prefix="Sure, here is", max_new_tokens=5, progress=False)
+    assert all(o.startswith("Sure, here is") for o in out)
+    plain = generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=5, progress=False)
+    assert out != plain
+
+
+def test_resume_skips_done_rows(gen_model, tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "gen.jsonl"
+    full = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False)
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) == len(PROMPTS)
+    # an interrupted run: 3 rows written, the 4th cut off mid-line
+    path.write_text("".join(lines[:3]) + lines[3][:20])
+    calls: list[int] = []
+    original = gen_model.generate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen_model, "generate", counting)
+    resumed = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False)
+    assert resumed == full
+    assert sum(calls) == len(PROMPTS) - 3
+    rows = read_generations(path)
+    assert [r["index"] for r in rows] == list(range(len(PROMPTS)))
+    assert [r["response"] for r in rows] == full
+    calls.clear()
+    assert generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, out_path=path, progress=False) == full
+    assert calls == []
+
+
+def test_resume_refuses_other_prompts_or_settings(gen_model, tokenizer, tmp_path):
+    path = tmp_path / "gen.jsonl"
+    generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=path, progress=False)
+    with pytest.raises(ResumeMismatchError, match="different prompt"):
+        generate(gen_model, tokenizer, ["other", "prompts"], max_new_tokens=4, out_path=path, progress=False)
+    with pytest.raises(ResumeMismatchError):
+        generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=5, out_path=path, progress=False)
+    first_row = path.read_text().splitlines()[0]
+    generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=path, progress=False)
+    path.write_text(first_row + "\nnot json\n")
+    with pytest.raises(ResumeMismatchError, match=":2:"):
+        generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=path, progress=False)
+
+
+def test_seeded_sampling(gen_model, tokenizer):
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.0, progress=False)
+    a = generate(gen_model, tokenizer, PROMPTS, seed=1, **kw)
+    assert a == generate(gen_model, tokenizer, PROMPTS, seed=1, **kw)
+    assert a != generate(gen_model, tokenizer, PROMPTS, seed=2, **kw)
+
+
+def test_bad_inputs(gen_model, tokenizer):
+    assert generate(gen_model, tokenizer, [], progress=False) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(gen_model, tokenizer, ["a"], batch_size=0, progress=False)
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        generate(gen_model, tok, ["a"], progress=False)
+
+
+@pytest.mark.integration
+def test_default_model_batched_equals_single(default_model, data_dir):
+    from safeunits.data.registry import load_dataset
+
+    model, tok = default_model
+    prompts = [r.prompt for r in load_dataset("advbench", data_dir=data_dir, limit=2)]
+    prompts += ["What is the capital of France?", "Write a haiku about autumn."]
+    batched = generate(model, tok, prompts, max_new_tokens=16, batch_size=4, progress=False)
+    single = [generate(model, tok, [p], max_new_tokens=16, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert all(len(x.split()) > 3 for x in batched)
+    assert "<|im_end|>" not in "".join(batched)
