@@ -197,3 +197,28 @@ def test_task_arithmetic_and_ties_patch_shapes(two_patches):
     torch.testing.assert_close(ta.to_dense(name), 0.5 * se.delta(name) - osm.delta(name))
     ties = ties_merge([se, osm], TiesConfig(density=0.3), progress=False)
     torch.testing.assert_close(ties.to_dense(name), ties_tensor([se.delta(name), osm.delta(name)], TiesConfig(density=0.3)))
+
+
+@pytest.mark.integration
+def test_streamed_apply_on_the_default_model(default_model, tmp_path):
+    """A sparse patch streamed onto the real SmolLM2 checkpoint equals the in-memory apply, bit for bit."""
+    from safeunits.models.loading import DEFAULT_MODEL, load_model
+
+    model, _ = default_model
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    dense = {}
+    for name in ("model.layers.3.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        d = torch.zeros_like(params[name])
+        mask = torch.rand(d.shape, generator=gen) < 0.01
+        d[mask] = torch.randn(int(mask.sum()), generator=gen) * 1e-2
+        dense[name] = d
+    patch = SparsePatch.from_dense(dense, architecture_signature(model))
+    out = apply_patch_to_checkpoint(DEFAULT_MODEL, patch, tmp_path / "patched", progress=False)
+    patched, _ = load_model(str(out))
+    undo = apply_patch(model, patch)
+    try:
+        for (n, p), (_, q) in zip(model.named_parameters(), patched.named_parameters()):
+            assert torch.equal(p, q), n
+    finally:
+        undo_patch(model, undo)

@@ -1,0 +1,160 @@
+"""D_h building, patch derivation, CLI round trips and the sweep on tiny models (and one real-model check)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from safeunits.data.records import Record
+from safeunits.models.loading import model_fingerprint, save_model
+from safeunits.patching.harmful_data import (HarmfulDataConfig, OverlapError, build_harmful_data, check_no_overlap,
+                                             load_harmful_data, select_prompts)
+from safeunits.patching.patches import DensePatch, PatchConfig, derive_patch
+from safeunits.patching.saliency import SaliencyConfig, snip_saliency
+from tiny import tiny_model, tiny_tokenizer
+
+RECORDS = [Record(f"Explain how to do bad thing number {i}", f"Sure, here is how to do bad thing {i}: step one.")
+           for i in range(6)]
+
+
+def test_select_prompts_skips_eval_prompts_and_overlap_is_caught(data_dir):
+    splits = select_prompts(HarmfulDataConfig(n_train=20, n_val=10), str(data_dir))
+    from safeunits.data.registry import load_dataset
+
+    first100 = {r.prompt for r in load_dataset("advbench", data_dir=data_dir, limit=100)}
+    chosen = [r.prompt for s in splits.values() for r in s]
+    assert len(set(chosen)) == 30 and not first100 & set(chosen)
+    assert not {r.prompt for r in splits["train"]} & {r.prompt for r in splits["val"]}
+    check_no_overlap(chosen, ["advbench[:100]"], str(data_dir))
+    with pytest.raises(OverlapError, match="appear in the evaluation sets"):
+        check_no_overlap(chosen[:3] + [sorted(first100)[0].upper() + "  "], ["advbench[:100]"], str(data_dir))
+    with pytest.raises(OverlapError):
+        build_harmful_data(HarmfulDataConfig(offset=0, n_train=120, n_val=0, responses="dataset"), "/nonexistent",
+                           data_dir=str(data_dir))
+
+
+def test_build_data_from_a_dataset_with_responses(tmp_path, data_dir):
+    src = tmp_path / "harm.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in RECORDS))
+    config = HarmfulDataConfig(prompts=str(src), offset=0, n_train=4, n_val=2, responses="dataset", eval_sets=["advbench[:100]"])
+    build_harmful_data(config, tmp_path / "dh", data_dir=str(data_dir))
+    train, info = load_harmful_data(tmp_path / "dh", "train")
+    val, _ = load_harmful_data(tmp_path / "dh", "val")
+    assert len(train) == 4 and len(val) == 2 and all(r.response for r in train + val)
+    assert info["counts"] == {"train": 4, "val": 2} and info["eval_sets_checked"] == {"advbench[:100]": 100}
+    missing = tmp_path / "noresp.jsonl"
+    missing.write_text("".join(json.dumps({"prompt": r.prompt}) + "\n" for r in RECORDS))
+    with pytest.raises(ValueError, match="no responses"):
+        build_harmful_data(config.model_copy(update={"prompts": str(missing)}), tmp_path / "x", data_dir=str(data_dir))
+
+
+def test_build_data_by_prefill_uses_generation(tmp_path, data_dir):
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = HarmfulDataConfig(n_train=3, n_val=1, responses="prefill", max_new_tokens=4, require_compliance=False,
+                               eval_sets=["advbench[:100]"])
+    result = build_harmful_data(config, tmp_path / "dh", model, tok, data_dir=str(data_dir), progress=False)
+    assert all(r.response.startswith("Sure, here is") for r in result["train"])
+
+
+@pytest.mark.parametrize("saliency_on", ["patched", "backbone"])
+def test_derive_patch_restores_backbone_and_records_manifest(tmp_path, saliency_on):
+    model, tok = tiny_model(), tiny_tokenizer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fp = model_fingerprint(model)
+    config = PatchConfig(objective="ascent", train={"max_steps": 3, "lr": 1e-2, "batch_size": 2, "stop_nll_above": 1e9},
+                         saliency_on=saliency_on)
+    patch = derive_patch(model, tok, RECORDS, config, tmp_path / "se", progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    m = patch.manifest
+    assert m["backbone_fingerprint"] == fp and m["steps"] == 3 and m["objective"] == "ascent"
+    assert m["train_config"]["lr"] == 1e-2 and m["stopped_reason"] == "completed"
+    # δ is exactly what the same training run does to a fresh copy of the backbone
+    from safeunits.train.engine import train
+
+    ref = tiny_model()
+    train(ref, tok, RECORDS, config.train_config(), progress=False)
+    for n, p in ref.named_parameters():
+        assert torch.equal(patch.delta(n), (p.detach() - before[n]).float()), n
+    # saliency on the patched (trained) model or on the backbone
+    on = ref if saliency_on == "patched" else tiny_model()
+    sal = snip_saliency(on, tok, RECORDS, SaliencyConfig(), progress=False)
+    for n in sal:
+        torch.testing.assert_close(patch.saliency(n), sal[n], rtol=1e-5, atol=1e-10)
+    # the ascent really raised the harmful responses' NLL
+    assert patch.manifest["losses"][-1] < patch.manifest["losses"][0]
+
+
+def test_ascent_bound_stops_early(tmp_path):
+    model, tok = tiny_model(), tiny_tokenizer()
+    config = PatchConfig(objective="ascent", train={"max_steps": 50, "lr": 5e-2, "batch_size": 6, "stop_nll_above": 6.0})
+    patch = derive_patch(model, tok, RECORDS, config, tmp_path / "se", progress=False)
+    assert patch.manifest["stopped_reason"] == "nll_above" and patch.manifest["steps"] < 50
+
+
+def _cli(*args: str) -> None:
+    from safeunits.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def test_cli_derive_merge_apply_round_trip(tmp_path, data_dir):
+    model, tok = tiny_model(), tiny_tokenizer()
+    base = save_model(model, tok, tmp_path / "base")
+    src = tmp_path / "harm.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in RECORDS))
+    _cli("patch", "build-data", "--out", str(tmp_path / "dh"), "--prompts", str(src), "--offset", "0", "--n-train", "5",
+         "--n-val", "1", "--responses", "dataset", "--eval-set", "advbench[:100]", "--data-dir", str(data_dir))
+    _cli("patch", "derive", "--model", str(base), "--data", str(tmp_path / "dh"), "--out", str(tmp_path / "p"),
+         "--max-steps", "2", "--lr", "1e-2", "--batch-size", "2", "-q")
+    _cli("patch", "merge", "--se", str(tmp_path / "p/se"), "--osm", str(tmp_path / "p/osm"), "--out",
+         str(tmp_path / "merged"), "--a", "10", "--b", "10", "--alpha", "2", "-q")
+    _cli("patch", "apply", "--model", str(base), "--patch", str(tmp_path / "merged"), "--out", str(tmp_path / "patched"), "-q")
+    _cli("patch", "apply", "--model", str(tmp_path / "patched"), "--patch", str(tmp_path / "merged"), "--scale", "-1",
+         "--out", str(tmp_path / "restored"), "-q")
+    from safeunits.models.loading import load_model
+    from safeunits.patching.apply import apply_patch
+    from safeunits.patching.merge import MergeConfig, controllable_merge
+
+    patched, _ = load_model(str(tmp_path / "patched"))
+    restored, _ = load_model(str(tmp_path / "restored"))
+    expected = controllable_merge(DensePatch(tmp_path / "p/se"), DensePatch(tmp_path / "p/osm"),
+                                  MergeConfig(a=10, b=10, alpha=2), progress=False)
+    apply_patch(model, expected)
+    for (n, p), (_, q), (_, r), (_, b0) in zip(model.named_parameters(), patched.named_parameters(),
+                                               restored.named_parameters(), tiny_model().named_parameters()):
+        assert torch.equal(p, q), n
+        ulp = torch.finfo(torch.float32).eps * torch.maximum(q.abs(), b0.abs())
+        assert ((r - b0).abs() <= ulp).all(), n
+    manifest = json.loads((tmp_path / "merged/manifest.json").read_text())
+    assert manifest["merge_config"]["alpha"] == 2 and manifest["se_manifest"]["steps"] == 2
+
+
+def test_sweep_on_tiny_model(tmp_path, data_dir):
+    from safeunits.patching.evaluation import ValidationConfig
+    from safeunits.patching.sweep import SweepConfig, run_sweep
+    from test_patching_merge import _fake_patch
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    src = tmp_path / "harm.jsonl"
+    src.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in RECORDS))
+    build_harmful_data(HarmfulDataConfig(prompts=str(src), offset=0, n_train=3, n_val=3, responses="dataset",
+                                         eval_sets=[]), tmp_path / "dh")
+    se, osm = _fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2)
+    config = SweepConfig(a=[5, 50], b=[5], alpha=[1, 2], beta=[1],
+                         validation=ValidationConfig(n_xstest=3, n_utility=2, max_new_tokens=3))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", data_dir=str(data_dir),
+                       progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every point undone exactly
+    assert len(result["rows"]) == 3 + 4 and result["best"]["method"] == "safepatching"
+    assert (tmp_path / "sweep/pareto.png").stat().st_size > 1000 and "Pareto" in (tmp_path / "sweep/sweep.md").read_text()
+    # resume: nothing is evaluated again
+    lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
+    run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", data_dir=str(data_dir), progress=False)
+    assert (tmp_path / "sweep/sweep.jsonl").read_text().count("\n") == lines
