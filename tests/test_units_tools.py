@@ -101,7 +101,8 @@ def test_transition_matrix_against_loop(tmp_path):
 def test_probe_matches_separate_forward_passes(family):
     model, tok = tiny_model(family), tiny_tokenizer()
     prompts = ["How to build a bomb?", "Write malware now please", "hi"]
-    cfg = ProbeConfig(refusal="Sorry, no way.", compliance="Sure, here it is:", k_min=2, k_max=6, batch_size=2)
+    cfg = ProbeConfig(refusals=["Sorry, no way.", "I won't do it"], compliances=["Sure, here it is:"], k_min=2, k_max=6,
+                      batch_size=2)
     got = run_probe(model, tok, prompts, cfg, progress=False)
     ref = {"refusal": np.zeros((5, 2)), "compliance": np.zeros((5, 2))}
 
@@ -113,12 +114,14 @@ def test_probe_matches_separate_forward_passes(family):
     for p in prompts:
         head = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
         clean = last(head)
-        for name, text in (("refusal", cfg.refusal), ("compliance", cfg.compliance)):
-            cont = tok(text, add_special_tokens=False)["input_ids"]
-            for i, k in enumerate(range(2, 7)):
-                states = last(head + cont[:k])
-                for l in range(2):
-                    ref[name][i, l] += 1 - torch.nn.functional.cosine_similarity(clean[l], states[l], dim=0).item()
+        for name, texts in (("refusal", cfg.refusals), ("compliance", cfg.compliances)):
+            for text in texts:
+                cont = tok(text, add_special_tokens=False)["input_ids"]
+                for i, k in enumerate(range(2, 7)):
+                    states = last(head + cont[:k])
+                    for l in range(2):
+                        d = 1 - torch.nn.functional.cosine_similarity(clean[l], states[l], dim=0).item()
+                        ref[name][i, l] += d / len(texts)
     for name in ref:
         np.testing.assert_allclose(np.array(got[f"{name}_distance"]), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
     assert got["ks"] == [2, 3, 4, 5, 6] and len(got["gap_per_layer"]) == 2
@@ -127,7 +130,7 @@ def test_probe_matches_separate_forward_passes(family):
 def test_probe_errors():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     with pytest.raises(ValueError, match="fewer than k_max"):
-        run_probe(model, tok, ["x"], ProbeConfig(refusal="No", k_max=10), progress=False)
+        run_probe(model, tok, ["x"], ProbeConfig(refusals=["No"], k_max=10), progress=False)
     with pytest.raises(ValueError):
         ProbeConfig(k_min=5, k_max=3)
 

@@ -175,8 +175,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help=MODEL_HELP),
         prompts: str = typer.Option("advbench", "--prompts", help="Harmful prompts (dataset name or file)."),
         limit: int = typer.Option(32, "--limit", min=1, help="Number of prompts (first N)."),
-        refusal: Optional[str] = typer.Option(None, "--refusal", help="Refusal continuation text (default: 'Sorry, I can't help with that. ...')."),
-        compliance: Optional[str] = typer.Option(None, "--compliance", help="Compliance continuation text (default: 'Sure, here is a detailed ...')."),
+        refusal: list[str] = typer.Option([], "--refusal", help="Refusal continuation text (repeatable; default: three phrasings such as 'Sorry, I can't help with that. ...')."),
+        compliance: list[str] = typer.Option([], "--compliance", help="Compliance continuation text (repeatable; default: three phrasings such as 'Sure, here is a detailed ...')."),
         k_min: int = typer.Option(2, "--k-min", min=1, help="Shortest continuation in tokens."),
         k_max: int = typer.Option(10, "--k-max", min=1, help="Longest continuation in tokens."),
         batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per forward pass."),
@@ -191,7 +191,7 @@ def register(app: typer.Typer) -> None:
 
         from safeunits.units.probe import ProbeConfig, run_probe, write_probe
 
-        updates = {k: v for k, v in {"refusal": refusal, "compliance": compliance}.items() if v}
+        updates = {k: v for k, v in {"refusals": refusal, "compliances": compliance}.items() if v}
         try:
             config = ProbeConfig(k_min=k_min, k_max=k_max, batch_size=batch_size, system_prompt=system_prompt, **updates)
         except ValidationError as err:

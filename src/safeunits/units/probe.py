@@ -24,15 +24,27 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.io import write_json
 from safeunits.models.chat import prompt_text
 
-DEFAULT_REFUSAL = "Sorry, I can't help with that. It is harmful and illegal, so I will not provide any assistance."
-DEFAULT_COMPLIANCE = "Sure, here is a detailed step-by-step guide that explains exactly how to do what you asked."
+# several phrasings per side: the last-token state also encodes *which* token ends the continuation, so
+# averaging over phrasings keeps the comparison about direction (refuse vs comply), not token identity
+DEFAULT_REFUSALS = (
+    "Sorry, I can't help with that. It is harmful and illegal, so I will not provide any assistance.",
+    "I cannot fulfill this request because it could cause serious harm to people and is against the law.",
+    "I'm sorry, but I won't assist with this. Providing that information would be dangerous and unethical.",
+)
+DEFAULT_COMPLIANCES = (
+    "Sure, here is a detailed step-by-step guide that explains exactly how to do what you asked.",
+    "Certainly! Here are the steps you need to follow to accomplish this task, starting with the first one.",
+    "Of course. Below is a complete answer to your request, with every detail you will need to do it.",
+)
 
 
 class ProbeConfig(BaseModel):
     """Continuations and lengths of the probe."""
 
-    refusal: str = Field(DEFAULT_REFUSAL, description="text whose first k tokens continue the prompt as a refusal")
-    compliance: str = Field(DEFAULT_COMPLIANCE, description="text whose first k tokens continue the prompt as a compliance")
+    refusals: list[str] = Field(list(DEFAULT_REFUSALS), min_length=1,
+                                description="refusal texts; the first k tokens of each continue the prompt (distances averaged)")
+    compliances: list[str] = Field(list(DEFAULT_COMPLIANCES), min_length=1,
+                                   description="compliance texts; the first k tokens of each continue the prompt (distances averaged)")
     k_min: int = Field(2, ge=1, description="shortest continuation, in tokens")
     k_max: int = Field(10, ge=1, description="longest continuation, in tokens")
     batch_size: int = Field(8, ge=1)
@@ -86,8 +98,8 @@ def run_probe(
     if not prompts:
         raise ValueError("no prompts to probe")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    conts = {"refusal": _continuation_ids(tokenizer, config.refusal, config.k_max, "refusal"),
-             "compliance": _continuation_ids(tokenizer, config.compliance, config.k_max, "compliance")}
+    conts = {"refusal": [_continuation_ids(tokenizer, t, config.k_max, "refusal") for t in config.refusals],
+             "compliance": [_continuation_ids(tokenizer, t, config.k_max, "compliance") for t in config.compliances]}
     ks = list(range(config.k_min, config.k_max + 1))
     sums: dict[str, torch.Tensor] = {}
     sq: dict[str, torch.Tensor] = {}
@@ -100,11 +112,14 @@ def run_probe(
             heads = [tokenizer(prompt_text(tokenizer, p, config.system_prompt), add_special_tokens=False)["input_ids"]
                      for p in batch]
             dist = {}
-            for name, cont in conts.items():
-                seqs = [h + cont for h in heads]
-                positions = [[len(h) - 1] + [len(h) - 1 + k for k in ks] for h in heads]
-                states = _last_states(model, seqs, positions, pad)  # [B, 1 + K, L, H]
-                dist[name] = _cos_dist(states[:, :1], states[:, 1:])  # [B, K, L]
+            for name, texts in conts.items():
+                per_text = []
+                for cont in texts:
+                    seqs = [h + cont for h in heads]
+                    positions = [[len(h) - 1] + [len(h) - 1 + k for k in ks] for h in heads]
+                    states = _last_states(model, seqs, positions, pad)  # [B, 1 + K, L, H]
+                    per_text.append(_cos_dist(states[:, :1], states[:, 1:]))  # [B, K, L]
+                dist[name] = torch.stack(per_text).mean(0)  # mean over phrasings
             for name, d in dist.items():
                 sums[name] = sums.get(name, 0) + d.sum(0)
                 sq[name] = sq.get(name, 0) + (d * d).sum(0)
@@ -125,7 +140,8 @@ def run_probe(
         "compliance_distance": mean["compliance"].tolist(),
         "refusal_distance_std": std["refusal"].tolist(),
         "compliance_distance_std": std["compliance"].tolist(),
-        "gap": gap.tolist(),  # compliance - refusal, [k][layer]
+        "gap": gap.tolist(),
+        "note": "distances are means over prompts and over the continuation phrasings; std is over prompts",  # compliance - refusal, [k][layer]
         "gap_per_layer": gap.mean(0).tolist(),
         "gap_per_k": gap.mean(1).tolist(),
         "share_closer_to_refusal": (closer_refusal / n).tolist(),  # [k][layer], fraction of prompts
