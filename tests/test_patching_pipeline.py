@@ -158,3 +158,61 @@ def test_sweep_on_tiny_model(tmp_path, data_dir):
     lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
     run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", data_dir=str(data_dir), progress=False)
     assert (tmp_path / "sweep/sweep.jsonl").read_text().count("\n") == lines
+
+
+def _tiny_suite(data_dir):
+    from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
+
+    return SuiteConfig(name="tiny", max_new_tokens=2, batch_size=4,
+                       harmful=[HarmfulSet(name="advbench", dataset="advbench", limit=2, system_prompts=["none"])],
+                       over_safety=OverSafetySet(limit=2), utility=[UtilitySet(name="u", dataset="self-instruct:seed", limit=2)])
+
+
+def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
+    from safeunits.patching import continual as continual_mod
+    from safeunits.patching.baselines import BaselinesConfig, run_baselines
+    from safeunits.patching.continual import ContinualConfig, run_continual
+    from test_patching_merge import _fake_patch
+
+    monkeypatch.setenv("SAFEUNITS_DATA_DIR", str(data_dir))
+    model, tok = tiny_model(), tiny_tokenizer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    se, osm = _fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2)
+    suite = _tiny_suite(data_dir)
+    config = BaselinesConfig(methods=["none", "ga", "gd", "task_arithmetic", "ties", "safepatching"])
+    monkeypatch.setattr("safeunits.patching.baselines.evaluate_model",
+                        lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
+    monkeypatch.setattr("safeunits.patching.evaluation.evaluate_model",
+                        lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
+    rows = run_baselines(model, tok, se, osm, config, tmp_path / "b", progress=False)
+    assert [r["method"] for r in rows] == config.methods
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert rows[0]["nnz"] == 0 and rows[1]["nnz"] == sum(p.numel() for p in model.parameters())
+    assert "| ties |" in (tmp_path / "b/baselines.md").read_text()
+    # continual: two Do-Not-Answer categories, tiny budgets; the model ends patched by both steps
+    monkeypatch.setattr(continual_mod, "evaluate_model", lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
+    cconf = ContinualConfig(categories=["malicious_uses", "information_hazard"],
+                            data=HarmfulDataConfig(prompts="donotanswer", offset=0, n_train=3, n_val=0, max_new_tokens=4,
+                                                   require_compliance=False, eval_sets=["advbench[:100]"]),
+                            se=PatchConfig(objective="ascent", train={"max_steps": 1, "batch_size": 3}),
+                            osm=PatchConfig(objective="descent", train={"max_steps": 1, "batch_size": 3}))
+    crows = run_continual(model, tok, cconf, tmp_path / "c", data_dir=str(data_dir), progress=False)
+    assert [r["step"] for r in crows] == [0, 1, 2]
+    from safeunits.patching.sparse import SparsePatch
+
+    steps = [SparsePatch.load(tmp_path / f"c/step{i}_{c}/patch") for i, c in ((1, "malicious_uses"), (2, "information_hazard"))]
+    fresh = tiny_model()
+    from safeunits.patching.apply import apply_patch
+
+    for p in steps:
+        apply_patch(fresh, p)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
+    assert {r.category for r in load_harmful_data(tmp_path / "c/step1_malicious_uses/data")[0]} == {"malicious_uses"}
+
+
+def _eval(model, tok, suite, out):
+    """The shared runner on a tiny suite (the methods pass the real suite name; tests swap in a 2-prompt one)."""
+    from safeunits.eval.runner import evaluate
+
+    result = evaluate(model, tok, suite, out_dir=None, progress=False)
+    return {k: float(v) for k, v in result.headline.items()}

@@ -90,6 +90,7 @@ def derive(
     train_json: Optional[str] = typer.Option(None, help="JSON object of further TrainConfig overrides."),
     saliency_on: str = typer.Option("patched", help="SNIP on the patched model (paper) or on the backbone."),
     exclude: list[str] = typer.Option([], "--exclude", help="Regex of parameter names never patched (repeatable)."),
+    saliency_examples: Optional[int] = typer.Option(None, help="SNIP on the first N training examples (default all)."),
     quiet: bool = QUIET,
 ) -> None:
     """Derive δ_SE by bounded gradient ascent and δ_OSM by descent on D_h's train split, with SNIP saliency."""
@@ -110,7 +111,7 @@ def derive(
         train = dict(overrides)
         if stop_nll_above is not None and obj != "descent":
             train["stop_nll_above"] = stop_nll_above
-        config = PatchConfig(objective=obj, train=train, saliency_on=saliency_on, saliency=SaliencyConfig(exclude=exclude))
+        config = PatchConfig(objective=obj, train=train, saliency_on=saliency_on, saliency=SaliencyConfig(exclude=exclude, max_examples=saliency_examples))
         patch = derive_patch(m, tok, records, config, out / names[obj], data_info={**info, "model": model},
                              progress=not quiet)
         mf = patch.manifest

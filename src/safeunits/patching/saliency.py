@@ -32,6 +32,7 @@ class SaliencyConfig(BaseModel):
     system_prompt: str | None = Field(None, description="system prompt used when formatting the harmful prompts")
     exclude: list[str] = Field(default_factory=list,
                                description="regexes of parameter names never scored (and so never patched)")
+    max_examples: int | None = Field(None, ge=1, description="score on the first N records only (None: all)")
 
 
 def patchable_parameters(model: PreTrainedModel, exclude: Iterable[str] = ()) -> dict[str, torch.nn.Parameter]:
@@ -56,6 +57,7 @@ def snip_saliency(
     config = config or SaliencyConfig()
     if not records or any(r.response is None for r in records):
         raise ValueError("saliency needs records with responses (the harmful responses of D_h)")
+    records = records[:config.max_examples] if config.max_examples else records
     params = patchable_parameters(model, config.exclude)
     was_training = model.training
     model.eval()
