@@ -191,3 +191,15 @@ def test_every_family_scores():
         s = compute_scores(tiny_model(family), tok, RECORDS[:2], progress=False)
         assert s.scores["mlp"].shape == (2, 48) and s.scores["head"].shape == (2, 4)
         assert (s.scores["mlp"] > 0).all()
+
+
+def test_real_accelerator_single_process():
+    from accelerate import Accelerator
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    acc = Accelerator(cpu=True)
+    wrapped = acc.prepare(copy.deepcopy(model))
+    got = compute_scores(wrapped, tok, RECORDS, ScoreConfig(batch_size=2), accelerator=acc, progress=False)
+    ref = compute_scores(model, tok, RECORDS, ScoreConfig(batch_size=2), progress=False)
+    for kind in ("mlp", "head"):
+        np.testing.assert_allclose(got.scores[kind].numpy(), ref.scores[kind].numpy(), rtol=1e-6)

@@ -150,6 +150,8 @@ def compute_scores(
     config = config or ScoreConfig()
     if not records:
         raise ValueError("no records to score on")
+    if accelerator is not None and hasattr(accelerator, "unwrap_model"):
+        model = accelerator.unwrap_model(model)  # hooks and weight slices address the bare model, not the DDP wrapper
     adapter = get_adapter(model)
     pairs = _shard(encode_records(tokenizer, records, config), accelerator)
     start = time.perf_counter()
