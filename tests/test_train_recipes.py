@@ -158,3 +158,25 @@ def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_pat
     rows = json.loads((tmp_path / "budget" / "table.json").read_text())["rows"]
     assert rows[1]["trainable_share"] == 1 and 0 < rows[2]["trainable_share"] < 0.5
     assert "| full align |" in (tmp_path / "budget" / "table.md").read_text()
+
+
+def test_named_trained_models_are_registered_and_build_deterministically(tmp_path, tiny_dir, data_files):
+    import yaml
+
+    from safeunits.models.loading import load_model, named_models
+    from safeunits.train.named import recipe_builder
+
+    assert {"smollm2-135m-aligned", "smollm2-135m-oversafe"} <= set(named_models())
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(yaml.safe_dump({"recipe": "align", "model": str(tiny_dir), "safety_data": str(data_files["harm"]),
+                                      "benign_data": [str(data_files["benign"])], "n_examples": 12, "safety_share": 0.25,
+                                      "train": {"lr": 1e-2, "epochs": 1, "batch_size": 4, "max_length": 64}}))
+    build = recipe_builder(str(preset))
+    build(tmp_path / "a")
+    build(tmp_path / "b")
+    info = json.loads((tmp_path / "a" / "safeunits_build.json").read_text())
+    assert info["train"]["steps"] == 3 and info["data"][str(data_files["harm"])] == 3
+    wa, wb, w0 = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tiny_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and not all(torch.equal(wa[k], w0[k]) for k in wa)
+    model, _ = load_model(str(tmp_path / "a"))
+    assert model.config.model_type == "llama"
