@@ -126,9 +126,9 @@ class MaskedUpdate:
 
     def mask_gradients(self) -> None:
         """Zero the gradient of every frozen entry, so clipping and Adam moments never see it."""
-        for param, keep, _, _ in self._partial:
+        for param, _, frozen, _ in self._partial:
             if param.grad is not None:
-                param.grad.mul_(keep)
+                param.grad.masked_fill_(frozen, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
