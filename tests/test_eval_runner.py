@@ -212,7 +212,7 @@ def test_cli_eval_and_judge_check(eval_model, data_dir, tmp_path):
 def test_default_model_small_eval(default_model, data_dir, tmp_path):
     """The real model: a tiny slice of every axis; it is not safety-aligned, so ASR is high."""
     model, tok = default_model
-    suite = load_suite("quick").with_limit(4).model_copy(update={"max_new_tokens": 24})
+    suite = load_suite("quick").with_limit(2).model_copy(update={"max_new_tokens": 16})
     result = evaluate(model, tok, suite, out_dir=tmp_path / "run", data_dir=data_dir, progress=False)
     h = result.headline
     assert 0.0 <= h["asr"] <= 1.0 and 0.0 <= h["xstest_refusal"] <= 1.0
