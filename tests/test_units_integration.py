@@ -24,8 +24,8 @@ def test_default_model_geometry_and_map(default_model, data_dir, tmp_path):
     assert (a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.n_channels) == (30, 9, 3, 64, 1536)
     assert a.unit_params("mlp") == 3 * 576 and a.unit_params("head") == 2 * 64 * 576
     cfg = ScoreConfig(batch_size=4, max_length=128)
-    safety = compute_scores(model, tok, load_dataset("advbench-refusals", data_dir=data_dir, limit=8), cfg, progress=False)
-    utility = compute_scores(model, tok, load_dataset("self-instruct:user", data_dir=data_dir, limit=8), cfg, progress=False)
+    safety = compute_scores(model, tok, load_dataset("advbench-refusals", data_dir=data_dir, limit=4), cfg, progress=False)
+    utility = compute_scores(model, tok, load_dataset("self-instruct:user", data_dir=data_dir, limit=4), cfg, progress=False)
     um = build_unit_map(model, safety, utility, fingerprint=False)
     shares = {k: v["param_share"] for k, v in um.summary()["classes"].items()}
     unit = a.unit_params("head") / um.total_params()
@@ -52,7 +52,7 @@ def test_default_model_geometry_and_map(default_model, data_dir, tmp_path):
 
 def test_default_model_probe(default_model, data_dir):
     model, tok = default_model
-    prompts = [r.prompt for r in load_dataset("advbench", data_dir=data_dir, limit=4)]
+    prompts = [r.prompt for r in load_dataset("advbench", data_dir=data_dir, limit=2)]
     result = run_probe(model, tok, prompts, progress=False)
     d = np.array(result["refusal_distance"])
     assert d.shape == (9, 30) and np.isfinite(d).all() and (d >= -1e-9).all()
