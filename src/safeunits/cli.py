@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "safeunits.train.cli",
     "safeunits.patching.cli",
     "safeunits.units.cli",
+    "safeunits.demo",
 ]
 
 

@@ -108,7 +108,7 @@ def pruning_table(
         finally:
             restore()
         rows.append({
-            "pruned": target, **units.counts(), "weights_zeroed": zeroed,
+            "pruned": target, "run_dir": None if sub is None else str(sub), **units.counts(), "weights_zeroed": zeroed,
             "unit_param_share": units.n_params(unit_map.unit_params) / total_unit,
             "model_param_share": zeroed / n_model,
             **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.headline.items()},
