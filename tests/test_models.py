@@ -88,3 +88,24 @@ def test_default_model_loads_with_chat_template(default_model):
     with torch.no_grad():
         loss = model(**batch).loss.item()
     assert 0.0 < loss < 3.0  # an instruction model finds a correct short answer likely
+
+
+def test_trust_remote_code_is_off_unless_asked(model, tokenizer, tmp_path, monkeypatch):
+    import transformers
+
+    from safeunits.models import loading
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return real(*args, **kwargs)
+
+    save_model(model, tokenizer, tmp_path / "m")
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", spy)
+    monkeypatch.delenv(loading.TRUST_REMOTE_CODE_ENV, raising=False)
+    load_model(str(tmp_path / "m"))
+    monkeypatch.setenv(loading.TRUST_REMOTE_CODE_ENV, "1")
+    load_model(str(tmp_path / "m"))
+    assert seen == [False, True]

