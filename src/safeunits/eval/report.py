@@ -8,6 +8,7 @@ better) and utility (NLL / perplexity of reference answers, lower is better).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -128,3 +129,27 @@ def summary_markdown(result: EvalResult) -> str:
                   f"{t['generated_tokens']} new tokens" + (f" ({tps:.0f} tok/s)" if tps else "") +
                   (f"; {t['resumed_rows']} rows resumed from disk" if t.get("resumed_rows") else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str | Callable[[Any], str]]],
+                  *, missing: str = "") -> str:
+    """A markdown table of result rows: (key, header, format) columns, format '%' shows fractions x100,
+    a format spec applies `format`, a callable renders the value itself; absent values show `missing`."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            if v is None:
+                cells.append(missing)
+            elif callable(fmt):
+                cells.append(fmt(v))
+            elif fmt == "%":
+                cells.append(f"{100 * v:.1f}")
+            elif fmt:
+                cells.append(format(v, fmt))
+            else:
+                cells.append(str(v))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body

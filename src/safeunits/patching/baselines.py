@@ -9,8 +9,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.eval.report import rows_markdown
 from safeunits.io import write_json, write_text
-from safeunits.patching.evaluation import evaluate_model, evaluate_patched, markdown_table
+from safeunits.patching.evaluation import evaluate_model, evaluate_patched
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.methods import TiesConfig, task_arithmetic, ties_merge
 from safeunits.patching.patches import DensePatch
@@ -80,5 +81,5 @@ def run_baselines(
     columns = [("method", "method", ""), ("asr", "harmful % (AdvBench)", "%"), ("asr_system", "harmful % (+sys)", "%"),
                ("xstest_refusal", "XSTest refusal %", "%"), ("utility_nll", "utility NLL", ".3f"),
                ("perplexity", "perplexity", ".2f"), ("nnz", "weights changed", ",")]
-    write_text(out / "baselines.md", f"# Baselines (suite `{config.suite}`)\n\n" + markdown_table(rows, columns))
+    write_text(out / "baselines.md", f"# Baselines (suite `{config.suite}`)\n\n" + rows_markdown(rows, columns))
     return rows

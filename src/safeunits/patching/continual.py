@@ -13,9 +13,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.eval.report import rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.apply import apply_patch
-from safeunits.patching.evaluation import evaluate_model, markdown_table
+from safeunits.patching.evaluation import evaluate_model
 from safeunits.patching.harmful_data import HarmfulDataConfig, build_harmful_data
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import PatchConfig, derive_patch
@@ -68,5 +69,5 @@ def run_continual(
                ("asr_system", "harmful % (+sys)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ",")]
     write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})
-    write_text(out / "continual.md", f"# Continual SafePatching (suite `{config.suite}`)\n\n" + markdown_table(rows, columns))
+    write_text(out / "continual.md", f"# Continual SafePatching (suite `{config.suite}`)\n\n" + rows_markdown(rows, columns))
     return rows

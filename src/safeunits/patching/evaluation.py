@@ -92,23 +92,3 @@ def pareto_front(rows: list[dict[str, Any]], axes: tuple[str, ...] = AXES) -> li
         if not dominated:
             front.append(i)
     return front
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """(key, header, format) columns; percentages given as fractions are shown x100 with format '%'."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = ""
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            if v is None:
-                cells.append("")
-            elif fmt == "%":
-                cells.append(f"{100 * v:.1f}")
-            elif fmt:
-                cells.append(format(v, fmt))
-            else:
-                cells.append(str(v))
-        body += "| " + " | ".join(cells) + " |\n"
-    return head + body

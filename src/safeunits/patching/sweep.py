@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.eval.report import rows_markdown
 from safeunits.io import write_json, write_text
-from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_model, evaluate_patched, markdown_table,
+from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
 from safeunits.patching.merge import MergeConfig, merge_parts
 from safeunits.patching.patches import DensePatch
@@ -109,7 +110,7 @@ def run_sweep(
                ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
     text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "
             f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}).\n\n"
-            + markdown_table(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
+            + rows_markdown(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
     write_text(out / "sweep.md", text)
     write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json")})
     plot_pareto(rows, out / "pareto.png", best)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from safeunits.eval.report import rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, data_manifest, train_recipe
 
@@ -54,21 +55,13 @@ def _baseline(model_name: str, out_dir: Path, suite: str | None, data_dir, progr
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
-def _table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def _write_table(out_dir: Path, name: str, rows: list[dict], columns: list[str], note: str) -> str:
-    md = f"# {name}\n\n{note}\n\n" + _table(rows, columns)
+    md = f"# {name}\n\n{note}\n\n" + rows_markdown(rows, [(c, c, _fmt) for c in columns], missing="-")
     write_text(out_dir / "table.md", md)
     write_json(out_dir / "table.json", {"experiment": name, "rows": rows})
     return md
