@@ -158,6 +158,12 @@ def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_pat
     rows = json.loads((tmp_path / "budget" / "table.json").read_text())["rows"]
     assert rows[1]["trainable_share"] == 1 and 0 < rows[2]["trainable_share"] < 0.5
     assert "| full align |" in (tmp_path / "budget" / "table.md").read_text()
+    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "ru"), "--setting", "ru", "--set",
+                              f"safety_data={data_files['harm']}", "--set", f"benign_data=[{data_files['benign']}]",
+                              "--set", "n_examples=8", *common])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "ru" / "table.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["base (no training)", "align --budget ru"]
 
 
 def test_named_trained_models_are_registered_and_build_deterministically(tmp_path, tiny_dir, data_files):

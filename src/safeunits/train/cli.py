@@ -104,20 +104,23 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Run directory; table.md / table.json land here."),
         config: Path | None = typer.Option(None, "--config", help="Align recipe YAML (default: bundled align.yaml)."),
         model: str | None = typer.Option(None, "--model", help="Model to align (overrides the config)."),
-        budget: str = typer.Option("ru", "--budget", help="Units the budget run trains."),
+        settings: list[str] = typer.Option(["full", "ru"], "--setting",
+                                           help="'full' or a unit selection the budget run trains (repeatable)."),
         sets: list[str] = typer.Option([], "--set", help="Recipe overrides, dotted: --set train.epochs=1."),
         eval_suite: str = typer.Option("quick", "--eval", help="Evaluation suite, or 'none' for training numbers only."),
         save_models: bool = typer.Option(False, "--save-models", help="Also save both trained models."),
         data_dir: Path | None = typer.Option(None, "--data-dir", help="Offline data folder."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:
-        """SSAH experiment (a): full align vs align --budget ru; safety gained and alignment tax of each."""
+        """SSAH experiment (a): full align vs align --budget ru; safety gained and alignment tax of each.
+
+        `--setting ru` alone skips the full run (e.g. when the full run is an already-built named model)."""
         from safeunits.train.experiments import ssah_budget
 
         if not unit_map.exists():
             raise typer.BadParameter(f"unit map {unit_map} does not exist (make one with `safeunits attribute`)")
         rec = _recipe("align", config, model, sets, {})
-        ssah_budget(rec, unit_map, out, budget=budget, eval_suite=eval_suite, data_dir=data_dir, progress=progress,
+        ssah_budget(rec, unit_map, out, settings=tuple(settings), eval_suite=eval_suite, data_dir=data_dir, progress=progress,
                     save_models=save_models)
         typer.echo((out / "table.md").read_text())
 

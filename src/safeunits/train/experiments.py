@@ -72,21 +72,22 @@ def ssah_budget(
     unit_map: Path,
     out_dir: Path,
     *,
-    budget: str = "ru",
+    settings: tuple[str, ...] = ("full", "ru"),
     eval_suite: str | None = "quick",
     data_dir=None,
     progress: bool = True,
     save_models: bool = False,
 ) -> list[dict]:
-    """SSAH Table 4 on our model: align every weight vs only the budget units; rows for base, full, budget."""
+    """SSAH Table 4 on our model: align every weight ('full') vs only a budget of units (e.g. 'ru'), one row each."""
     out_dir = Path(out_dir)
     base = _baseline(recipe.model, out_dir / "base", eval_suite, data_dir, progress)
     rows = [{"setting": "base (no training)", **{k: base.get(k) for k in HEADLINE}}]
-    for label, sub, rec in (
-        ("full align", "full", recipe.model_copy(update={"budget": None})),
-        (f"align --budget {budget}", f"budget-{budget}", recipe.model_copy(update={"budget": budget, "unit_map": unit_map})),
-    ):
-        rep = _run(rec, out_dir / sub.replace(":", "_"), eval_suite, data_dir, progress, save_models)
+    for setting in settings:
+        budget = None if setting == "full" else setting
+        label = "full align" if budget is None else f"align --budget {budget}"
+        rec = recipe.model_copy(update={"budget": budget, "unit_map": unit_map if budget else None})
+        rep = _run(rec, out_dir / ("full" if budget is None else "budget-" + budget.replace(":", "_")), eval_suite,
+                   data_dir, progress, save_models)
         row = {"setting": label, "trainable_share": rep["train"]["mask"]["trainable_share"],
                "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
                "train_wall_s": rep["train_wall_s"], **{k: rep["eval"].get(k) for k in HEADLINE}}
