@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import ctypes
+import ctypes.util
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 
 @contextmanager
@@ -72,3 +75,29 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None off glibc (macOS, musl): then trimming is simply skipped."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def stream_tensors(names: Iterable[str], desc: str, *, progress: bool = True) -> Iterator[str]:
+    """Iterate tensor names with a progress bar, handing freed heap back to the OS after each tensor.
+
+    Why: tensor-by-tensor passes allocate and free copies of every weight; glibc raises its mmap threshold
+    after the first large free, so later copies up to 32 MB land on the heap and stay resident. Measured on
+    a 19 M-param model, merge peak RSS fell from 2-3x the model to about 0.5x (BENCHMARKS.md).
+    """
+    names = list(names)
+    for name in tqdm(names, desc=desc, disable=not progress):
+        yield name
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
+from safeunits.io import stream_tensors
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype, check_signature
@@ -72,7 +72,7 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
                       global_threshold(names, osm.saliency, config.b / 100))
     parts: tuple[dict[str, SparseTensorDelta], dict[str, SparseTensorDelta]] = ({}, {})
     stats = {"se": 0, "osm": 0, "both_salient": 0, "total": 0}
-    for name in tqdm(names, desc="merge patches", disable=not progress):
+    for name in stream_tensors(names, "merge patches", progress=progress):
         s_se, s_osm = se.saliency(name), osm.saliency(name)
         top_se, top_osm = topk_or(s_se, config.a, thresholds, 0), topk_or(s_osm, config.b, thresholds, 1)
         m_se, m_osm = top_se & ~top_osm, top_osm & ~top_se
@@ -95,11 +95,16 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
             SparsePatch(parts[1], se.signature, {**common, "part": "osm", "patch": str(osm.folder)}), stats)
 
 
-def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, beta: float) -> SparsePatch:
-    """α·part_SE + β·part_OSM for disjoint parts: one sorted index list per tensor, values scaled like apply does."""
+def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, beta: float, *,
+                  consume: bool = False) -> SparsePatch:
+    """α·part_SE + β·part_OSM for disjoint parts: one sorted index list per tensor, values scaled like apply does.
+
+    `consume=True` empties the parts as it goes, so the kept values exist once, not twice (merge peak memory).
+    """
     deltas = {}
-    for name, d_se in part_se.deltas.items():
-        d_osm = part_osm.deltas[name]
+    for name in list(part_se.deltas):
+        d_se, d_osm = (part_se.deltas.pop(name), part_osm.deltas.pop(name)) if consume else \
+            (part_se.deltas[name], part_osm.deltas[name])
         idx = torch.cat([d_se.indices.long(), d_osm.indices.long()])
         vals = torch.cat([d_se.values * alpha if alpha != 1.0 else d_se.values,
                           d_osm.values * beta if beta != 1.0 else d_osm.values])
@@ -111,7 +116,7 @@ def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, bet
 def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, progress: bool = True) -> SparsePatch:
     """Merge the salient, non-overlapping parts of δ_SE and δ_OSM into one sparse patch (values = what to add)."""
     part_se, part_osm, stats = merge_parts(se, osm, config, progress=progress)
-    merged = combine_parts(part_se, part_osm, config.alpha, config.beta)
+    merged = combine_parts(part_se, part_osm, config.alpha, config.beta, consume=True)
     merged.manifest = {
         "method": "safepatching",
         "merge_config": config.model_dump(mode="json"),

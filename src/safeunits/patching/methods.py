@@ -7,10 +7,10 @@ same way as SafePatching's controllable merge. Tensor by tensor from the memory-
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
-from tqdm.auto import tqdm
 
 import torch
 
+from safeunits.io import stream_tensors
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype, check_signature
 
@@ -38,7 +38,7 @@ def task_arithmetic(patches: list[DensePatch], weights: list[float], *, progress
         raise ValueError(f"{len(weights)} weights for {len(patches)} patches")
     names = _common(patches)
     deltas = {}
-    for name in tqdm(names, desc="task arithmetic", disable=not progress):
+    for name in stream_tensors(names, "task arithmetic", progress=progress):
         total = weights[0] * patches[0].delta(name).float()
         for w, p in zip(weights[1:], patches[1:]):
             total = total + w * p.delta(name).float()
@@ -82,7 +82,7 @@ def ties_merge(patches: list[DensePatch], config: TiesConfig | None = None, *, p
     config = config or TiesConfig()
     names = _common(patches)
     deltas = {n: _sparse(n, ties_tensor([p.delta(n) for p in patches], config))
-              for n in tqdm(names, desc="TIES", disable=not progress)}
+              for n in stream_tensors(names, "TIES", progress=progress)}
     return SparsePatch(deltas, patches[0].signature, {
         "method": "ties", "ties_config": config.model_dump(mode="json"), "patches": [str(p.folder) for p in patches],
         "backbone_fingerprint": patches[0].manifest.get("backbone_fingerprint")})
