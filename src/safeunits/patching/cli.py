@@ -99,7 +99,7 @@ def derive(
     from safeunits.patching.saliency import SaliencyConfig
 
     records, info = load_harmful_data(data, "train")
-    overrides = json.loads(train_json) if train_json else {}
+    overrides = _json_option(train_json, "--train-json")
     for key, value in (("lr", lr), ("max_steps", max_steps), ("batch_size", batch_size)):
         if value is not None:
             overrides[key] = value
@@ -117,6 +117,19 @@ def derive(
         mf = patch.manifest
         typer.echo(f"{names[obj]}: {out / names[obj]} ({mf['steps']} steps, stopped: {mf['stopped_reason']}, "
                    f"|δ| = {mf['delta_norm']:.4f})")
+
+
+def _json_option(text: Optional[str], flag: str) -> dict:
+    """A JSON-object option (TrainConfig overrides); a clear error instead of a traceback when it is not one."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{flag} must be a JSON object, e.g. '{{\"lr\": 1e-4}}': {exc}") from exc
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 @patch_app.command("merge")
@@ -209,6 +222,8 @@ def continual(
                                        "malicious_uses, information_hazard, discrimination_...)."),
     n_train: int = typer.Option(24, help="D_h prompts per category."),
     max_steps: Optional[int] = typer.Option(None, help="Step budget of each patch's training."),
+    se_train: Optional[str] = typer.Option(None, help="JSON of TrainConfig overrides for δ_SE, e.g. '{\"lr\": 1e-4}'."),
+    osm_train: Optional[str] = typer.Option(None, help="JSON of TrainConfig overrides for δ_OSM."),
     a: float = typer.Option(5.0, help="Top-a % of δ_SE."),
     b: float = typer.Option(5.0, help="Top-b % of δ_OSM."),
     alpha: float = typer.Option(1.0, help="α."),
@@ -224,8 +239,10 @@ def continual(
     from safeunits.patching.patches import PatchConfig
 
     train = {"max_steps": max_steps} if max_steps else {}
+    se_conf = PatchConfig(objective="ascent", train={**train, **_json_option(se_train, "--se-train")})
+    osm_conf = PatchConfig(objective="descent", train={**train, **_json_option(osm_train, "--osm-train")})
     fields = dict(prompts=prompts, data=HarmfulDataConfig(prompts=prompts, offset=0, n_train=n_train, n_val=0),
-                  se=PatchConfig(objective="ascent", train=train), osm=PatchConfig(objective="descent", train=train),
+                  se=se_conf, osm=osm_conf,
                   merge=_merge_config(a, b, alpha, beta, None, 0, "per_tensor", best), suite=suite)
     if category:
         fields["categories"] = category
