@@ -216,3 +216,11 @@ def _eval(model, tok, suite, out):
 
     result = evaluate(model, tok, suite, out_dir=None, progress=False)
     return {k: float(v) for k, v in result.headline.items()}
+
+
+def test_cli_json_train_overrides_are_checked(tmp_path):
+    for args in (["patch", "continual", "--out", str(tmp_path), "--se-train", "[1]"],
+                 ["patch", "continual", "--out", str(tmp_path), "--osm-train", "{lr: 1}"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and "must be a JSON object" in result.output
+    assert not any(tmp_path.iterdir())  # rejected before any model is loaded or anything written
