@@ -219,6 +219,8 @@ def _eval(model, tok, suite, out):
 
 
 def test_cli_json_train_overrides_are_checked(tmp_path):
+    from safeunits.cli import app
+
     for args in (["patch", "continual", "--out", str(tmp_path), "--se-train", "[1]"],
                  ["patch", "continual", "--out", str(tmp_path), "--osm-train", "{lr: 1}"]):
         result = CliRunner().invoke(app, args)
