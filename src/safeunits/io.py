@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import tempfile
-import ctypes
-import ctypes.util
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
