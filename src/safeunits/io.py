@@ -1,4 +1,4 @@
-"""Atomic artifact writes: nothing is ever left half-written under its final name."""
+"""Artifact I/O: atomic writes (nothing left half-written under its final name), safetensors, bounded-memory tensor streaming."""
 
 from __future__ import annotations
 
