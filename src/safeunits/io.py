@@ -1,4 +1,5 @@
-"""Artifact I/O: atomic writes (nothing left half-written under its final name), safetensors, bounded-memory tensor streaming."""
+"""Artifact I/O: atomic writes (nothing left half-written under its final name), safetensors, and
+tensor-by-tensor streaming with bounded memory."""
 
 from __future__ import annotations
 
