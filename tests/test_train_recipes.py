@@ -121,8 +121,9 @@ def test_cli_align_budget_trains_only_ru(tmp_path, tiny_dir, data_files, unit_ma
                                    "--budget", "ru", "--unit-map", str(unit_map_path), "--n-examples", "16",
                                    "--set", f"safety_data={data_files['harm']}", "--set",
                                    f"benign_data=[{data_files['benign']}]", "--set", "train.max_length=64",
-                                   "--lr", "1e-2", "--epochs", "1", "--no-progress"])
+                                   "--lr", "1e-2", "--epochs", "1", "--eval", "none", "--no-progress"])
     assert res.exit_code == 0, res.output
+    assert "eval" not in json.loads((out / "train_report.json").read_text()) and not (out / "eval").exists()
     before, after = _weights(tiny_dir), _weights(out / "model")
     masks = _selected_masks(tiny_dir, unit_map_path, "ru")
     for name in before:
@@ -139,6 +140,9 @@ def test_cli_errors(tmp_path, unit_map_path):
     assert res.exit_code != 0 and "unit map" in res.output
     res = runner.invoke(app, ["ssah-freeze", "--unit-map", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
     assert res.exit_code != 0 and "does not exist" in res.output
+    res = runner.invoke(app, ["train", "--recipe", "align", "--eval", "qiuck", "--out", str(tmp_path / "typo")])
+    assert res.exit_code != 0 and "unknown suite 'qiuck'" in str(res.exception)
+    assert not (tmp_path / "typo").exists()  # rejected before any training or writing
 
 
 def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_path):

@@ -112,6 +112,14 @@ def available_suites() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
 
 
+def optional_suite(suite: str | Path | SuiteConfig | None) -> SuiteConfig | None:
+    """`load_suite`, with None / '' / 'none' meaning "no evaluation": resolve it *before* long work, so a typo
+    fails in a second instead of after hours of training."""
+    if suite is None or (isinstance(suite, str) and suite.strip().lower() in ("", "none")):
+        return None
+    return load_suite(suite)
+
+
 def load_suite(suite: str | Path | SuiteConfig) -> SuiteConfig:
     """A suite by name (`quick`, `full`), from a YAML path, or passed through when already a SuiteConfig."""
     if isinstance(suite, SuiteConfig):

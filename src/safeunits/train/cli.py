@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
                                                     "OUT/checkpoints; a rerun resumes from the latest."),
         sets: list[str] = typer.Option([], "--set", help="Any other recipe field, dotted: --set train.weight_decay=0.01."),
         eval_suite: str | None = typer.Option(None, "--eval", help="Evaluate the trained model with this suite "
-                                              "(quick, full, or a YAML); default: no evaluation."),
+                                              "(quick, full, or a YAML); default or 'none': no evaluation."),
         data_dir: Path | None = typer.Option(None, "--data-dir", help="Offline data folder (default $SAFEUNITS_DATA_DIR)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from safeunits.eval.report import rows_markdown
+from safeunits.eval.suites import optional_suite
 from safeunits.io import write_json, write_text
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, data_manifest, train_recipe
 
@@ -19,7 +20,8 @@ HEADLINE = ("asr", "asr_system", "xstest_refusal", "utility_nll", "perplexity")
 
 
 def _evaluate(model, tokenizer, suite: str | None, out_dir: Path, data_dir, progress: bool) -> dict[str, float]:
-    if not suite or suite == "none":
+    suite = optional_suite(suite)
+    if suite is None:
         return {}
     from safeunits.eval.runner import evaluate
 
@@ -79,6 +81,7 @@ def ssah_budget(
     save_models: bool = False,
 ) -> list[dict]:
     """SSAH Table 4 on our model: align every weight ('full') vs only a budget of units (e.g. 'ru'), one row each."""
+    optional_suite(eval_suite)  # an unknown suite fails now, not after the first training run
     out_dir = Path(out_dir)
     base = _baseline(recipe.model, out_dir / "base", eval_suite, data_dir, progress)
     rows = [{"setting": "base (no training)", **{k: base.get(k) for k in HEADLINE}}]
@@ -117,6 +120,7 @@ def ssah_freeze(
     save_models: bool = False,
 ) -> list[dict]:
     """SSAH §5 on our model: fine-tune with nothing / (i) / (ii) frozen; ASR before and after, final loss."""
+    optional_suite(eval_suite)  # an unknown suite fails now, not after the first training run
     out_dir = Path(out_dir)
     before = _baseline(recipe.model, out_dir / "before", eval_suite, data_dir, progress)
     rows = [{"setting": "before fine-tuning", **{k: before.get(k) for k in HEADLINE}}]

@@ -224,6 +224,9 @@ def run_recipe(
     """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when evaluated)."""
     from safeunits.models.loading import load_model, model_fingerprint, save_model
 
+    from safeunits.eval.suites import optional_suite
+
+    suite = optional_suite(eval_suite)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
@@ -234,10 +237,11 @@ def run_recipe(
     report = {"recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
               "model_fingerprint": model_fingerprint(model), "data": data_manifest(records),
               "train": result.to_dict()}
-    if eval_suite:
+    write_json(out_dir / "train_report.json", report)  # before evaluating: a failed evaluation loses no training
+    if suite is not None:
         from safeunits.eval.runner import evaluate
 
-        ev = evaluate(model, tokenizer, eval_suite, out_dir=out_dir / "eval", data_dir=data_dir, progress=progress)
+        ev = evaluate(model, tokenizer, suite, out_dir=out_dir / "eval", data_dir=data_dir, progress=progress)
         report["eval"] = ev.headline
-    write_json(out_dir / "train_report.json", report)
+        write_json(out_dir / "train_report.json", report)
     return report
