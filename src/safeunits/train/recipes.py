@@ -222,9 +222,8 @@ def run_recipe(
     progress: bool = True,
 ) -> dict:
     """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when evaluated)."""
-    from safeunits.models.loading import load_model, model_fingerprint, save_model
-
     from safeunits.eval.suites import optional_suite
+    from safeunits.models.loading import load_model, model_fingerprint, save_model
 
     suite = optional_suite(eval_suite)
     out_dir = Path(out_dir)
