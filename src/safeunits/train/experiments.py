@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 from safeunits.eval.report import rows_markdown
-from safeunits.eval.suites import optional_suite
+from safeunits.eval.suites import SuiteConfig, optional_suite
 from safeunits.io import write_json, write_text
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, data_manifest, train_recipe
 
 HEADLINE = ("asr", "asr_system", "xstest_refusal", "utility_nll", "perplexity")
 
 
-def _evaluate(model, tokenizer, suite: str | None, out_dir: Path, data_dir, progress: bool) -> dict[str, float]:
-    suite = optional_suite(suite)
+def _evaluate(model, tokenizer, suite: SuiteConfig | None, out_dir: Path, data_dir, progress: bool) -> dict[str, float]:
     if suite is None:
         return {}
     from safeunits.eval.runner import evaluate
@@ -28,7 +27,7 @@ def _evaluate(model, tokenizer, suite: str | None, out_dir: Path, data_dir, prog
     return dict(evaluate(model, tokenizer, suite, out_dir=out_dir, data_dir=data_dir, progress=progress).headline)
 
 
-def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, suite: str | None, data_dir, progress: bool,
+def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, suite: SuiteConfig | None, data_dir, progress: bool,
          save_model: bool) -> dict:
     """Train one setting from a fresh copy of the recipe's model, evaluate it, write its report."""
     from safeunits.models.loading import load_model
@@ -47,7 +46,7 @@ def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, suite: str | None,
     return report
 
 
-def _baseline(model_name: str, out_dir: Path, suite: str | None, data_dir, progress: bool) -> dict[str, float]:
+def _baseline(model_name: str, out_dir: Path, suite: SuiteConfig | None, data_dir, progress: bool) -> dict[str, float]:
     from safeunits.models.loading import load_model
 
     model, tokenizer = load_model(model_name)
@@ -81,15 +80,15 @@ def ssah_budget(
     save_models: bool = False,
 ) -> list[dict]:
     """SSAH Table 4 on our model: align every weight ('full') vs only a budget of units (e.g. 'ru'), one row each."""
-    optional_suite(eval_suite)  # an unknown suite fails now, not after the first training run
+    suite = optional_suite(eval_suite)  # resolved once: an unknown suite fails now, not after a training run
     out_dir = Path(out_dir)
-    base = _baseline(recipe.model, out_dir / "base", eval_suite, data_dir, progress)
+    base = _baseline(recipe.model, out_dir / "base", suite, data_dir, progress)
     rows = [{"setting": "base (no training)", **{k: base.get(k) for k in HEADLINE}}]
     for setting in settings:
         budget = None if setting == "full" else setting
         label = "full align" if budget is None else f"align --budget {budget}"
         rec = recipe.model_copy(update={"budget": budget, "unit_map": unit_map if budget else None})
-        rep = _run(rec, out_dir / ("full" if budget is None else "budget-" + budget.replace(":", "_")), eval_suite,
+        rep = _run(rec, out_dir / ("full" if budget is None else "budget-" + budget.replace(":", "_")), suite,
                    data_dir, progress, save_models)
         row = {"setting": label, "trainable_share": rep["train"]["mask"]["trainable_share"],
                "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
@@ -120,16 +119,16 @@ def ssah_freeze(
     save_models: bool = False,
 ) -> list[dict]:
     """SSAH §5 on our model: fine-tune with nothing / (i) / (ii) frozen; ASR before and after, final loss."""
-    optional_suite(eval_suite)  # an unknown suite fails now, not after the first training run
+    suite = optional_suite(eval_suite)  # resolved once: an unknown suite fails now, not after a training run
     out_dir = Path(out_dir)
-    before = _baseline(recipe.model, out_dir / "before", eval_suite, data_dir, progress)
+    before = _baseline(recipe.model, out_dir / "before", suite, data_dir, progress)
     rows = [{"setting": "before fine-tuning", **{k: before.get(k) for k in HEADLINE}}]
     for setting in settings:
         frozen = None if setting == "full" else setting
         train_cfg = recipe.train if frozen is None else recipe.train.model_copy(
             update={"epochs": recipe.train.epochs * frozen_epochs_factor})
         rec = recipe.model_copy(update={"freeze": frozen, "unit_map": unit_map if frozen else None, "train": train_cfg})
-        rep = _run(rec, out_dir / ("full" if frozen is None else "freeze-" + setting.replace(":", "_")), eval_suite,
+        rep = _run(rec, out_dir / ("full" if frozen is None else "freeze-" + setting.replace(":", "_")), suite,
                    data_dir, progress, save_models)
         row = {"setting": "full fine-tuning" if frozen is None else f"freeze {setting}",
                "frozen_share": 1 - rep["train"]["mask"]["trainable_share"], "epochs": train_cfg.epochs,
