@@ -50,6 +50,7 @@ def run_continual(
     out = Path(out_dir)
     rows = [{"step": 0, "category": "(backbone)", **evaluate_model(model, tokenizer, config.suite, out / "step0_eval",
                                                                    progress=progress)}]
+    write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})  # updated each step
     for step, category in enumerate(config.categories, 1):
         sdir = out / f"step{step}_{category}"
         data_conf = config.data.model_copy(update={"prompts": config.prompts, "categories": [category]})
@@ -68,6 +69,5 @@ def run_continual(
     columns = [("step", "step", ""), ("category", "category added", ""), ("asr", "harmful %", "%"),
                ("asr_system", "harmful % (+sys)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ",")]
-    write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})
     write_text(out / "continual.md", f"# Continual SafePatching (suite `{config.suite}`)\n\n" + rows_markdown(rows, columns))
     return rows
