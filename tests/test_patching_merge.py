@@ -10,7 +10,8 @@ import torch
 
 from safeunits.data.records import Record
 from safeunits.models.chat import collate, encode_pair
-from safeunits.models.loading import architecture_signature, model_fingerprint, save_model
+from safeunits.models.loading import model_fingerprint, save_model
+from safeunits.models.signature import architecture_description
 from safeunits.patching.apply import apply_patch, apply_patch_to_checkpoint, undo_patch
 from safeunits.patching.merge import MergeConfig, controllable_merge, dense_merge_reference, difference_masks
 from safeunits.patching.methods import TiesConfig, task_arithmetic, ties_merge, ties_tensor
@@ -30,7 +31,7 @@ def _fake_patch(model, folder: Path, seed: int, scale: float = 1e-2):
     params = dict(model.named_parameters())
     delta = {n: torch.randn(p.shape, generator=gen) * scale for n, p in params.items()}
     sal = {n: torch.rand(p.shape, generator=gen) for n, p in params.items()}
-    manifest = {"signature": architecture_signature(model), "backbone_fingerprint": model_fingerprint(model)}
+    manifest = {"signature": architecture_description(model), "backbone_fingerprint": model_fingerprint(model)}
     return save_dense_patch(folder, delta, sal, manifest)
 
 
@@ -213,7 +214,7 @@ def test_streamed_apply_on_the_default_model(default_model, tmp_path):
         mask = torch.rand(d.shape, generator=gen) < 0.01
         d[mask] = torch.randn(int(mask.sum()), generator=gen) * 1e-2
         dense[name] = d
-    patch = SparsePatch.from_dense(dense, architecture_signature(model))
+    patch = SparsePatch.from_dense(dense, architecture_description(model))
     out = apply_patch_to_checkpoint(DEFAULT_MODEL, patch, tmp_path / "patched", progress=False)
     patched, _ = load_model(str(out))
     undo = apply_patch(model, patch)

@@ -40,8 +40,9 @@ def data_files(tmp_path) -> dict[str, Path]:
 @pytest.fixture()
 def unit_map_path(tmp_path) -> Path:
     """A unit map of the tiny model from random scores, classified by the units package."""
+    from safeunits.models.signature import architecture_signature
     from safeunits.units.classes import ClassifyConfig, classify
-    from safeunits.units.unit_map import UnitMap, architecture_hash
+    from safeunits.units.unit_map import UnitMap
 
     model = tiny_model()
     cfg = model.config
@@ -53,7 +54,7 @@ def unit_map_path(tmp_path) -> Path:
     unit_params = {"mlp": 3 * cfg.hidden_size, "head": 2 * head_dim * cfg.hidden_size}
     classes = classify(safety, utility, unit_params, ClassifyConfig(r=0.2, s=0.1, u=0.1))
     umap = UnitMap(safety=safety, utility=utility, classes=classes, unit_params=unit_params,
-                   model_type=cfg.model_type, arch_hash=architecture_hash(model))
+                   model_type=cfg.model_type, signature=architecture_signature(model))
     return umap.save(tmp_path / "unit_map.safetensors")
 
 

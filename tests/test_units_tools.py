@@ -9,13 +9,15 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
+from safeunits.models.adapters import UNIT_KINDS as KINDS
 from safeunits.models.chat import prompt_text
+from safeunits.models.signature import architecture_signature
 from safeunits.units.classes import ClassifyConfig, classify
 from safeunits.units.probe import ProbeConfig, run_probe
 from safeunits.units.pruning import PruneConfig, prune_units, pruning_table, resolve_target
 from safeunits.units.selection import UnitSelection, select_units
 from safeunits.units.transfer import transition_matrix, write_transfer
-from safeunits.units.unit_map import CLASSES, KINDS, UnitMap, architecture_hash
+from safeunits.units.unit_map import CLASSES, UnitMap
 
 
 def _map(model, seed=0, config=None) -> UnitMap:
@@ -29,7 +31,7 @@ def _map(model, seed=0, config=None) -> UnitMap:
     utility = {k: torch.rand(shapes[k], generator=g, dtype=torch.float64) for k in KINDS}
     unit_params = {"mlp": a.unit_params("mlp"), "head": a.unit_params("head")}
     classes = classify(safety, utility, unit_params, config or ClassifyConfig(r=0.2, s=0.1, u=0.2))
-    return UnitMap(safety, utility, classes, unit_params, a.model_type, architecture_hash(model))
+    return UnitMap(safety, utility, classes, unit_params, a.model_type, architecture_signature(model))
 
 
 def test_prune_units_zeroes_exactly_the_units():

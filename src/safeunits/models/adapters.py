@@ -29,13 +29,14 @@ the adapter detects it per module, so slices always address the right dimension.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-UnitKind = Literal["mlp", "head"]
+UnitKind = Literal["mlp", "head"]  # an MLP channel or an attention head: the one vocabulary of unit kinds
+UNIT_KINDS: tuple[UnitKind, ...] = get_args(UnitKind)  # in storage and display order
 SharedKV = Literal["none", "group"]
 
 
@@ -250,8 +251,8 @@ class ArchAdapter:
     def _check_layout(self) -> None:
         """Fail early when the declared layout does not add up to the actual weight shapes."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        for kind in ("mlp", "head"):
-            for s in self.unit_slices(0, kind, "group"):  # type: ignore[arg-type]
+        for kind in UNIT_KINDS:
+            for s in self.unit_slices(0, kind, "group"):
                 size = params[s.name].shape[s.dim]
                 if int(s.index.max()) >= size:
                     raise ValueError(f"{self.model_type}: unit layout overruns {s.name} (dim {s.dim} has {size})")

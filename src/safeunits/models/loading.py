@@ -6,9 +6,7 @@ Named models (the embedded default `smollm2-135m-instruct`, and models the toolk
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.models.signature import model_fingerprint  # noqa: F401  (re-exported: its long-standing home)
 from safeunits.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -155,25 +154,6 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
 
     build_into(target, _write)
     return target
-
-
-def model_fingerprint(model: PreTrainedModel, *, weights: bool = True) -> str:
-    """A stable hash of the architecture (config shapes) and, by default, every weight's bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps(architecture_signature(model), sort_keys=True).encode())
-    if weights:
-        for name, tensor in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def architecture_signature(model: PreTrainedModel) -> dict:
-    """What must match for an artifact (patch, unit map) to apply: model type and every parameter's shape."""
-    return {
-        "model_type": model.config.model_type,
-        "shapes": {n: list(t.shape) for n, t in sorted(model.state_dict().items())},
-    }
 
 
 # --- the embedded default model -----------------------------------------------------------------

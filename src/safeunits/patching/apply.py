@@ -19,8 +19,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from safeunits.models.loading import architecture_signature, build_into, resolve_model
-from safeunits.patching.sparse import PatchMismatchError, SparsePatch, check_signature
+from safeunits.models.loading import build_into, resolve_model
+from safeunits.models.signature import ArchitectureMismatchError, check_fits
+from safeunits.patching.sparse import SparsePatch
 
 Undo = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (indices, original values)
 
@@ -38,12 +39,12 @@ def apply_patch(model: PreTrainedModel, patch: SparsePatch, *, scale: float = 1.
     """Add `scale * patch` to the model's weights in place; return what `undo_patch` needs to restore them exactly."""
     params = dict(model.named_parameters())
     if check:
-        check_signature(patch.signature, architecture_signature(model), what="this model", names=patch.deltas)
+        check_fits(patch.signature, model, what="patch", names=patch.deltas)
     undo: Undo = {}
     with torch.no_grad():
         for name, d in patch.deltas.items():
             if name not in params:
-                raise PatchMismatchError(f"patch tensor {name} is not a parameter of this model")
+                raise ArchitectureMismatchError(f"patch tensor {name} is not a parameter of this model")
             flat = params[name].data.view(-1)
             undo[name] = (d.indices, flat[d.indices.long()].clone())
             _patch_flat(flat, d.indices, d.values, scale)
@@ -67,8 +68,8 @@ def _read_header(path: Path) -> tuple[dict, int]:
         return json.loads(fh.read(n)), 8 + n
 
 
-def checkpoint_signature(folder: Path) -> dict:
-    """Architecture signature of a checkpoint folder read from config.json and shard headers only (no weights)."""
+def checkpoint_description(folder: Path) -> dict:
+    """Architecture description of a checkpoint folder, read from config.json and shard headers only (no weights)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
@@ -105,9 +106,10 @@ def apply_patch_to_checkpoint(
     out = Path(out_dir)
     if out.resolve() == folder.resolve():
         raise ValueError("out_dir must differ from the source checkpoint (the source is read while writing)")
-    signature = checkpoint_signature(folder)
+    description = checkpoint_description(folder)
     for i, p in enumerate(patches):
-        check_signature(p.signature, signature, what=f"checkpoint {folder} (patch {i})", names=p.deltas)
+        check_fits(p.signature, description, what=f"patch {i}" if len(patches) > 1 else "patch",
+                   on=f"checkpoint {folder}", names=p.deltas)
         for name, d in p.deltas.items():
             if not torch.isfinite(d.values).all():
                 raise ValueError(f"patch {i}: values for {name} are not finite")
@@ -150,7 +152,7 @@ def _stream_shard(src: Path, dst: Path, patches: list[SparsePatch], scales: list
             else:
                 dtype = header[name]["dtype"]
                 if dtype not in _ST_DTYPES:
-                    raise PatchMismatchError(f"cannot patch {name}: dtype {dtype} is not a float type")
+                    raise ArchitectureMismatchError(f"cannot patch {name}: dtype {dtype} is not a float type")
                 tensor = st.get_tensor(name).contiguous()
                 flat = tensor.view(-1)
                 for d, s in touched:

@@ -18,9 +18,10 @@ import torch
 from pydantic import BaseModel, Field
 
 from safeunits.io import stream_tensors
+from safeunits.models.signature import check_fits
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.saliency import Scope, global_threshold, topk_mask
-from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype, check_signature
+from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
 
 
 class MergeConfig(BaseModel):
@@ -59,7 +60,7 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
     α and β are applied afterwards (`controllable_merge`, or `apply_patch(scale=...)` in a sweep), so a sweep over
     α, β reuses one pass over the saliency and evaluates exactly the bits `controllable_merge` would save.
     """
-    check_signature(se.signature, osm.signature, what="the two patches")
+    check_fits(se.signature, osm.signature, what="over-safety patch", on=f"the safety patch {se.folder}")
     if se.manifest.get("backbone_fingerprint") != osm.manifest.get("backbone_fingerprint"):
         raise ValueError("the safety and over-safety patches come from different backbones (fingerprints differ)")
     osm_names = set(osm.names)

@@ -11,15 +11,16 @@ from pydantic import BaseModel, Field
 import torch
 
 from safeunits.io import stream_tensors
+from safeunits.models.signature import check_fits
 from safeunits.patching.patches import DensePatch
-from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype, check_signature
+from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
 
 
 def _common(patches: list[DensePatch]) -> list[str]:
     if not patches:
         raise ValueError("no patches given")
     for p in patches[1:]:
-        check_signature(patches[0].signature, p.signature, what=f"patch {p.folder}")
+        check_fits(p.signature, patches[0].signature, what=f"patch {p.folder}", on=f"patch {patches[0].folder}")
     names = [n for n in patches[0].names if all(n in set(p.names) for p in patches[1:])]
     if not names:
         raise ValueError("the patches share no tensors")

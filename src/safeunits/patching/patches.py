@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.io import read_json, save_safetensors, write_json
-from safeunits.models.loading import architecture_signature, model_fingerprint
+from safeunits.models.signature import architecture_description, model_fingerprint
 from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
 
 DELTA_FILE, SALIENCY_FILE, MANIFEST_FILE = "delta.safetensors", "saliency.safetensors", "manifest.json"
@@ -104,7 +104,7 @@ def derive_patch(
     out.mkdir(parents=True, exist_ok=True)
     params = patchable_parameters(model, config.saliency.exclude)
     fingerprint = model_fingerprint(model)
-    signature = architecture_signature(model)
+    signature = architecture_description(model)
     backbone = {n: p.detach().clone() for n, p in params.items()}
     sal_config = config.saliency.model_copy(update={"system_prompt": config.saliency.system_prompt or tconf.system_prompt})
     try:

@@ -2,8 +2,8 @@
 
 A merged SafePatching patch touches a few per cent of the weights, so it is stored sparse: for each
 parameter tensor the flat indices it changes (int32 when the tensor is small enough, else int64) and
-the values to *add* there. The architecture signature (model type + every tensor's shape) travels with
-the patch so it can refuse a wrong checkpoint before anything is written.
+the values to *add* there. The architecture description (model type + every tensor's shape, see
+``models.signature``) travels with the patch so it can refuse a wrong checkpoint before anything is written.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from safeunits.io import read_json, save_safetensors, write_json
+from safeunits.models.signature import ArchitectureMismatchError, check_fits
 
 PATCH_FILE = "patch.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -26,8 +27,7 @@ FORMAT = "safeunits.sparse-patch/1"
 _IDX, _VAL = "::indices", "::values"
 
 
-class PatchMismatchError(ValueError):
-    """The patch was made for a different architecture (model type or tensor shapes)."""
+PatchMismatchError = ArchitectureMismatchError  # the name patch code has always raised and caught
 
 
 @dataclass
@@ -55,7 +55,7 @@ class SparsePatch:
     """A set of additive sparse deltas keyed by parameter name, plus a manifest describing its origin."""
 
     deltas: dict[str, SparseTensorDelta]
-    signature: dict[str, Any]  # models.loading.architecture_signature of the backbone
+    signature: dict[str, Any]  # models.signature.architecture_description of the backbone
     manifest: dict[str, Any] = field(default_factory=dict)
 
     # --- construction -----------------------------------------------------------------------
@@ -79,7 +79,7 @@ class SparsePatch:
 
     def __add__(self, other: "SparsePatch") -> "SparsePatch":
         """Compose two patches of the same architecture (values summed where both touch a weight)."""
-        check_signature(self.signature, other.signature, what="the two patches")
+        check_fits(self.signature, other.signature, what="patch", on="the patch it is added to")
         out = dict(self.deltas)
         for name, d in other.deltas.items():
             if name not in out:
@@ -160,22 +160,3 @@ def _index_dtype(idx: torch.Tensor, numel: int) -> torch.Tensor:
     """int32 indices when the tensor allows it: halves the file size of the index half of the patch."""
     return idx.to(torch.int32) if numel < 2**31 else idx.to(torch.int64)
 
-
-def check_signature(expected: dict[str, Any], actual: dict[str, Any], *, what: str = "the checkpoint",
-                    names: Iterable[str] | None = None) -> None:
-    """Raise PatchMismatchError naming the first differences between two architecture signatures.
-
-    Only the tensors in `names` (default: all of `expected`) must exist in `actual` with the same shape.
-    """
-    problems = []
-    if expected.get("model_type") != actual.get("model_type"):
-        problems.append(f"model type {actual.get('model_type')!r} != patch's {expected.get('model_type')!r}")
-    want, have = expected["shapes"], actual["shapes"]
-    for name in (names if names is not None else want):
-        if name not in have:
-            problems.append(f"tensor {name} missing")
-        elif list(have[name]) != list(want[name]):
-            problems.append(f"tensor {name} has shape {list(have[name])}, patch expects {list(want[name])}")
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise PatchMismatchError(f"patch does not fit {what}: " + "; ".join(problems[:5]) + more)

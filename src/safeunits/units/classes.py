@@ -1,126 +1,40 @@
-"""The four unit classes of SSAH (SPEC §2.2): redundant, safety-critical, utility-critical, complex.
+"""The four unit classes of a model (SPEC §2.2): from two score passes to a :class:`UnitMap`.
 
-Scores are z-scored per layer (separately for MLP channels and heads, so the two kinds and all
-layers share one scale), then every unit of the model is ranked globally:
-
-- RU  = the units with the lowest S + U, until a fraction ``r`` of the unit parameters;
-- SCU = of the rest, the highest S - U, until a fraction ``s``;
-- UCU = of the rest, the lowest S - U, until a fraction ``u``;
-- CU  = everything else.
-
-Fractions are of the **unit parameters** (all parameters that belong to some MLP channel or
-attention head; embeddings, norms, output biases and shared K/V rows belong to none), counted per
-unit (a head owns more parameters than a channel). A class takes the prefix of its ranking whose
-size is closest to the target, so achieved shares are within one unit's size of the request.
+The assignment itself (z-scores, ranking, parameter-share budgets) is pure and lives in
+``units.assignment``; this module is the entry that takes it to a model: it reads the unit geometry
+from the model's adapter and its architecture signature, and packages scores and classes as a map.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-import torch
-from pydantic import BaseModel, Field, model_validator
+from transformers import PreTrainedModel
 
-from safeunits.units.unit_map import CLASS_CODE, KINDS
+from safeunits.models.adapters import UNIT_KINDS, get_adapter
+from safeunits.models.signature import architecture_signature, model_fingerprint
+from safeunits.units.assignment import ClassifyConfig, classify, layer_zscores
+from safeunits.units.scores import UnitScores
+from safeunits.units.unit_map import UnitMap
 
-if TYPE_CHECKING:
-    from safeunits.units.scores import UnitScores
-    from safeunits.units.unit_map import UnitMap
-
-
-class ClassifyConfig(BaseModel):
-    """Fractions (of unit parameters) given to each class; CU gets the remainder."""
-
-    r: float = Field(0.15, ge=0, le=1, description="redundant units (RU): lowest safety + utility z-score")
-    s: float = Field(0.015, ge=0, le=1, description="safety-critical units (SCU): highest safety - utility z-score")
-    u: float = Field(0.10, ge=0, le=1, description="utility-critical units (UCU): lowest safety - utility z-score")
-
-    @model_validator(mode="after")
-    def _fits(self) -> "ClassifyConfig":
-        if self.r + self.s + self.u > 1:
-            raise ValueError(f"r + s + u = {self.r + self.s + self.u} exceeds 1")
-        return self
-
-
-def layer_zscores(scores: torch.Tensor) -> torch.Tensor:
-    """z-score each row (layer) of a [layers, units] score array; a constant row gives zeros."""
-    x = scores.double()
-    if not torch.isfinite(x).all():
-        raise ValueError("scores contain NaN or inf; cannot classify units")
-    mean = x.mean(dim=1, keepdim=True)
-    std = x.std(dim=1, unbiased=False, keepdim=True)
-    return torch.where(std > 0, (x - mean) / std.clamp_min(1e-300), torch.zeros_like(x))
-
-
-def _take(order: torch.Tensor, sizes: torch.Tensor, available: torch.Tensor, target: float) -> torch.Tensor:
-    """Indices from `order` (skipping unavailable ones) whose cumulative size is closest to `target`."""
-    order = order[available[order]]
-    if target <= 0 or order.numel() == 0:
-        return order[:0]
-    cum = sizes[order].cumsum(0)
-    mid = cum - sizes[order] / 2  # include a unit when at least half of it fits
-    k = int((mid <= target).sum())
-    return order[:k]
-
-
-def classify(
-    safety: dict[str, torch.Tensor],
-    utility: dict[str, torch.Tensor],
-    unit_params: dict[str, int],
-    config: ClassifyConfig | None = None,
-) -> dict[str, torch.Tensor]:
-    """Class code (see unit_map.CLASSES) of every unit, per kind, from raw safety and utility scores."""
-    config = config or ClassifyConfig()
-    flat_s, flat_u, sizes, shapes = [], [], [], {}
-    for kind in KINDS:
-        if safety[kind].shape != utility[kind].shape:
-            raise ValueError(f"{kind}: safety and utility scores differ in shape")
-        shapes[kind] = safety[kind].shape
-        flat_s.append(layer_zscores(safety[kind]).flatten())
-        flat_u.append(layer_zscores(utility[kind]).flatten())
-        sizes.append(torch.full((safety[kind].numel(),), float(unit_params[kind]), dtype=torch.float64))
-    s, u, size = torch.cat(flat_s), torch.cat(flat_u), torch.cat(sizes)
-    total = float(size.sum())
-    n = s.numel()
-    code = torch.full((n,), CLASS_CODE["CU"], dtype=torch.int8)
-    free = torch.ones(n, dtype=torch.bool)
-    # stable sorts: ties keep unit order, so classification is deterministic
-    for name, key, descending, frac in (
-        ("RU", s + u, False, config.r),
-        ("SCU", s - u, True, config.s),
-        ("UCU", s - u, False, config.u),
-    ):
-        order = torch.sort(key, descending=descending, stable=True).indices
-        chosen = _take(order, size, free, frac * total)
-        code[chosen] = CLASS_CODE[name]
-        free[chosen] = False
-    out, start = {}, 0
-    for kind in KINDS:
-        count = int(torch.tensor(shapes[kind]).prod())
-        out[kind] = code[start:start + count].reshape(shapes[kind])
-        start += count
-    return out
+__all__ = ["ClassifyConfig", "build_unit_map", "classify", "layer_zscores"]  # the pure parts stay importable here
 
 
 def build_unit_map(
-    model,
-    safety: "UnitScores",
-    utility: "UnitScores",
+    model: PreTrainedModel,
+    safety: UnitScores,
+    utility: UnitScores,
     config: ClassifyConfig | None = None,
     *,
-    settings: dict | None = None,
+    settings: dict[str, Any] | None = None,
     fingerprint: bool = True,
-) -> "UnitMap":
+) -> UnitMap:
     """Classify units from a safety and a utility score pass and package the result as a UnitMap."""
-    from safeunits.models.adapters import get_adapter
-    from safeunits.models.loading import model_fingerprint
-    from safeunits.units.unit_map import UnitMap, architecture_hash
-
     config = config or ClassifyConfig()
     if safety.method != utility.method:
         raise ValueError(f"safety scores ({safety.method}) and utility scores ({utility.method}) use different methods")
     adapter = get_adapter(model)
-    unit_params = {"mlp": adapter.unit_params("mlp"), "head": adapter.unit_params("head")}
+    unit_params = {kind: adapter.unit_params(kind) for kind in UNIT_KINDS}
     classes = classify(safety.scores, utility.scores, unit_params, config)
     info = {
         "score_method": safety.method,
@@ -133,6 +47,6 @@ def build_unit_map(
         safety={k: v.double() for k, v in safety.scores.items()},
         utility={k: v.double() for k, v in utility.scores.items()},
         classes=classes, unit_params=unit_params, model_type=adapter.model_type,
-        arch_hash=architecture_hash(model), fingerprint=model_fingerprint(model) if fingerprint else "",
+        signature=architecture_signature(model), fingerprint=model_fingerprint(model) if fingerprint else "",
         geometry=adapter.describe(), settings=info,
     )

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from safeunits.io import atomic_path  # noqa: E402
-from safeunits.units.unit_map import CLASSES, UnitMap  # noqa: E402
+from safeunits.units.assignment import CLASSES  # noqa: E402
+from safeunits.units.unit_map import UnitMap  # noqa: E402
 
 CLASS_COLORS = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
 

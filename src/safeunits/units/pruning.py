@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
 from safeunits.units.selection import UnitSelection, random_selection, select_units, unit_parameter_masks
-from safeunits.units.unit_map import KINDS, UnitMap
+from safeunits.units.unit_map import UnitMap
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ def resolve_target(unit_map: UnitMap, target: str, seed: int = 0) -> UnitSelecti
     target = target.strip()
     if target.lower().startswith("random:"):
         like = select_units(unit_map, target.split(":", 1)[1])
-        shapes = {k: tuple(unit_map.classes[k].shape) for k in KINDS}
-        return random_selection(like, shapes, seed=seed)
+        return random_selection(like, unit_map.shapes, seed=seed)
     return select_units(unit_map, target)
 
 

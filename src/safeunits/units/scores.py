@@ -31,9 +31,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
-from safeunits.models.adapters import ArchAdapter, get_adapter
+from safeunits.models.adapters import UNIT_KINDS, ArchAdapter, get_adapter
 from safeunits.models.chat import collate, encode_pair
-from safeunits.units.unit_map import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ def _device(model: PreTrainedModel) -> torch.device:
 def _activation_scores(model, adapter: ArchAdapter, pairs, tokenizer, config: ScoreConfig, accelerator, progress, desc) -> UnitScores:
     device = _device(model)
     stats = {kind: [RunningMoments(adapter.out_weight(l, kind).shape[1], device) for l in range(adapter.n_layers)]
-             for kind in KINDS}
+             for kind in UNIT_KINDS}
     current: dict[str, torch.Tensor] = {}
 
     def make_hook(kind: str, layer: int):
@@ -188,7 +187,7 @@ def _activation_scores(model, adapter: ArchAdapter, pairs, tokenizer, config: Sc
         return hook
 
     hooks = [adapter.out_module(l, kind).register_forward_pre_hook(make_hook(kind, l))
-             for kind in KINDS for l in range(adapter.n_layers)]
+             for kind in UNIT_KINDS for l in range(adapter.n_layers)]
     n_tokens = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
@@ -206,7 +205,7 @@ def _activation_scores(model, adapter: ArchAdapter, pairs, tokenizer, config: Sc
         model.train(was_training)
     reduce_sum = _reducer(accelerator)
     scores = {}
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         rows = []
         for l in range(adapter.n_layers):
             st = stats[kind][l]
@@ -231,9 +230,9 @@ def _activation_scores(model, adapter: ArchAdapter, pairs, tokenizer, config: Sc
 def _snip(model, adapter: ArchAdapter, pairs, tokenizer, config: ScoreConfig, accelerator, progress, desc) -> UnitScores:
     device = _device(model)
     params = dict(model.named_parameters(remove_duplicate=False))
-    slices = {kind: [adapter.unit_slices(l, kind) for l in range(adapter.n_layers)] for kind in KINDS}
-    needed = {s.name for kind in KINDS for layer in slices[kind] for s in layer}
-    acc = {kind: torch.zeros(adapter.n_layers, adapter.n_units(kind), dtype=torch.float64, device=device) for kind in KINDS}
+    slices = {kind: [adapter.unit_slices(l, kind) for l in range(adapter.n_layers)] for kind in UNIT_KINDS}
+    needed = {s.name for kind in UNIT_KINDS for layer in slices[kind] for s in layer}
+    acc = {kind: torch.zeros(adapter.n_layers, adapter.n_units(kind), dtype=torch.float64, device=device) for kind in UNIT_KINDS}
     # gradients only for unit weights: the same per-unit numbers, without the embedding/head gradients
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
@@ -256,7 +255,7 @@ def _snip(model, adapter: ArchAdapter, pairs, tokenizer, config: ScoreConfig, ac
             loss.backward()
             with torch.no_grad():
                 saliency: dict[str, torch.Tensor] = {}
-                for kind in KINDS:
+                for kind in UNIT_KINDS:
                     for l, layer_slices in enumerate(slices[kind]):
                         for s in layer_slices:
                             key = f"{s.name}/{s.dim}"

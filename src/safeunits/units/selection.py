@@ -16,8 +16,8 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel
 
-from safeunits.models.adapters import SharedKV, get_adapter
-from safeunits.units.unit_map import CLASS_CODE, KINDS, UnitMap
+from safeunits.models.adapters import UNIT_KINDS, SharedKV, UnitKind, get_adapter
+from safeunits.units.unit_map import UnitMap
 
 
 class UnitSelection(BaseModel):
@@ -26,7 +26,7 @@ class UnitSelection(BaseModel):
     mlp: dict[int, list[int]] = Field(default_factory=dict, description="layer -> selected MLP channels")
     heads: dict[int, list[int]] = Field(default_factory=dict, description="layer -> selected attention heads")
 
-    def of_kind(self, kind: str) -> dict[int, list[int]]:
+    def of_kind(self, kind: UnitKind) -> dict[int, list[int]]:
         return self.mlp if kind == "mlp" else self.heads
 
     def counts(self) -> dict[str, int]:
@@ -45,7 +45,7 @@ class UnitSelection(BaseModel):
     def to_masks(self, shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
         """Dense [layers, units] boolean arrays per kind."""
         out = {}
-        for kind in KINDS:
+        for kind in UNIT_KINDS:
             m = torch.zeros(shapes[kind], dtype=torch.bool)
             for layer, idx in self.of_kind(kind).items():
                 m[layer, idx] = True
@@ -69,20 +69,20 @@ def select_units(unit_map: UnitMap, spec: str) -> UnitSelection:
     if not terms:
         raise ValueError("empty unit selection spec")
     z = unit_map.zscores("safety")
-    shapes = {k: tuple(unit_map.classes[k].shape) for k in KINDS}
-    total = {k: torch.zeros(shapes[k], dtype=torch.bool) for k in KINDS}
+    shapes = unit_map.shapes
+    total = {k: torch.zeros(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
     for term in terms:
         match = _TERM.match(term)
         if not match:
             raise ValueError(f"bad unit selection term {term!r}: expected scu|ucu|cu|ru|all, optionally ':top<fraction>'")
         name, top = match.group(1), match.group(2)
         if name == "all":
-            masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in KINDS}
+            masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
         else:
             masks = unit_map.class_mask(name.upper())
         if top is not None:
             masks = _top_by_safety(masks, z, unit_map.unit_params, float(top))
-        for k in KINDS:
+        for k in UNIT_KINDS:
             total[k] |= masks[k]
     return UnitSelection.from_masks(total)
 
@@ -93,7 +93,7 @@ def _top_by_safety(masks: dict[str, torch.Tensor], z: dict[str, torch.Tensor], u
     if not 0 <= fraction <= 1:
         raise ValueError(f"top fraction must be in [0, 1], got {fraction}")
     keys, sizes, where = [], [], []
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         idx = torch.nonzero(masks[kind].flatten()).flatten()
         keys.append(z[kind].flatten()[idx])
         sizes.append(torch.full((idx.numel(),), float(unit_params[kind]), dtype=torch.float64))
@@ -102,7 +102,7 @@ def _top_by_safety(masks: dict[str, torch.Tensor], z: dict[str, torch.Tensor], u
     order = torch.sort(key, descending=True, stable=True).indices
     mid = size[order].cumsum(0) - size[order] / 2
     keep = order[: int((mid <= fraction * float(size.sum())).sum())]
-    out = {k: torch.zeros_like(masks[k]) for k in KINDS}
+    out = {k: torch.zeros_like(masks[k]) for k in UNIT_KINDS}
     for i in keep.tolist():
         kind, flat = where[i]
         out[kind].view(-1)[flat] = True
@@ -116,7 +116,7 @@ def random_selection(like: UnitSelection, shapes: dict[str, tuple[int, int]], se
     Matching the count per kind matches the parameter count exactly. Units in `exclude` are never drawn.
     """
     gen = torch.Generator().manual_seed(seed)
-    excluded = exclude.to_masks(shapes) if exclude else {k: torch.zeros(shapes[k], dtype=torch.bool) for k in KINDS}
+    excluded = exclude.to_masks(shapes) if exclude else {k: torch.zeros(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
     wanted = like.counts()
     out = {}
     for kind, key in (("mlp", "mlp_channels"), ("head", "heads")):
@@ -141,12 +141,12 @@ def unit_parameter_masks(model: PreTrainedModel, units: UnitSelection, *, shared
     params = dict(model.named_parameters(remove_duplicate=False))
     masks: dict[str, torch.Tensor] = {}
     for layer in range(adapter.n_layers):
-        for kind in KINDS:
+        for kind in UNIT_KINDS:
             chosen = units.of_kind(kind).get(layer, [])
-            n = adapter.n_units(kind)  # type: ignore[arg-type]
+            n = adapter.n_units(kind)
             if any(not 0 <= c < n for c in chosen):
                 raise ValueError(f"layer {layer}: {kind} unit index out of range 0..{n - 1} in {chosen}")
-            for s in adapter.unit_slices(layer, kind, shared_kv):  # type: ignore[arg-type]
+            for s in adapter.unit_slices(layer, kind, shared_kv):
                 p = params[s.name]
                 m = masks.setdefault(s.name, torch.zeros(p.shape, dtype=torch.bool, device=p.device))
                 if chosen:

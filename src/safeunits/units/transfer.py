@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from safeunits.io import write_json
-from safeunits.units.unit_map import CLASSES, KINDS, UnitMap
+from safeunits.models.adapters import UNIT_KINDS
+from safeunits.units.assignment import CLASSES
+from safeunits.units.unit_map import UnitMap
 
 
 def transition_matrix(before: UnitMap, after: UnitMap) -> dict[str, Any]:
@@ -22,7 +24,7 @@ def transition_matrix(before: UnitMap, after: UnitMap) -> dict[str, Any]:
     k = len(CLASSES)
     units = torch.zeros(k, k, dtype=torch.int64)
     params = torch.zeros(k, k, dtype=torch.int64)
-    for kind in KINDS:
+    for kind in UNIT_KINDS:
         a = before.classes[kind].flatten().long()
         b = after.classes[kind].flatten().long()
         counts = torch.bincount(a * k + b, minlength=k * k).reshape(k, k)

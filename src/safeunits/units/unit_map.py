@@ -3,14 +3,13 @@
 Stored as two files side by side: ``<path>`` (safetensors: ``mlp.safety``, ``mlp.utility``,
 ``mlp.class`` of shape [layers, channels], the same for ``head.*`` [layers, heads]) and
 ``<path>.json`` next to it (``unit_map.json`` for ``unit_map.safetensors``): the summary
-(per-class parameter shares, per-layer counts), the inputs and settings, and the model hash.
-Every later step (freezing, pruning, transfer) takes the map as input and refuses a model of a
-different architecture.
+(per-class parameter shares, per-layer counts), the inputs and settings, and the model's
+architecture signature (``models.signature``). Every later step (freezing, pruning, transfer) takes
+the map as input and refuses a model of a different architecture.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,18 +20,14 @@ import torch
 from transformers import PreTrainedModel
 
 from safeunits.io import load_safetensors, read_json, save_safetensors, write_json
-from safeunits.models.loading import architecture_signature
+from safeunits.models.adapters import UNIT_KINDS
+from safeunits.models.signature import check_fits
+from safeunits.units.assignment import CLASS_CODE, CLASSES, layer_zscores
 
-# class codes stored in the map; order is also the display order
-CLASSES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
-CLASS_CODE: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
-KINDS: tuple[str, ...] = ("mlp", "head")
-FORMAT_VERSION = 1
+__all__ = ["CLASSES", "CLASS_CODE", "FORMAT_VERSION", "UnitMap", "summary_path"]
 
-
-def architecture_hash(model: PreTrainedModel) -> str:
-    """Hash of model type and parameter shapes: what must match for a map to apply to a model."""
-    return hashlib.blake2b(json.dumps(architecture_signature(model), sort_keys=True).encode(), digest_size=16).hexdigest()
+# 2: the architecture is stored as "signature" (version 1 called the same value "arch_hash")
+FORMAT_VERSION = 2
 
 
 def summary_path(path: str | os.PathLike) -> Path:
@@ -48,7 +43,7 @@ class UnitMap:
     classes: dict[str, torch.Tensor]  # kind -> int8 [L, n] codes into CLASSES
     unit_params: dict[str, int]  # kind -> parameters owned by one unit
     model_type: str
-    arch_hash: str
+    signature: str  # models.signature.architecture_signature of the mapped model
     fingerprint: str = ""
     geometry: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -58,20 +53,23 @@ class UnitMap:
     def n_layers(self) -> int:
         return int(self.classes["mlp"].shape[0])
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """[layers, units] per kind."""
+        return {kind: (int(self.classes[kind].shape[0]), int(self.classes[kind].shape[1])) for kind in UNIT_KINDS}
+
     def zscores(self, which: str) -> dict[str, torch.Tensor]:
         """Per-layer z-scores (population std) of the safety or utility scores, per kind."""
-        from safeunits.units.classes import layer_zscores
-
         source = self.safety if which == "safety" else self.utility
-        return {kind: layer_zscores(source[kind]) for kind in KINDS}
+        return {kind: layer_zscores(source[kind]) for kind in UNIT_KINDS}
 
     def class_mask(self, name: str) -> dict[str, torch.Tensor]:
         if name not in CLASS_CODE:
             raise ValueError(f"unknown unit class {name!r}; choose from {', '.join(CLASSES)}")
-        return {kind: self.classes[kind] == CLASS_CODE[name] for kind in KINDS}
+        return {kind: self.classes[kind] == CLASS_CODE[name] for kind in UNIT_KINDS}
 
     def total_params(self) -> int:
-        return sum(self.classes[k].numel() * self.unit_params[k] for k in KINDS)
+        return sum(self.classes[k].numel() * self.unit_params[k] for k in UNIT_KINDS)
 
     def summary(self) -> dict[str, Any]:
         """Per-class unit counts and parameter shares, overall and per layer."""
@@ -79,7 +77,7 @@ class UnitMap:
         classes: dict[str, Any] = {}
         for name in CLASSES:
             mask = self.class_mask(name)
-            params = sum(int(mask[k].sum()) * self.unit_params[k] for k in KINDS)
+            params = sum(int(mask[k].sum()) * self.unit_params[k] for k in UNIT_KINDS)
             classes[name] = {
                 "mlp_channels": int(mask["mlp"].sum()),
                 "heads": int(mask["head"].sum()),
@@ -89,7 +87,7 @@ class UnitMap:
         per_layer = []
         for layer in range(self.n_layers):
             row: dict[str, Any] = {"layer": layer}
-            layer_total = sum(self.classes[k].shape[1] * self.unit_params[k] for k in KINDS)
+            layer_total = sum(self.classes[k].shape[1] * self.unit_params[k] for k in UNIT_KINDS)
             for name in CLASSES:
                 code = CLASS_CODE[name]
                 m = int((self.classes["mlp"][layer] == code).sum())
@@ -100,18 +98,20 @@ class UnitMap:
         return {"unit_params_total": total, "classes": classes, "per_layer": per_layer}
 
     # --- compatibility -------------------------------------------------------------------
+    def made_for(self) -> str:
+        """The mapped model in words, for error messages."""
+        g = self.geometry
+        shape = f" ({g['n_layers']} layers, {g['n_heads']} heads, {g['n_channels']} MLP channels)" if g else ""
+        return f"a {self.model_type!r} model{shape}"
+
     def check_model(self, model: PreTrainedModel) -> None:
         """Refuse a model whose architecture (type and parameter shapes) differs from the mapped one."""
-        if model.config.model_type != self.model_type or architecture_hash(model) != self.arch_hash:
-            raise ValueError(
-                f"this unit map was computed for a {self.model_type!r} model with architecture hash {self.arch_hash}; "
-                f"the given model is {model.config.model_type!r} with hash {architecture_hash(model)}"
-            )
+        check_fits(self.signature, model, what="unit map", made_for=self.made_for())
 
     def check_compatible(self, other: "UnitMap") -> None:
-        if self.arch_hash != other.arch_hash:
-            raise ValueError(f"unit maps of different architectures ({self.model_type} {self.arch_hash} vs "
-                             f"{other.model_type} {other.arch_hash})")
+        """Refuse to compare maps of two different architectures."""
+        check_fits(self.signature, other.signature, what="unit map", made_for=self.made_for(),
+                   on=f"the other unit map ({other.made_for()})")
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -120,19 +120,19 @@ class UnitMap:
         if path.suffix != ".safetensors":
             path = path.with_suffix(".safetensors")
         tensors: dict[str, torch.Tensor] = {}
-        for kind in KINDS:
+        for kind in UNIT_KINDS:
             tensors[f"{kind}.safety"] = self.safety[kind].double()
             tensors[f"{kind}.utility"] = self.utility[kind].double()
             tensors[f"{kind}.class"] = self.classes[kind].to(torch.int8)
         meta = {
             "format": "safeunits.unit_map", "version": str(FORMAT_VERSION), "model_type": self.model_type,
-            "arch_hash": self.arch_hash, "fingerprint": self.fingerprint,
+            "signature": self.signature, "fingerprint": self.fingerprint,
             "unit_params": json.dumps(self.unit_params), "classes": json.dumps(list(CLASSES)),
         }
         save_safetensors(path, tensors, meta)
         write_json(summary_path(path), {
             "format": "safeunits.unit_map", "version": FORMAT_VERSION, "tensors": path.name,
-            "model_type": self.model_type, "arch_hash": self.arch_hash, "fingerprint": self.fingerprint,
+            "model_type": self.model_type, "signature": self.signature, "fingerprint": self.fingerprint,
             "geometry": self.geometry, "unit_params": self.unit_params, "settings": self.settings,
             "summary": self.summary(),
         })
@@ -150,14 +150,17 @@ class UnitMap:
         info = read_json(summary_path(path))
         if info.get("format") != "safeunits.unit_map":
             raise ValueError(f"{path} is not a safeunits unit map")
-        missing = [f"{k}.{t}" for k in KINDS for t in ("safety", "utility", "class") if f"{k}.{t}" not in tensors]
+        signature = info.get("signature", info.get("arch_hash"))  # "arch_hash": format version 1, the same value
+        if not signature:
+            raise ValueError(f"{summary_path(path)} names no architecture signature; recompute the unit map")
+        missing = [f"{k}.{t}" for k in UNIT_KINDS for t in ("safety", "utility", "class") if f"{k}.{t}" not in tensors]
         if missing:
             raise ValueError(f"{path}: unit map is missing tensors {missing}")
         return cls(
-            safety={k: tensors[f"{k}.safety"] for k in KINDS},
-            utility={k: tensors[f"{k}.utility"] for k in KINDS},
-            classes={k: tensors[f"{k}.class"] for k in KINDS},
+            safety={k: tensors[f"{k}.safety"] for k in UNIT_KINDS},
+            utility={k: tensors[f"{k}.utility"] for k in UNIT_KINDS},
+            classes={k: tensors[f"{k}.class"] for k in UNIT_KINDS},
             unit_params={k: int(v) for k, v in info["unit_params"].items()},
-            model_type=info["model_type"], arch_hash=info["arch_hash"], fingerprint=info.get("fingerprint", ""),
+            model_type=info["model_type"], signature=signature, fingerprint=info.get("fingerprint", ""),
             geometry=info.get("geometry", {}), settings=info.get("settings", {}),
         )
