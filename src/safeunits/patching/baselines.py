@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.eval.report import rows_markdown
+from safeunits.eval.context import EvalContext
+from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import evaluate_model, evaluate_patched
 from safeunits.patching.merge import MergeConfig, controllable_merge
@@ -27,7 +28,6 @@ class BaselinesConfig(BaseModel):
     task_arithmetic_lambda: float = Field(0.5, description="θ_B + λ·δ_SE (λ = 1 is GA itself)")
     ties: TiesConfig = Field(default_factory=TiesConfig, description="TIES merge of δ_SE and δ_OSM")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="SafePatching's (a, b, α, β) (from the sweep)")
-    suite: str = Field("quick", description="evaluation suite (name or YAML): the test prompts, not the sweep's")
 
 
 def build_method_patch(method: str, se: DensePatch, osm: DensePatch, npo: DensePatch | None,
@@ -59,27 +59,34 @@ def run_baselines(
     osm: DensePatch,
     config: BaselinesConfig,
     out_dir: str | Path,
+    evaluation: EvalContext | None = None,
     *,
     npo: DensePatch | None = None,
-    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate each method on the test suite; write baselines.json and baselines.md (one table, paper-style)."""
+    """Evaluate each method on the test suite (`evaluation`, default quick); write baselines.json and baselines.md
+    (one table, paper-style, significance against the first method)."""
+    evaluation = evaluation or EvalContext.create()
     out = Path(out_dir)
     rows = []
+    first = None
     for method in config.methods:
         patch = build_method_patch(method, se, osm, npo, config)
         target = out / method
         if patch is None:
-            metrics = evaluate_model(model, tokenizer, config.suite, target, progress=progress)
+            metrics, result = evaluate_model(model, tokenizer, evaluation, target, baseline=first)
             nnz = 0
         else:
-            metrics = evaluate_patched(model, tokenizer, [(patch, 1.0)], config.suite, target, progress=progress)
+            metrics, result = evaluate_patched(model, tokenizer, [(patch, 1.0)], evaluation, target, baseline=first)
             nnz = patch.nnz
+        first = first or result
         rows.append({"method": method, "nnz": nnz, **metrics})
-        write_json(out / "baselines.json", {"config": config.model_dump(mode="json"), "rows": rows})
+        write_json(out / "baselines.json", {"config": config.model_dump(mode="json"), "suite": evaluation.suite.name,
+                                            "rows": rows})
         del patch
     columns = [("method", "method", ""), ("asr", "harmful % (AdvBench)", "%"), ("asr_system", "harmful % (+sys)", "%"),
-               ("xstest_refusal", "XSTest refusal %", "%"), ("utility_nll", "utility NLL", ".3f"),
-               ("perplexity", "perplexity", ".2f"), ("nnz", "weights changed", ",")]
-    write_text(out / "baselines.md", f"# Baselines (suite `{config.suite}`)\n\n" + rows_markdown(rows, columns))
+               ("incoherent", "incoherent %", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
+               ("utility_nll", "utility NLL", ".3f"), ("perplexity", "perplexity", ".2f"),
+               ("significant", f"significant vs {config.methods[0]}", ""), ("nnz", "weights changed", ",")]
+    write_text(out / "baselines.md", f"# Baselines (suite `{evaluation.suite.name}`)\n\n{SIGNIFICANCE_NOTE}\n\n"
+               + rows_markdown(rows, columns))
     return rows
