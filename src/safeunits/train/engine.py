@@ -40,6 +40,7 @@ from safeunits.train.objectives import LossInputs, TrainingObjective, get_object
 
 log = logging.getLogger(__name__)
 
+
 class TrainConfig(BaseModel):
     """Hyper-parameters of one training run; every field is a documented, overridable default."""
 
