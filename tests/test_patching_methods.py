@@ -22,10 +22,6 @@ def sources(tmp_path):
                                _fake_patch(model, tmp_path / "npo", 3))
 
 
-def _dense(patch, names):
-    return {n: patch.to_dense(n) if n in patch.deltas else None for n in names}
-
-
 def test_builtin_methods_build_their_definitions(sources):
     """GA = δ_SE, GD = δ_OSM, NPO = δ_NPO, task arithmetic = λ·δ_SE: checked against the dense patch files."""
     _, src = sources
