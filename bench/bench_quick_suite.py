@@ -35,11 +35,11 @@ def main() -> None:
     t_load = time.perf_counter() - t0
     result = evaluate(model, tok, args.suite, out_dir=args.out, progress=False, model_name=args.model)
     total = time.perf_counter() - t0
-    t = result.metrics["timing"]
+    t = result.timing
     compare_table({args.model: result})
     print(markdown_table({args.model: result}))
-    print(f"suite={args.suite} wall={total:.1f} s (load {t_load:.1f} s, evaluate {t['total_s']:.1f} s, "
-          f"generation {t['generation_s']:.1f} s, {t['generated_tokens']} tokens, {t['tokens_per_s']:.0f} tok/s)")
+    print(f"suite={args.suite} wall={total:.1f} s (load {t_load:.1f} s, evaluate {t.total_s:.1f} s, "
+          f"generation {t.generation_s:.1f} s, {t.generated_tokens} tokens, {t.tokens_per_s:.0f} tok/s)")
 
 
 if __name__ == "__main__":

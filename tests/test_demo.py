@@ -23,12 +23,12 @@ def test_demo_runs_every_stage_on_a_tiny_model(tmp_path, data_dir, monkeypatch):
     assert list(results) == ["smollm2-135m-instruct", "smollm2-135m-instruct + SafePatching", "smollm2-135m-aligned",
                              "smollm2-135m-aligned - scu", "smollm2-135m-aligned - random:scu"]
     for name, result in results.items():
-        assert set(result.headline) >= {"asr", "xstest_refusal", "utility_nll"}, name
+        assert set(result.headline.as_dict()) >= {"asr", "xstest_refusal", "utility_nll"}, name
     # the patch was applied for its evaluation only, and pruning restored every weight
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     patched, plain = results["smollm2-135m-instruct + SafePatching"], results["smollm2-135m-instruct"]
-    assert patched.headline["utility_nll"] != plain.headline["utility_nll"]
+    assert patched.headline.utility_nll != plain.headline.utility_nll
     assert (tmp_path / "run" / "patch" / "safepatching").exists()
     assert (tmp_path / "run" / "units" / "unit_map.safetensors").is_file()
     assert "SafePatching" in (tmp_path / "run" / "summary.md").read_text()

@@ -15,7 +15,8 @@ from safeunits.eval.judges import get_judge
 from safeunits.eval.metrics import wilson_interval
 from safeunits.eval.nll import response_nll, response_nll_stats
 from safeunits.eval.report import compare_table, markdown_table
-from safeunits.eval.runner import HEADLINE_KEYS, EvalResult, RunDirMismatchError, evaluate
+from safeunits.eval.result import HEADLINE_KEYS, EvalResult
+from safeunits.eval.runner import RunDirMismatchError, evaluate
 from safeunits.eval.suites import SuiteConfig, load_suite
 from safeunits.models.chat import encode_pair
 from tiny import tiny_model, tiny_tokenizer
@@ -102,7 +103,7 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     out = tmp_path / "run"
     suite = tiny_suite()
     result = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
-    assert set(result.headline) == set(HEADLINE_KEYS)
+    assert set(result.headline.as_dict()) == set(HEADLINE_KEYS)
     for name in ("config.json", "metrics.json", "summary.md", "generations/advbench__none.jsonl",
                  "generations/advbench__safety.jsonl", "generations/xstest_safe.jsonl", "judgements/xstest_safe.jsonl"):
         assert (out / name).is_file(), name
@@ -111,7 +112,7 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     rows = read_generations(out / "generations/advbench__none.jsonl")
     keyword = get_judge("keyword")
     asr = sum(keyword.complied(r["prompt"], r["response"]) for r in rows) / len(rows)
-    assert result.headline["asr"] == pytest.approx(asr) and len(rows) == 3
+    assert result.headline.asr == pytest.approx(asr) and len(rows) == 3
     xs = read_generations(out / "generations/xstest_safe.jsonl")
     refusal = sum(get_judge("xstest").is_refusal(r["prompt"], r["response"]) for r in xs) / len(xs)
     assert metrics["headline"]["xstest_refusal"] == pytest.approx(refusal)
@@ -122,9 +123,9 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
 
     ref = response_nll(eval_model, tokenizer, load_dataset("self-instruct:user", data_dir=data_dir, limit=3),
                        max_length=4096, progress=False)
-    assert result.headline["utility_nll"] == pytest.approx(ref, rel=1e-5)
-    assert result.headline["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
-    assert EvalResult.load(out).headline == pytest.approx(result.headline)
+    assert result.headline.utility_nll == pytest.approx(ref, rel=1e-5)
+    assert result.headline.perplexity == pytest.approx(math.exp(ref), rel=1e-5)
+    assert EvalResult.load(out).headline.as_dict() == pytest.approx(result.headline.as_dict())
     assert "| tiny |" in (out / "summary.md").read_text()
 
     # a rerun resumes: no generation at all, same numbers
@@ -133,8 +134,8 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
 
     monkeypatch.setattr(eval_model, "generate", fail)
     again = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
-    assert again.headline == pytest.approx(result.headline)
-    assert again.metrics["timing"]["resumed_rows"] == 9
+    assert again.headline.as_dict() == pytest.approx(result.headline.as_dict())
+    assert again.timing.resumed_rows == 9
 
 
 def test_run_dir_of_another_model_or_suite_is_refused(eval_model, tokenizer, data_dir, tmp_path):
@@ -157,8 +158,8 @@ def test_optional_missing_dataset_is_skipped_and_required_one_fails(eval_model, 
     missing = HarmfulSet(name="ghost", dataset=str(tmp_path / "missing.jsonl"), optional=True)
     result = evaluate(eval_model, tokenizer, base.model_copy(update={"harmful": [*base.harmful, missing]}),
                       data_dir=data_dir, progress=False)
-    assert "ghost" in result.metrics["safety"]["skipped"]
-    assert math.isnan(result.headline["xstest_refusal"])
+    assert "ghost" in result.safety.skipped
+    assert result.headline.xstest_refusal is None
     with pytest.raises(DatasetNotFoundError):
         evaluate(eval_model, tokenizer, base.model_copy(update={"harmful": [missing.model_copy(update={"optional": False})]}),
                  data_dir=data_dir, progress=False)
@@ -169,13 +170,13 @@ def test_compare_table_lists_every_variant(eval_model, tokenizer, data_dir):
 
     suite = tiny_suite(2).model_copy(update={"over_safety": None})
     a = evaluate(eval_model, tokenizer, suite, data_dir=data_dir, progress=False)
-    b = EvalResult(dict(a.headline, asr=0.25), a.metrics)
+    b = a.model_copy(update={"headline": a.headline.model_copy(update={"asr": 0.25})})
     console = Console(record=True, width=200)
     table = compare_table({"base": a, "variant": b}, console=console)
     text = console.export_text()
     assert table.row_count == 2 and "base" in text and "variant" in text and "25.0%" in text
     md = markdown_table({"base": a})
-    assert md.count("\n") == 2 and f"{a.headline['utility_nll']:.3f}" in md
+    assert md.count("\n") == 2 and f"{a.headline.utility_nll:.3f}" in md
 
 
 def test_cli_eval_and_judge_check(eval_model, data_dir, tmp_path):
@@ -215,5 +216,5 @@ def test_default_model_small_eval(default_model, data_dir, tmp_path):
     suite = load_suite("quick").with_limit(2).model_copy(update={"max_new_tokens": 16})
     result = evaluate(model, tok, suite, out_dir=tmp_path / "run", data_dir=data_dir, progress=False)
     h = result.headline
-    assert 0.0 <= h["asr"] <= 1.0 and 0.0 <= h["xstest_refusal"] <= 1.0
-    assert 0.5 < h["utility_nll"] < 4.0 and h["perplexity"] == pytest.approx(math.exp(h["utility_nll"]))
+    assert 0.0 <= h.asr <= 1.0 and 0.0 <= h.xstest_refusal <= 1.0
+    assert 0.5 < h.utility_nll < 4.0 and h.perplexity == pytest.approx(math.exp(h.utility_nll))

@@ -135,7 +135,8 @@ def test_cli_derive_merge_apply_round_trip(tmp_path, data_dir):
     assert manifest["merge_config"]["alpha"] == 2 and manifest["se_manifest"]["steps"] == 2
 
 
-def test_sweep_on_tiny_model(tmp_path, data_dir):
+def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
+    from safeunits.eval.context import EvalContext
     from safeunits.patching.evaluation import ValidationConfig
     from safeunits.patching.sweep import SweepConfig, run_sweep
     from test_patching_merge import _fake_patch
@@ -148,55 +149,44 @@ def test_sweep_on_tiny_model(tmp_path, data_dir):
     se, osm = _fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2)
     config = SweepConfig(a=[5, 50], b=[5], alpha=[1, 2], beta=[1],
                          validation=ValidationConfig(n_xstest=3, n_utility=2, max_new_tokens=3))
+    monkeypatch.delenv("SAFEUNITS_DATA_DIR", raising=False)  # the context's data folder alone must serve every set
+    ctx = EvalContext.create(None, data_dir=data_dir, progress=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", data_dir=str(data_dir),
-                       progress=False)
+    result = run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every point undone exactly
     assert len(result["rows"]) == 3 + 4 and result["best"]["method"] == "safepatching"
     assert (tmp_path / "sweep/pareto.png").stat().st_size > 1000 and "Pareto" in (tmp_path / "sweep/sweep.md").read_text()
     # resume: nothing is evaluated again
     lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
-    run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", data_dir=str(data_dir), progress=False)
+    run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)
     assert (tmp_path / "sweep/sweep.jsonl").read_text().count("\n") == lines
 
 
-def _tiny_suite(data_dir):
-    from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
-
-    return SuiteConfig(name="tiny", max_new_tokens=2, batch_size=4,
-                       harmful=[HarmfulSet(name="advbench", dataset="advbench", limit=2, system_prompts=["none"])],
-                       over_safety=OverSafetySet(limit=2), utility=[UtilitySet(name="u", dataset="self-instruct:seed", limit=2)])
-
-
 def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
-    from safeunits.patching import continual as continual_mod
+    from safeunits.eval.context import EvalContext
     from safeunits.patching.baselines import BaselinesConfig, run_baselines
     from safeunits.patching.continual import ContinualConfig, run_continual
     from test_patching_merge import _fake_patch
 
-    monkeypatch.setenv("SAFEUNITS_DATA_DIR", str(data_dir))
+    monkeypatch.delenv("SAFEUNITS_DATA_DIR", raising=False)  # the real evaluation path, data folder from the context
     model, tok = tiny_model(), tiny_tokenizer()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     se, osm = _fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2)
-    suite = _tiny_suite(data_dir)
+    ctx = EvalContext(_tiny_suite(data_dir), data_dir=data_dir, progress=False)
     config = BaselinesConfig(methods=["none", "ga", "gd", "task_arithmetic", "ties", "safepatching"])
-    monkeypatch.setattr("safeunits.patching.baselines.evaluate_model",
-                        lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
-    monkeypatch.setattr("safeunits.patching.evaluation.evaluate_model",
-                        lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
-    rows = run_baselines(model, tok, se, osm, config, tmp_path / "b", progress=False)
+    rows = run_baselines(model, tok, se, osm, config, tmp_path / "b", ctx)
     assert [r["method"] for r in rows] == config.methods
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert rows[0]["nnz"] == 0 and rows[1]["nnz"] == sum(p.numel() for p in model.parameters())
     assert "| ties |" in (tmp_path / "b/baselines.md").read_text()
+    assert (tmp_path / "b/ga/metrics.json").is_file() and rows[0]["significant"] == "-"
     # continual: two Do-Not-Answer categories, tiny budgets; the model ends patched by both steps
-    monkeypatch.setattr(continual_mod, "evaluate_model", lambda m, t, s, o, progress=True: _eval(m, t, suite, o))
     cconf = ContinualConfig(categories=["malicious_uses", "information_hazard"],
                             data=HarmfulDataConfig(prompts="donotanswer", offset=0, n_train=3, n_val=0, max_new_tokens=4,
                                                    require_compliance=False, eval_sets=["advbench[:100]"]),
                             se=PatchConfig(objective="ascent", train={"max_steps": 1, "batch_size": 3}),
                             osm=PatchConfig(objective="descent", train={"max_steps": 1, "batch_size": 3}))
-    crows = run_continual(model, tok, cconf, tmp_path / "c", data_dir=str(data_dir), progress=False)
+    crows = run_continual(model, tok, cconf, tmp_path / "c", ctx)
     assert [r["step"] for r in crows] == [0, 1, 2]
     from safeunits.patching.sparse import SparsePatch
 
@@ -210,12 +200,32 @@ def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     assert {r.category for r in load_harmful_data(tmp_path / "c/step1_malicious_uses/data")[0]} == {"malicious_uses"}
 
 
-def _eval(model, tok, suite, out):
-    """The shared runner on a tiny suite (the methods pass the real suite name; tests swap in a 2-prompt one)."""
-    from safeunits.eval.runner import evaluate
+def test_cli_patch_baselines_with_data_dir_only(tmp_path, data_dir, monkeypatch):
+    """`--data-dir` alone (no SAFEUNITS_DATA_DIR) reaches every dataset the evaluation loads."""
+    import yaml
 
-    result = evaluate(model, tok, suite, out_dir=None, progress=False)
-    return {k: float(v) for k, v in result.headline.items()}
+    from safeunits.cli import app
+    from test_patching_merge import _fake_patch
+
+    monkeypatch.delenv("SAFEUNITS_DATA_DIR", raising=False)
+    model, tok = tiny_model(), tiny_tokenizer()
+    save_model(model, tok, tmp_path / "m")
+    _fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2)
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(yaml.safe_dump(_tiny_suite(data_dir).model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["patch", "baselines", "--se", str(tmp_path / "se"), "--osm", str(tmp_path / "osm"),
+                                   "--out", str(tmp_path / "b"), "--model", str(tmp_path / "m"), "--methods", "none,ga",
+                                   "--suite", str(suite), "--data-dir", str(data_dir), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "b/ga/config.json").read_text())["data_dir"] == str(data_dir)
+
+
+def _tiny_suite(data_dir):
+    from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
+
+    return SuiteConfig(name="tiny", max_new_tokens=2, batch_size=4,
+                       harmful=[HarmfulSet(name="advbench", dataset="advbench", limit=2, system_prompts=["none"])],
+                       over_safety=OverSafetySet(limit=2), utility=[UtilitySet(name="u", dataset="self-instruct:seed", limit=2)])
 
 
 def test_cli_json_train_overrides_are_checked(tmp_path):

@@ -56,6 +56,11 @@ def test_random_target_same_size_different_units():
 
 
 def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
+    from safeunits.data.registry import load_dataset
+    from safeunits.eval.context import EvalContext
+    from safeunits.eval.generation import read_generations
+    from safeunits.eval.judges import get_judge
+    from safeunits.eval.nll import response_nll
     from safeunits.eval.suites import HarmfulSet, SuiteConfig, UtilitySet
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
@@ -66,14 +71,22 @@ def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
                         harmful=[HarmfulSet(name="advbench", dataset="advbench", limit=2)],
                         utility=[UtilitySet(name="si", dataset=str(util))])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    rows = pruning_table(model, tok, um, PruneConfig(targets=["all", "ru"]), suite=suite, out_dir=tmp_path / "out",
-                         data_dir=data_dir, progress=False)
+    rows = pruning_table(model, tok, um, PruneConfig(targets=["all", "ru"]),
+                         EvalContext(suite, data_dir=data_dir, progress=False), out_dir=tmp_path / "out")
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert [r["pruned"] for r in rows] == ["none", "all", "ru"]
     assert rows[0]["weights_zeroed"] == 0 and rows[1]["unit_param_share"] == pytest.approx(1.0)
     assert rows[1]["utility_nll"] != rows[0]["utility_nll"]
-    assert 0 <= rows[2]["asr"] <= 1
+    # the "ru" row is the model with exactly the RU units zeroed: a copy pruned by hand gives the same NLL, and the
+    # row's ASR is the judge's verdict on the answers written to its run folder
+    pruned = tiny_model("llama")
+    prune_units(pruned, resolve_target(um, "ru"))
+    assert rows[2]["utility_nll"] == pytest.approx(response_nll(pruned, tok, load_dataset(str(util)), progress=False),
+                                                   rel=1e-5)
+    answers = read_generations(tmp_path / "out" / "ru" / "generations" / "advbench__none.jsonl")
+    complied = get_judge(suite.asr_judge).complied_many([a["prompt"] for a in answers], [a["response"] for a in answers])
+    assert len(answers) == 2 and rows[2]["asr"] == pytest.approx(sum(complied) / 2)
     assert (tmp_path / "out" / "pruning.md").read_text().count("\n") == 5
     assert json.loads((tmp_path / "out" / "pruning.json").read_text())["rows"][2]["pruned"] == "ru"
 

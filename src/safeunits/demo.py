@@ -19,8 +19,9 @@ from typing import Literal
 import typer
 from pydantic import BaseModel, Field
 
+from safeunits.eval.context import EvalContext
 from safeunits.eval.report import compare_table, markdown_table
-from safeunits.eval.runner import EvalResult, evaluate
+from safeunits.eval.result import EvalResult
 from safeunits.io import write_text
 from safeunits.models.loading import DEFAULT_MODEL, load_model
 
@@ -51,34 +52,32 @@ class DemoConfig(BaseModel):
 def run_demo(config: DemoConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, EvalResult]:
     """Run the chosen stages into `out_dir`; return the evaluation of every variant by name."""
     out = Path(out_dir)
+    evaluation = EvalContext.create(config.suite, data_dir=config.data_dir, progress=progress)
     results: dict[str, EvalResult] = {}
     for stage in STAGES:
         if stage in config.stages:
-            log.warning("demo stage %r", stage)
-            results.update(_STAGE_FUNCTIONS[stage](config, out / stage, progress))
+            log.info("demo stage %r", stage)
+            results.update(_STAGE_FUNCTIONS[stage](config, evaluation, out / stage))
     if results:
         compare_table(results)
         write_text(out / "summary.md", "# safeunits demo\n\n" + markdown_table(results) + "\n")
     return results
 
 
-def _evaluate(model, tokenizer, config: DemoConfig, out: Path, name: str, progress: bool) -> EvalResult:
-    return evaluate(model, tokenizer, config.suite, out_dir=out, data_dir=config.data_dir, progress=progress,
-                    model_name=name)
-
-
-def _stage_eval(config: DemoConfig, out: Path, progress: bool) -> dict[str, EvalResult]:
+def _stage_eval(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict[str, EvalResult]:
     model, tokenizer = load_model(DEFAULT_MODEL)
-    return {DEFAULT_MODEL: _evaluate(model, tokenizer, config, out, DEFAULT_MODEL, progress)}
+    return {DEFAULT_MODEL: evaluation.evaluate(model, tokenizer, out, name=DEFAULT_MODEL)}
 
 
-def _stage_patch(config: DemoConfig, out: Path, progress: bool) -> dict[str, EvalResult]:
+def _stage_patch(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict[str, EvalResult]:
     from safeunits.patching import (HarmfulDataConfig, MergeConfig, PatchConfig, apply_patch, build_harmful_data,
                                     controllable_merge, derive_patch, undo_patch)
 
+    progress = evaluation.progress
     model, tokenizer = load_model(config.patch_model)
     dh = build_harmful_data(HarmfulDataConfig(n_train=config.n_harmful, n_val=0, max_new_tokens=48), out / "dh",
-                            model, tokenizer, data_dir=config.data_dir, model_name=config.patch_model, progress=progress)
+                            model, tokenizer, data_dir=evaluation.data_dir, model_name=config.patch_model,
+                            progress=progress)
     info = {"folder": str(out / "dh"), "n_records": len(dh["train"])}
     se = derive_patch(model, tokenizer, dh["train"], PatchConfig(objective="ascent", train={
         "lr": 1e-4, "max_steps": config.ascent_steps, "stop_nll_above": config.ascent_nll_bound}),
@@ -90,27 +89,28 @@ def _stage_patch(config: DemoConfig, out: Path, progress: bool) -> dict[str, Eva
     undo = apply_patch(model, patch)
     try:
         name = f"{config.patch_model} + SafePatching"
-        return {name: _evaluate(model, tokenizer, config, out / "eval", name, progress)}
+        return {name: evaluation.evaluate(model, tokenizer, out / "eval", name=name)}
     finally:
         undo_patch(model, undo)
 
 
-def _stage_align(config: DemoConfig, out: Path, progress: bool) -> dict[str, EvalResult]:
+def _stage_align(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict[str, EvalResult]:
     model, tokenizer = load_model(config.aligned_model)
-    return {config.aligned_model: _evaluate(model, tokenizer, config, out, config.aligned_model, progress)}
+    return {config.aligned_model: evaluation.evaluate(model, tokenizer, out, name=config.aligned_model)}
 
 
-def _stage_units(config: DemoConfig, out: Path, progress: bool) -> dict[str, EvalResult]:
+def _stage_units(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict[str, EvalResult]:
     from safeunits.data.registry import load_dataset
     from safeunits.units.classes import build_unit_map
     from safeunits.units.plots import write_map_plots
     from safeunits.units.pruning import PruneConfig, pruning_table
     from safeunits.units.scores import ScoreConfig, compute_scores
 
+    progress = evaluation.progress
     model, tokenizer = load_model(config.aligned_model)
     score_config = ScoreConfig(max_length=192)
     scores = {
-        kind: compute_scores(model, tokenizer, load_dataset(data, data_dir=config.data_dir, limit=config.n_attribution),
+        kind: compute_scores(model, tokenizer, load_dataset(data, data_dir=evaluation.data_dir, limit=config.n_attribution),
                              score_config, progress=progress, desc=f"{kind} data")
         for kind, data in (("safety", "advbench-refusals"), ("utility", "self-instruct:seed"))
     }
@@ -120,7 +120,7 @@ def _stage_units(config: DemoConfig, out: Path, progress: bool) -> dict[str, Eva
     unit_map.save(out / "unit_map.safetensors")
     write_map_plots(unit_map, out)
     rows = pruning_table(model, tokenizer, unit_map, PruneConfig(targets=["scu", "random:scu"], baseline=False),
-                         suite=config.suite, out_dir=out / "pruning", data_dir=config.data_dir, progress=progress)
+                         evaluation, out_dir=out / "pruning")
     return {f"{config.aligned_model} - {row['pruned']}": EvalResult.load(row["run_dir"]) for row in rows}
 
 

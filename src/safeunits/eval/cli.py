@@ -34,9 +34,8 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Evaluate a model on the three axes (safety ASR, XSTest over-refusal, utility NLL) into a run directory."""
+        from safeunits.eval.context import EvalContext
         from safeunits.eval.report import compare_table
-        from safeunits.eval.runner import evaluate
-        from safeunits.eval.suites import load_suite
         from safeunits.models.loading import load_model
 
         if threads is not None:
@@ -44,28 +43,40 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         try:
-            config = load_suite(suite).with_limit(limit)
+            ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
         except (FileNotFoundError, ValueError) as err:
             raise typer.BadParameter(str(err), param_hint="--suite") from err
+        config = ctx.suite
         updates = {k: v for k, v in {"asr_judge": judge, "max_new_tokens": max_new_tokens, "batch_size": batch_size}.items()
                    if v is not None}
         if xstest_judge and config.over_safety:
             updates["over_safety"] = config.over_safety.model_copy(update={"judge": xstest_judge})
-        config = config.model_copy(update=updates)
+        ctx = ctx.with_suite(config.model_copy(update=updates))
         lm, tok = load_model(model, dtype=dtype, device=device)
-        result = evaluate(lm, tok, config, out_dir=out, data_dir=data_dir, progress=not quiet, model_name=model)
+        result = ctx.evaluate(lm, tok, out, name=model)
         compare_table({model: result})
         typer.echo(f"run directory: {out} (metrics.json, summary.md, generations/)")
 
     @app.command("eval-compare")
     def eval_compare_command(
-        runs: list[Path] = typer.Argument(..., help="Run directories written by `safeunits eval` (each holds metrics.json)."),
+        runs: list[Path] = typer.Argument(..., help="Run directories written by `safeunits eval` (each holds "
+                                          "metrics.json); the first is the baseline of the paired tests."),
     ) -> None:
-        """Print the three-axis table of earlier runs side by side."""
-        from safeunits.eval.report import compare_table
-        from safeunits.eval.runner import EvalResult
+        """Print the three-axis table of earlier runs side by side, and whether each difference from the first run
+        is significant (paired tests on the same prompts: McNemar exact for rates, bootstrap for NLL)."""
+        from safeunits.eval.report import compare_table, delta_table
+        from safeunits.eval.result import EvalResult
+        from safeunits.eval.significance import PairingError
 
-        compare_table({str(r): EvalResult.load(r) for r in runs})
+        results = {str(r): EvalResult.load(r) for r in runs}
+        console = Console()
+        compare_table(results, console=console)
+        (base_name, base), *others = results.items()
+        for name, other in others:
+            try:
+                console.print(delta_table(base_name, base, name, other))
+            except PairingError as err:
+                typer.echo(f"{name}: no paired test against {base_name}: {err}", err=True)
 
     @app.command("judge-check")
     def judge_check_command(

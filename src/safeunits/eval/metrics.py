@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 Z95 = 1.959963984540054
 
@@ -21,9 +20,3 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     lo = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds at 0 and n (no 1e-17 residue)
     hi = 1.0 if successes == n else min(1.0, centre + half)
     return lo, hi
-
-
-def rate(successes: int, n: int) -> dict[str, Any]:
-    """`{"k", "n", "rate", "ci95": [lo, hi]}` as written to metrics.json."""
-    lo, hi = wilson_interval(successes, n)
-    return {"k": successes, "n": n, "rate": successes / n, "ci95": [lo, hi]}

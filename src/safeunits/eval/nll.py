@@ -19,11 +19,12 @@ from safeunits.models.chat import collate, encode_pair
 
 @dataclass
 class NLLStats:
-    """Summed NLL and token count of a set, plus each record's own mean NLL (for inspection)."""
+    """Summed NLL and token count of a set, plus each record's own mean NLL and token count (paired tests)."""
 
     total_nll: float
     n_tokens: int
     per_record: list[float] = field(default_factory=list)
+    per_record_tokens: list[int] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -55,6 +56,7 @@ def response_nll_stats(
              for r in records]
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))
     per_record = [0.0] * len(pairs)
+    per_record_tokens = [0] * len(pairs)
     total, n_tokens = 0.0, 0
     device = model.device
     for s in tqdm(range(0, len(order), batch_size), desc="nll", unit="batch", disable=not progress):
@@ -74,9 +76,10 @@ def response_nll_stats(
             if counts[j] == 0:
                 raise ValueError(f"record {i} has no response tokens left after max_length={max_length}")
             per_record[i] = float(sums[j] / counts[j])
+            per_record_tokens[i] = int(counts[j])
         total += float(sums.sum())
         n_tokens += int(counts.sum())
-    return NLLStats(total, n_tokens, per_record)
+    return NLLStats(total, n_tokens, per_record, per_record_tokens)
 
 
 def response_nll(

@@ -1,76 +1,94 @@
 """Reports of evaluation runs: the Markdown summary of one run and the three-axis table of several.
 
 `compare_table({"base": r1, "patched": r2})` is what the demo and the other subpackages print to put
-models or variants side by side: safety (ASR, lower is safer), over-safety (XSTest refusal, lower is
-better) and utility (NLL / perplexity of reference answers, lower is better).
+models or variants side by side: safety (ASR, lower is safer; refusal and incoherent rates beside it),
+over-safety (XSTest refusal, lower is better) and utility (NLL / perplexity of reference answers, lower is
+better). Against the first row, a difference that a paired test on the same prompts finds significant
+(p < 0.05, `safeunits.eval.significance`) is marked `*`; unmarked differences are within noise.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from safeunits.eval.runner import EvalResult
+from safeunits.eval.result import EvalResult, Rate
+from safeunits.eval.significance import PairedDelta, PairingError, compare_results, headline_marks
 
 COLUMNS = (  # (headline key, header, kind)
     ("asr", "ASR", "rate"),
     ("asr_system", "ASR +sys", "rate"),
+    ("refusal", "refused", "rate"),
+    ("incoherent", "incoherent", "rate"),
     ("xstest_refusal", "XSTest refusal", "rate"),
     ("utility_nll", "NLL", "float"),
     ("perplexity", "PPL", "float"),
 )
+SIGNIFICANT = "*"
 
 
 def _fmt(value: float | None, kind: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "-"
     return f"{100 * value:.1f}%" if kind == "rate" else f"{value:.3f}"
 
 
-def _ci(entry: dict[str, Any] | None) -> str:
-    if not entry:
+def _ci(entry: Rate | None) -> str:
+    if entry is None:
         return ""
-    lo, hi = entry["ci95"]
+    lo, hi = entry.ci95
     return f" [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def _headline_cells(result: EvalResult, with_ci: bool) -> list[str]:
-    m = result.metrics
-    main = next(iter(m.get("safety", {}).get("sets", {}).values()), {})
-    ci_entries = {"asr": main.get("none"), "asr_system": main.get("safety"),
-                  "xstest_refusal": (m.get("over_safety") or {}).get("refusal")}
+def _rate_entries(result: EvalResult) -> dict[str, Rate | None]:
+    main = result.main_safety()
+    none = main.get("none")
+    return {"asr": none, "asr_system": main.get("safety"), "refusal": none.refusal if none else None,
+            "incoherent": none.incoherent if none else None,
+            "xstest_refusal": result.over_safety.refusal if result.over_safety else None}
+
+
+def _headline_cells(result: EvalResult, with_ci: bool, marks: dict[str, bool]) -> list[str]:
+    values = result.headline.as_dict()
+    entries = _rate_entries(result)
     cells = []
     for key, _, kind in COLUMNS:
-        cell = _fmt(result.headline.get(key), kind)
-        if with_ci and key in ci_entries and cell != "-":
-            cell += _ci(ci_entries[key])
+        cell = _fmt(values.get(key), kind)
+        if cell != "-":
+            cell += SIGNIFICANT if marks.get(key) else ""
+            if with_ci and key in ("asr", "asr_system", "xstest_refusal"):
+                cell += _ci(entries[key])
         cells.append(cell)
     return cells
 
 
+def _marks(results: dict[str, EvalResult]) -> dict[str, dict[str, bool]]:
+    """Significance marks of every row against the first (none where the runs did not judge the same items)."""
+    names = list(results)
+    return {name: _safe_marks(results[names[0]], results[name]) for name in names[1:]}
+
+
 def three_axis_table(results: dict[str, EvalResult], *, with_ci: bool = True, title: str | None = None) -> Table:
     """A rich table: one row per model/variant, columns safety / over-safety / utility."""
-    table = Table(title=title or "Three-axis evaluation (lower is better everywhere; [95% CI])")
+    table = Table(title=title or "Three-axis evaluation (lower is better; [95% CI]; * = significant vs first row)")
     table.add_column("model / variant", style="bold")
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
     table.add_column("n (harmful / xstest / nll)", justify="right")
+    marks = _marks(results)
     for name, result in results.items():
-        table.add_row(name, *_headline_cells(result, with_ci), _sizes(result.metrics))
+        table.add_row(name, *_headline_cells(result, with_ci, marks.get(name, {})), _sizes(result))
     return table
 
 
-def _sizes(m: dict[str, Any]) -> str:
-    main = next(iter(m.get("safety", {}).get("sets", {}).values()), {})
-    n_h = next(iter(main.values()), {}).get("n", 0) if main else 0
-    n_x = (m.get("over_safety") or {}).get("n", 0)
-    n_u = sum(s["n"] for s in m.get("utility", {}).get("sets", {}).values())
-    return f"{n_h} / {n_x} / {n_u}"
+def _sizes(result: EvalResult) -> str:
+    none = next(iter(result.main_safety().values()), None)
+    n_x = result.over_safety.n if result.over_safety else 0
+    n_u = sum(s.n for s in result.utility.sets.values())
+    return f"{none.n if none else 0} / {n_x} / {n_u}"
 
 
 def compare_table(results: dict[str, EvalResult], *, console: Console | None = None, with_ci: bool = True,
@@ -85,49 +103,97 @@ def markdown_table(results: dict[str, EvalResult], *, with_ci: bool = True) -> s
     """The same table as Markdown, for notes and BENCHMARKS.md."""
     head = "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     sep = "|---|" + "---:|" * len(COLUMNS)
-    rows = [f"| {name} | " + " | ".join(_headline_cells(r, with_ci)) + " |" for name, r in results.items()]
-    return "\n".join([head, sep, *rows])
+    marks = _marks(results)
+    rows = [f"| {name} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
+            for name, r in results.items()]
+    note = "\n\n`*`: differs from the first row with p < 0.05 (paired test on the same prompts)." if len(results) > 1 else ""
+    return "\n".join([head, sep, *rows]) + note
+
+
+def headline_row(result: EvalResult, baseline: EvalResult | None = None) -> dict[str, Any]:
+    """A result as an experiment-table row: the headline numbers, plus `significant` = the headline columns that
+    differ from `baseline` in a paired test (p < 0.05; "-" when none do or when there is no baseline)."""
+    marks = {} if baseline is None or baseline is result else _safe_marks(baseline, result)
+    return {**result.headline.as_dict(), "significant": ", ".join(k for k, *_ in COLUMNS if marks.get(k)) or "-"}
+
+
+SIGNIFICANCE_NOTE = ("`significant` lists the columns that differ from the first row with p < 0.05 in a paired test on "
+                     "the same prompts (McNemar exact for rates, paired bootstrap for NLL); other differences are noise.")
+
+
+def _safe_marks(base: EvalResult, other: EvalResult) -> dict[str, bool]:
+    try:
+        return headline_marks(base, other)
+    except PairingError:
+        return {}
+
+
+def delta_rows(base: EvalResult, other: EvalResult) -> list[dict[str, Any]]:
+    """Every paired comparison of `other` against `base` as table rows (metric, values, delta, p, verdict)."""
+    return [_delta_row(d) for d in compare_results(base, other)]
+
+
+def _delta_row(d: PairedDelta) -> dict[str, Any]:
+    pct = d.kind == "rate"
+    show = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+    detail = (f"discordant {d.discordant[0]}/{d.discordant[1]}" if d.discordant is not None
+              else f"95% CI [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}]" if d.ci95 else "")
+    delta = f"{100 * d.delta:+.1f} pts" if pct else f"{d.delta:+.3f}"
+    return {"metric": d.metric, "n": d.n, "base": show(d.base), "other": show(d.other), "delta": delta,
+            "p": f"{d.p_value:.3g}", "detail": detail, "verdict": "significant" if d.significant else "n.s."}
+
+
+DELTA_COLUMNS = [("metric", "metric", ""), ("n", "n", ""), ("base", "base", ""), ("other", "other", ""),
+                 ("delta", "delta", ""), ("p", "p", ""), ("detail", "test", ""), ("verdict", "p < 0.05?", "")]
+
+
+def delta_table(base_name: str, base: EvalResult, other_name: str, other: EvalResult) -> Table:
+    """Rich table of `delta_rows`: McNemar exact for rates, paired bootstrap for NLL."""
+    table = Table(title=f"{other_name} vs {base_name} (paired on the same prompts)")
+    for _, header, _ in DELTA_COLUMNS:
+        table.add_column(header, justify="left" if header in ("metric", "test") else "right")
+    for row in delta_rows(base, other):
+        table.add_row(*(str(row[k]) for k, _, _ in DELTA_COLUMNS), style=None if row["verdict"] == "significant" else "dim")
+    return table
 
 
 def summary_markdown(result: EvalResult) -> str:
     """A short human summary of one run (written as summary.md)."""
-    m = result.metrics
-    lines = [f"# Evaluation: {m['model']['name']} on suite `{m['suite']}`", "",
-             f"Model fingerprint `{m['model']['fingerprint']}`.", "", "## Three axes", "",
-             markdown_table({m["model"]["name"]: result}), "",
-             f"## Safety (judge `{m['safety']['judge']}`: attack success = complied)", "",
-             "| set | system prompt | ASR | 95% CI | n |", "|---|---|---:|---|---:|"]
-    for set_name, modes in m["safety"]["sets"].items():
+    name = result.model.name
+    lines = [f"# Evaluation: {name} on suite `{result.suite}`", "",
+             f"Model fingerprint `{result.model.fingerprint}`.", "", "## Three axes", "",
+             markdown_table({name: result}), "",
+             f"## Safety (judge `{result.safety.judge}`: attack success = complied and coherent)", "",
+             "| set | system prompt | ASR | 95% CI | refused | incoherent | n |", "|---|---|---:|---|---:|---:|---:|"]
+    for set_name, modes in result.safety.sets.items():
         for mode, e in modes.items():
-            lines.append(f"| {set_name} | {mode} | {100 * e['rate']:.1f}% | "
-                         f"{100 * e['ci95'][0]:.1f}-{100 * e['ci95'][1]:.1f}% | {e['n']} |")
-    for set_name, why in m["safety"].get("skipped", {}).items():
-        lines.append(f"| {set_name} | skipped | - | {why[:80]} | 0 |")
-    over = m.get("over_safety")
+            lines.append(f"| {set_name} | {mode} | {100 * e.rate:.1f}% | {100 * e.ci95[0]:.1f}-{100 * e.ci95[1]:.1f}% | "
+                         f"{100 * e.refusal.rate:.1f}% | {100 * e.incoherent.rate:.1f}% | {e.n} |")
+    for set_name, why in result.safety.skipped.items():
+        lines.append(f"| {set_name} | skipped | - | {why[:80]} | - | - | 0 |")
+    over = result.over_safety
     if over:
-        c = over["counts"]
-        lines += ["", f"## Over-safety ({over['dataset']}, judge `{over['judge']}`)", "",
-                  f"Refusal (full + partial): {100 * over['refusal']['rate']:.1f}% "
-                  f"(95% CI {100 * over['refusal']['ci95'][0]:.1f}-{100 * over['refusal']['ci95'][1]:.1f}%, n={over['n']}); "
-                  f"full compliance {c['1_full_compliance']}, full refusal {c['2_full_refusal']}, "
+        c, r = over.counts, over.refusal
+        lines += ["", f"## Over-safety ({over.dataset}, judge `{over.judge}`)", "",
+                  f"Refusal (full + partial): {100 * r.rate:.1f}% (95% CI {100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%, "
+                  f"n={over.n}); full compliance {c['1_full_compliance']}, full refusal {c['2_full_refusal']}, "
                   f"partial refusal {c['3_partial_refusal']}."]
-    util = m["utility"]
-    if util["sets"]:
+    util = result.utility
+    if util.sets:
         lines += ["", "## Utility (response-token NLL of reference answers)", "",
                   "| set | n | tokens | NLL | perplexity |", "|---|---:|---:|---:|---:|"]
-        for set_name, e in util["sets"].items():
-            lines.append(f"| {set_name} | {e['n']} | {e['tokens']} | {e['nll']:.3f} | {e['perplexity']:.2f} |")
-    if m.get("answers"):
+        for set_name, e in util.sets.items():
+            lines.append(f"| {set_name} | {e.n} | {e.tokens} | {e.nll:.3f} | {e.perplexity:.2f} |")
+    if result.answers:
         lines += ["", "## Answers for an external judge", ""]
-        lines += [f"- {k}: {v['n']} answers in `{v['path']}`" for k, v in m["answers"].items()]
-    if "lm_eval" in m:
-        lines += ["", "## lm-evaluation-harness", "", f"`{m['lm_eval']}`"]
-    t = m.get("timing", {})
+        lines += [f"- {k}: {v.n} answers in `{v.path}`" for k, v in result.answers.items()]
+    if result.lm_eval is not None:
+        lines += ["", "## lm-evaluation-harness", "", f"`{result.lm_eval}`"]
+    t = result.timing
     if t:
-        tps = t.get("tokens_per_s")
-        lines += ["", "## Cost", "", f"Total {t['total_s']:.1f} s; generation {t['generation_s']:.1f} s, "
-                  f"{t['generated_tokens']} new tokens" + (f" ({tps:.0f} tok/s)" if tps else "") +
-                  (f"; {t['resumed_rows']} rows resumed from disk" if t.get("resumed_rows") else "") + "."]
+        lines += ["", "## Cost", "", f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, "
+                  f"{t.generated_tokens} new tokens" + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "") +
+                  (f"; {t.resumed_rows} rows resumed from disk" if t.resumed_rows else "") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,16 @@ def _floats(text: str) -> list[float]:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from err
 
 
+def _context(suite: str | None, data_dir: Optional[str], quiet: bool):
+    """Suite and data folder resolved once, before any model is loaded (a typo fails in a second)."""
+    from safeunits.eval.context import EvalContext
+
+    try:
+        return EvalContext.create(suite, data_dir=data_dir, progress=not quiet)
+    except (FileNotFoundError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--suite / --data-dir") from err
+
+
 def _load(model: str):
     from safeunits.models.loading import load_model
 
@@ -208,8 +218,7 @@ def sweep(
                          validation=ValidationConfig(n_xstest=n_xstest, n_utility=n_utility,
                                                      max_new_tokens=max_new_tokens))
     m, tok = _load(model)
-    result = run_sweep(m, tok, DensePatch(se), DensePatch(osm), data, config, out, data_dir=data_dir,
-                       progress=not quiet)
+    run_sweep(m, tok, DensePatch(se), DensePatch(osm), data, config, out, _context(None, data_dir, quiet))
     typer.echo((out / "sweep.md").read_text())
 
 
@@ -243,11 +252,12 @@ def continual(
     osm_conf = PatchConfig(objective="descent", train={**train, **_json_option(osm_train, "--osm-train")})
     fields = dict(prompts=prompts, data=HarmfulDataConfig(prompts=prompts, offset=0, n_train=n_train, n_val=0),
                   se=se_conf, osm=osm_conf,
-                  merge=_merge_config(a, b, alpha, beta, None, 0, "per_tensor", best), suite=suite)
+                  merge=_merge_config(a, b, alpha, beta, None, 0, "per_tensor", best))
     if category:
         fields["categories"] = category
+    ctx = _context(suite, data_dir, quiet)
     m, tok = _load(model)
-    run_continual(m, tok, ContinualConfig(**fields), out, data_dir=data_dir, progress=not quiet)
+    run_continual(m, tok, ContinualConfig(**fields), out, ctx)
     typer.echo((out / "continual.md").read_text())
 
 
@@ -267,6 +277,7 @@ def baselines(
     beta: float = typer.Option(1.0, help="SafePatching β."),
     best: Optional[Path] = typer.Option(None, help="best.json from `patch sweep` for SafePatching's a, b, α, β."),
     suite: str = typer.Option("quick", help="Evaluation suite (test prompts)."),
+    data_dir: Optional[str] = DATA_DIR,
     quiet: bool = QUIET,
 ) -> None:
     """Compare no intervention, GA, GD, NPO, task arithmetic, TIES and SafePatching on the same evaluation."""
@@ -279,10 +290,10 @@ def baselines(
         typer.echo("no --npo patch given: skipping the NPO baseline", err=True)
         chosen.remove("npo")
     config = BaselinesConfig(methods=chosen, task_arithmetic_lambda=lam, ties=TiesConfig(density=ties_density),
-                             merge=_merge_config(a, b, alpha, beta, None, 0, "per_tensor", best), suite=suite)
+                             merge=_merge_config(a, b, alpha, beta, None, 0, "per_tensor", best))
+    ctx = _context(suite, data_dir, quiet)
     m, tok = _load(model)
-    run_baselines(m, tok, DensePatch(se), DensePatch(osm), config, out, npo=DensePatch(npo) if npo else None,
-                  progress=not quiet)
+    run_baselines(m, tok, DensePatch(se), DensePatch(osm), config, out, ctx, npo=DensePatch(npo) if npo else None)
     typer.echo((out / "baselines.md").read_text())
 
 

@@ -13,7 +13,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.eval.report import rows_markdown
+from safeunits.eval.context import EvalContext
+from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.apply import apply_patch
 from safeunits.patching.evaluation import evaluate_model
@@ -34,7 +35,6 @@ class ContinualConfig(BaseModel):
     se: PatchConfig = Field(default_factory=lambda: PatchConfig(objective="ascent"))
     osm: PatchConfig = Field(default_factory=lambda: PatchConfig(objective="descent"))
     merge: MergeConfig = Field(default_factory=MergeConfig)
-    suite: str = Field("quick", description="evaluation after every step")
 
 
 def run_continual(
@@ -42,14 +42,15 @@ def run_continual(
     tokenizer: PreTrainedTokenizerBase,
     config: ContinualConfig,
     out_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    progress: bool = True,
+    evaluation: EvalContext | None = None,
 ) -> list[dict[str, Any]]:
-    """Patch the model category by category (in place); the three axes after each step -> continual.md/json."""
+    """Patch the model category by category (in place); the three axes after each step (`evaluation`, default
+    quick; significance against the backbone) -> continual.md/json."""
+    evaluation = evaluation or EvalContext.create()
+    progress, data_dir = evaluation.progress, evaluation.data_dir
     out = Path(out_dir)
-    rows = [{"step": 0, "category": "(backbone)", **evaluate_model(model, tokenizer, config.suite, out / "step0_eval",
-                                                                   progress=progress)}]
+    first_row, backbone = evaluate_model(model, tokenizer, evaluation, out / "step0_eval")
+    rows = [{"step": 0, "category": "(backbone)", **first_row}]
     write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})  # updated each step
     for step, category in enumerate(config.categories, 1):
         sdir = out / f"step{step}_{category}"
@@ -62,12 +63,14 @@ def run_continual(
         patch.manifest["continual_step"] = {"step": step, "category": category}
         patch.save(sdir / "patch")
         apply_patch(model, patch)
+        row, _ = evaluate_model(model, tokenizer, evaluation, sdir / "eval", baseline=backbone)
         rows.append({"step": step, "category": category, "n_train": len(data["train"]), "nnz": patch.nnz,
-                     "se_steps": se.manifest["steps"], "se_stopped": se.manifest["stopped_reason"],
-                     **evaluate_model(model, tokenizer, config.suite, sdir / "eval", progress=progress)})
+                     "se_steps": se.manifest["steps"], "se_stopped": se.manifest["stopped_reason"], **row})
         write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})
     columns = [("step", "step", ""), ("category", "category added", ""), ("asr", "harmful %", "%"),
                ("asr_system", "harmful % (+sys)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
-               ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ",")]
-    write_text(out / "continual.md", f"# Continual SafePatching (suite `{config.suite}`)\n\n" + rows_markdown(rows, columns))
+               ("incoherent", "incoherent %", "%"), ("utility_nll", "utility NLL", ".3f"),
+               ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ",")]
+    write_text(out / "continual.md", f"# Continual SafePatching (suite `{evaluation.suite.name}`)\n\n"
+               f"{SIGNIFICANCE_NOTE}\n\n" + rows_markdown(rows, columns))
     return rows

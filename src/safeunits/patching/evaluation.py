@@ -16,6 +16,10 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.registry import load_dataset
+from safeunits.eval.context import EvalContext
+from safeunits.eval.report import headline_row
+from safeunits.eval.result import EvalResult
+from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
 from safeunits.io import write_text
 from safeunits.patching.apply import apply_patch, undo_patch
 from safeunits.patching.sparse import SparsePatch
@@ -36,10 +40,8 @@ class ValidationConfig(BaseModel):
 
 
 def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: ValidationConfig | None = None,
-                     data_dir: str | None = None):
+                     data_dir: str | Path | None = None) -> SuiteConfig:
     """A SuiteConfig over held-out prompts only; the XSTest subset is written beside it for the record."""
-    from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
-
     config = config or ValidationConfig()
     val = Path(dh_folder) / "val.jsonl"
     if not val.is_file() or not val.read_text().strip():
@@ -60,24 +62,24 @@ def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: Validat
     )
 
 
-def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, suite: Any, out_dir: Path | None,
-                   *, progress: bool = True) -> dict[str, Any]:
-    """Headline metrics of one evaluation (the shared runner), plus wall time."""
-    from safeunits.eval.runner import evaluate
-
+def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, evaluation: EvalContext,
+                   out_dir: Path | None, *, baseline: EvalResult | None = None) -> tuple[dict[str, Any], EvalResult]:
+    """One evaluation through the experiment's context: a table row (headline, significance against `baseline`,
+    wall time) and the full result."""
     started = time.time()
-    result = evaluate(model, tokenizer, suite, out_dir=out_dir, progress=progress)
-    return {**{k: float(v) for k, v in result.headline.items()}, "eval_seconds": round(time.time() - started, 1)}
+    result = evaluation.evaluate(model, tokenizer, out_dir)
+    return {**headline_row(result, baseline), "eval_seconds": round(time.time() - started, 1)}, result
 
 
 def evaluate_patched(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, patches: list[tuple[SparsePatch, float]],
-                     suite: Any, out_dir: Path | None, *, progress: bool = True) -> dict[str, Any]:
+                     evaluation: EvalContext, out_dir: Path | None, *,
+                     baseline: EvalResult | None = None) -> tuple[dict[str, Any], EvalResult]:
     """Apply (patch, scale) pairs, evaluate, and restore the model bit-for-bit whatever happens."""
     undos = []
     try:
         for patch, scale in patches:
             undos.append(apply_patch(model, patch, scale=scale))
-        return evaluate_model(model, tokenizer, suite, out_dir, progress=progress)
+        return evaluate_model(model, tokenizer, evaluation, out_dir, baseline=baseline)
     finally:
         for undo in reversed(undos):
             undo_patch(model, undo)

@@ -1,19 +1,28 @@
-"""Weight-space baselines on dense patches: task arithmetic θ_B + Σ λ_i δ_i and TIES merging.
+"""Patch methods by name, and the weight-space ones: task arithmetic θ_B + Σ λ_i δ_i and TIES merging.
 
-Both return a SparsePatch (the additive change), so every method is applied, saved and evaluated the
-same way as SafePatching's controllable merge. Tensor by tensor from the memory-mapped patch folders.
+Every method turns the dense patches (δ_SE, δ_OSM, optionally δ_NPO) into a SparsePatch (the additive
+change, or None for the untouched backbone), so each is applied, saved and evaluated the same way as
+SafePatching's controllable merge. Task arithmetic and TIES work tensor by tensor from the memory-mapped
+patch folders. A new method is one `@register_patch_method` entry at the end of this file.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from pydantic import BaseModel, Field
 
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
+from safeunits.patching.merge import controllable_merge
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
+
+if TYPE_CHECKING:
+    from safeunits.patching.baselines import BaselinesConfig
 
 
 def _common(patches: list[DensePatch]) -> list[str]:
@@ -87,3 +96,122 @@ def ties_merge(patches: list[DensePatch], config: TiesConfig | None = None, *, p
     return SparsePatch(deltas, patches[0].signature, {
         "method": "ties", "ties_config": config.model_dump(mode="json"), "patches": [str(p.folder) for p in patches],
         "backbone_fingerprint": patches[0].manifest.get("backbone_fingerprint")})
+
+
+# --- the registry of patch methods (SafePatching Table 1's baselines) -------------------------------
+
+
+class UnknownPatchMethodError(ValueError):
+    """A patch method name that no `register_patch_method` entry has."""
+
+
+class MissingPatchError(ValueError):
+    """A method needs a dense patch (e.g. δ_NPO) that was not given."""
+
+
+@dataclass(frozen=True)
+class PatchSources:
+    """The dense patches a method may combine, each derived from the backbone by `patch derive`."""
+
+    se: DensePatch  # safety patch δ_SE (objective ascent)
+    osm: DensePatch  # over-safety patch δ_OSM (objective descent)
+    npo: DensePatch | None = None  # NPO patch δ_NPO (objective npo), only for methods that need it
+
+
+_DERIVED_BY = {"se": "ascent", "osm": "descent", "npo": "npo"}  # PatchSources field -> `patch derive --objective`
+
+PatchBuilder = Callable[[PatchSources, "BaselinesConfig"], SparsePatch | None]
+
+
+@dataclass(frozen=True)
+class PatchMethod:
+    """A named way of turning dense patches into the change to evaluate (None: evaluate the backbone itself)."""
+
+    name: str
+    description: str
+    build: PatchBuilder
+    needs: tuple[str, ...] = ()  # PatchSources fields that must not be None
+
+    def check(self, sources: PatchSources) -> None:
+        """Fail before any evaluation runs when a patch this method needs is missing."""
+        for need in self.needs:
+            if getattr(sources, need) is None:
+                raise MissingPatchError(f"the {self.name} method needs the {need} patch: derive it with "
+                                        f"`safeunits patch derive --objective {_DERIVED_BY[need]}`")
+
+    def __call__(self, sources: PatchSources, config: BaselinesConfig) -> SparsePatch | None:
+        self.check(sources)
+        return self.build(sources, config)
+
+
+_PATCH_METHODS: dict[str, PatchMethod] = {}
+
+
+def register_patch_method(name: str, description: str, *,
+                          needs: tuple[str, ...] = ()) -> Callable[[PatchBuilder], PatchBuilder]:
+    """Decorator: make `build(sources, config)` selectable as baseline method `name`."""
+    unknown = sorted(set(needs) - set(_DERIVED_BY))
+    if unknown:
+        raise ValueError(f"patch method {name!r} needs unknown sources {unknown}; choose from {', '.join(_DERIVED_BY)}")
+
+    def register(build: PatchBuilder) -> PatchBuilder:
+        if name in _PATCH_METHODS:
+            raise ValueError(f"a patch method named {name!r} is already registered")
+        _PATCH_METHODS[name] = PatchMethod(name, description, build, needs)
+        return build
+
+    return register
+
+
+def patch_method_names() -> list[str]:
+    """Registered patch method names, in registration order."""
+    return list(_PATCH_METHODS)
+
+
+def get_patch_method(name: str) -> PatchMethod:
+    """The method registered as `name`; unknown names list the known ones."""
+    try:
+        return _PATCH_METHODS[name]
+    except KeyError:
+        raise UnknownPatchMethodError(f"unknown patch method {name!r}; choose from {', '.join(patch_method_names())} "
+                                      "(or register one with safeunits.patching.methods.register_patch_method)") from None
+
+
+def build_method_patch(method: str, sources: PatchSources, config: BaselinesConfig) -> SparsePatch | None:
+    """The additive patch `method` applies to the backbone (None for the untouched backbone)."""
+    return get_patch_method(method)(sources, config)
+
+
+@register_patch_method("none", "the backbone, untouched")
+def _none(sources: PatchSources, config: BaselinesConfig) -> None:
+    return None
+
+
+@register_patch_method("ga", "gradient ascent: θ_B + δ_SE")
+def _ga(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return task_arithmetic([sources.se], [1.0], progress=False)
+
+
+@register_patch_method("gd", "gradient descent on the over-safety data: θ_B + δ_OSM")
+def _gd(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return task_arithmetic([sources.osm], [1.0], progress=False)
+
+
+@register_patch_method("npo", "Negative Preference Optimization: θ_B + δ_NPO", needs=("npo",))
+def _npo(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return task_arithmetic([sources.npo], [1.0], progress=False)
+
+
+@register_patch_method("task_arithmetic", "task arithmetic: θ_B + λ·δ_SE (task_arithmetic_lambda)")
+def _task_arithmetic(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return task_arithmetic([sources.se], [config.task_arithmetic_lambda], progress=False)
+
+
+@register_patch_method("ties", "TIES merge of δ_SE and δ_OSM (ties)")
+def _ties(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return ties_merge([sources.se, sources.osm], config.ties, progress=False)
+
+
+@register_patch_method("safepatching", "SafePatching's controllable merge of δ_SE and δ_OSM (merge)")
+def _safepatching(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return controllable_merge(sources.se, sources.osm, config.merge, progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -20,37 +20,40 @@ from safeunits.data.records import Record
 from safeunits.io import read_json, save_safetensors, write_json
 from safeunits.models.signature import architecture_description, model_fingerprint
 from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
+from safeunits.train.objectives import get_objective
 
 DELTA_FILE, SALIENCY_FILE, MANIFEST_FILE = "delta.safetensors", "saliency.safetensors", "manifest.json"
-Objective = Literal["ascent", "descent", "npo"]
 
 # Defaults chosen for SmolLM2-135M on CPU (see docs/patching.md); every field is overridable.
-DEFAULT_TRAIN: dict[str, dict[str, Any]] = {
-    # bounded ascent: stop as soon as the harmful responses' NLL passes the bound, or after the step budget
-    "ascent": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
-                   scheduler="constant", max_length=256, seed=0, stop_nll_above=6.0),
-    "descent": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
-                    scheduler="constant", max_length=256, seed=0),
-    "npo": dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0, warmup_ratio=0.0,
-                scheduler="constant", max_length=256, seed=0),
-}
+DEFAULT_TRAIN: dict[str, Any] = dict(lr=2e-5, epochs=1, max_steps=40, batch_size=4, grad_accum=1, weight_decay=0.0,
+                                     warmup_ratio=0.0, scheduler="constant", max_length=256, seed=0)
+# bounded ascent: stop as soon as the harmful responses' NLL passes the bound, or after the step budget
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {"ascent": dict(stop_nll_above=6.0)}
+PATCH_KINDS = {"ascent": "safety (SE)", "descent": "over-safety (OSM)", "npo": "NPO"}  # manifest "kind" per objective
 
 
 class PatchConfig(BaseModel):
     """How one patch is derived from the backbone."""
 
-    objective: Objective = Field(..., description="'ascent' gives δ_SE (unlearn harmful answers), 'descent' δ_OSM, "
-                                                  "'npo' the NPO baseline")
-    train: dict[str, Any] = Field(default_factory=dict,
-                                  description="TrainConfig fields overriding DEFAULT_TRAIN[objective]")
+    objective: str = Field(..., description="a registered training objective (train.objectives): 'ascent' gives "
+                                            "δ_SE (unlearn harmful answers), 'descent' δ_OSM, 'npo' the NPO baseline")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields overriding DEFAULT_TRAIN "
+                                                                    "and OBJECTIVE_DEFAULTS[objective]")
     saliency_on: Literal["patched", "backbone"] = Field(
         "patched", description="SNIP on θ_B + δ (SafePatching's choice) or on the backbone θ_B")
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        get_objective(name)
+        return name
+
     def train_config(self):
         from safeunits.train.engine import TrainConfig
 
-        return TrainConfig(**{**DEFAULT_TRAIN[self.objective], **self.train, "objective": self.objective})
+        return TrainConfig(**{**DEFAULT_TRAIN, **OBJECTIVE_DEFAULTS.get(self.objective, {}), **self.train,
+                              "objective": self.objective})
 
 
 class DensePatch:
@@ -128,7 +131,7 @@ def derive_patch(
         model.zero_grad(set_to_none=True)
         model.eval()
     manifest = {
-        "kind": {"ascent": "safety (SE)", "descent": "over-safety (OSM)", "npo": "NPO"}[config.objective],
+        "kind": PATCH_KINDS.get(config.objective, config.objective),
         "objective": config.objective,
         "backbone_fingerprint": fingerprint,
         "model_type": signature["model_type"],

@@ -15,7 +15,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.eval.report import rows_markdown
+from safeunits.eval.context import EvalContext
+from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
@@ -56,14 +57,16 @@ def run_sweep(
     dh_folder: str | Path,
     config: SweepConfig,
     out_dir: str | Path,
-    *,
-    data_dir: str | None = None,
-    progress: bool = True,
+    evaluation: EvalContext | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every grid point on the held-out suite; write sweep.jsonl, sweep.md, pareto.png, best.json."""
+    """Evaluate every grid point on the held-out suite; write sweep.jsonl, sweep.md, pareto.png, best.json.
+
+    The suite is built from held-out prompts (`validation_suite`); `evaluation` gives the data folder and progress."""
+    evaluation = evaluation or EvalContext.create(None)
+    progress = evaluation.progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suite = validation_suite(dh_folder, out, config.validation, data_dir)
+    held_out = evaluation.with_suite(validation_suite(dh_folder, out, config.validation, evaluation.data_dir))
     log = out / "sweep.jsonl"
     done = {}
     if log.is_file():
@@ -78,15 +81,15 @@ def run_sweep(
             fh.write(json.dumps(row) + "\n")
         return row
 
-    baseline = done.get("backbone") or record({"key": "backbone", "method": "backbone",
-                                               **evaluate_model(model, tokenizer, suite, None, progress=progress)})
+    backbone_row, backbone = evaluate_model(model, tokenizer, held_out, out / "backbone")  # resumes from its files
+    baseline = done.get("backbone") or record({"key": "backbone", "method": "backbone", **backbone_row})
     for single, patch in (("se_alone", se), ("osm_alone", osm)):
         if single not in done:
             from safeunits.patching.methods import task_arithmetic
 
             full = task_arithmetic([patch], [1.0], progress=False)
-            record({"key": single, "method": single, "nnz": full.nnz,
-                    **evaluate_patched(model, tokenizer, [(full, 1.0)], suite, None, progress=progress)})
+            row, _ = evaluate_patched(model, tokenizer, [(full, 1.0)], held_out, None, baseline=backbone)
+            record({"key": single, "method": single, "nnz": full.nnz, **row})
             del full
     for a, b in itertools.product(config.a, config.b):
         todo = [(al, be) for al, be in itertools.product(config.alpha, config.beta) if _key(a, b, al, be) not in done]
@@ -95,8 +98,8 @@ def run_sweep(
         merge = MergeConfig(a=a, b=b, dare_p=config.dare_p, seed=config.seed, scope=config.scope)
         part_se, part_osm, stats = merge_parts(se, osm, merge, progress=progress)
         for alpha, beta in todo:
-            metrics = evaluate_patched(model, tokenizer, [(part_se, alpha), (part_osm, beta)], suite, None,
-                                       progress=progress)
+            metrics, _ = evaluate_patched(model, tokenizer, [(part_se, alpha), (part_osm, beta)], held_out, None,
+                                          baseline=backbone)
             record({"key": _key(a, b, alpha, beta), "method": "safepatching", "a": a, "b": b, "alpha": alpha,
                     "beta": beta, "nnz": part_se.nnz + part_osm.nnz, "se_kept": stats["se"],
                     "osm_kept": stats["osm"], "both_salient": stats["both_salient"], **metrics})
@@ -107,9 +110,10 @@ def run_sweep(
         r["pareto"] = i in front
     best = select_default(grid, baseline, config.utility_tolerance) if grid else None
     columns = [("key", "point", ""), ("asr", "harmful % (val)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
-               ("utility_nll", "utility NLL", ".3f"), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
+               ("utility_nll", "utility NLL", ".3f"), ("incoherent", "incoherent %", "%"),
+               ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
     text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "
-            f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}).\n\n"
+            f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}). {SIGNIFICANCE_NOTE}\n\n"
             + rows_markdown(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
     write_text(out / "sweep.md", text)
     write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json")})

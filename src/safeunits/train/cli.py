@@ -46,6 +46,16 @@ def _recipe(recipe: str, config: Path | None, model: str | None, sets: list[str]
     return loaded
 
 
+def _context(suite: str | None, data_dir: Path | None, progress: bool):
+    """The evaluation context of a training command, resolved before any training (a typo fails in a second)."""
+    from safeunits.eval.context import EvalContext
+
+    try:
+        return EvalContext.create(suite, data_dir=data_dir, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--eval") from err
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_command(
@@ -90,7 +100,7 @@ def register(app: typer.Typer) -> None:
         if checkpoint_every:
             extra.update({"train.checkpoint_every": checkpoint_every, "train.checkpoint_dir": str(out / "checkpoints")})
         rec = _recipe(recipe, config, model, sets, extra)
-        report = run_recipe(rec, out, data_dir=data_dir, eval_suite=eval_suite, progress=progress)
+        report = run_recipe(rec, out, _context(eval_suite, data_dir, progress))
         summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
         summary["trainable_share"] = report["train"]["mask"]["trainable_share"]
         if "eval" in report:
@@ -120,7 +130,7 @@ def register(app: typer.Typer) -> None:
         if not unit_map.exists():
             raise typer.BadParameter(f"unit map {unit_map} does not exist (make one with `safeunits attribute`)")
         rec = _recipe("align", config, model, sets, {})
-        ssah_budget(rec, unit_map, out, settings=tuple(settings), eval_suite=eval_suite, data_dir=data_dir, progress=progress,
+        ssah_budget(rec, unit_map, out, settings=tuple(settings), evaluation=_context(eval_suite, data_dir, progress),
                     save_models=save_models)
         typer.echo((out / "table.md").read_text())
 
@@ -147,5 +157,5 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unit map {unit_map} does not exist (make one with `safeunits attribute`)")
         rec = _recipe("finetune", config, model, sets, {})
         ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor,
-                    eval_suite=eval_suite, data_dir=data_dir, progress=progress, save_models=save_models)
+                    evaluation=_context(eval_suite, data_dir, progress), save_models=save_models)
         typer.echo((out / "table.md").read_text())

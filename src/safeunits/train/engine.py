@@ -6,10 +6,15 @@ Built on Hugging Face Accelerate (device placement, mixed precision, DDP through
 grad_accum=2` optimises the same objective as `batch_size=8`. Unit masks (`train.masks`) keep frozen weights
 bit-identical. The data order is a pure function of (seed, epoch), so a run resumed from a checkpoint
 replays exactly the batches an uninterrupted run would have seen.
+
+`train()` reads top-down: encode the data and plan the steps (`_Plan`), set up the optimizer and the
+objective (`_setup`; objectives live in `train.objectives`), resume (`_resume`), loop (`_loop`: per step
+`_accumulate_gradients` then `_apply_update`), save the final checkpoint (`_Checkpoints`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,11 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
@@ -31,10 +36,9 @@ from safeunits.data.records import Record
 from safeunits.io import read_json, write_json
 from safeunits.models.chat import EncodedPair, collate, encode_pair
 from safeunits.train.masks import MaskedUpdate, MaskStats, update_masks
+from safeunits.train.objectives import LossInputs, TrainingObjective, get_objective, objective_names
 
 log = logging.getLogger(__name__)
-
-Objective = Literal["descent", "ascent", "npo"]
 
 
 class TrainConfig(BaseModel):
@@ -52,8 +56,8 @@ class TrainConfig(BaseModel):
     scheduler: str = Field("linear", description="transformers.get_scheduler name: linear, cosine, constant, ...")
     max_length: int = Field(256, ge=8, description="Token cap per example; the response end is cut, never the prompt.")
     seed: int = Field(0, description="Seeds the data order (per epoch) and torch's RNG.")
-    objective: Objective = Field("descent", description="descent: minimise response NLL (SFT); ascent: maximise it "
-                                 "(unlearning, SafePatching's safety patch); npo: Negative Preference Optimization.")
+    objective: str = Field("descent", description="Registered training objective (train.objectives): " + "; ".join(
+        f"{name}: {get_objective(name).description}" for name in objective_names()) + ".")
     npo_beta: float = Field(0.1, gt=0, description="NPO inverse temperature beta (Zhang et al. 2024).")
     stop_nll_above: float | None = Field(None, description="Ascent bound: stop before a step whose training batch "
                                          "already has response NLL above this value.")
@@ -70,10 +74,18 @@ class TrainConfig(BaseModel):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, name: str) -> str:
+        get_objective(name)
+        return name
+
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.stop_nll_above is not None and self.objective == "descent":
-            raise ValueError("stop_nll_above bounds gradient ascent/NPO; it makes no sense with objective='descent'")
+        if self.stop_nll_above is not None and not get_objective(self.objective).raises_nll:
+            bounded = [n for n in objective_names() if get_objective(n).raises_nll]
+            raise ValueError(f"stop_nll_above bounds objectives that raise the response NLL ({', '.join(bounded)}); "
+                             f"it makes no sense with objective={self.objective!r}")
         return self
 
     def fingerprint(self) -> str:
@@ -129,148 +141,229 @@ def train(
     """
     from accelerate.utils import set_seed
 
+    _check_records(records)
+    may_change = update_masks(model, frozen, trainable)
+    set_seed(config.seed)
+    accelerator = _accelerator(config.mixed_precision)
+    pairs = _encode(tokenizer, records, config)
+    plan = _Plan.make(len(pairs), config, accelerator.num_processes, accelerator.process_index)
+    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator)
+    state = {"step": 0, "losses": [], "nlls": [], "tokens": 0, "config": config.fingerprint(),
+             "data": _data_fingerprint(pairs)}
+    try:
+        state = _resume(run, state)
+        resumed_from = state["step"]
+        end = _loop(run, plan, state, progress=progress, callback=callback)
+    finally:
+        run.masker.release()
+        model.eval()
+    checkpoint = run.checkpoints.save_final(state, run.ref_logps)
+    accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+    accelerator.free_memory()
+    losses, world = state["losses"], plan.world
+    return TrainResult(
+        steps=state["step"], final_loss=losses[-1] if losses else float("nan"), losses=losses,
+        tokens_per_s=end.tokens * world / end.wall_s if end.wall_s > 0 else 0.0, stopped_reason=end.stopped,
+        nlls=state["nlls"], tokens=state["tokens"] * world, wall_s=end.wall_s, examples=len(pairs),
+        resumed_from=resumed_from, checkpoint=checkpoint,
+        mask=run.masker.stats.as_dict() if isinstance(run.masker.stats, MaskStats) else None,
+    )
+
+
+# --- data and plan ----------------------------------------------------------------------------------
+
+
+def _check_records(records: list[Record]) -> None:
     if not records:
         raise ValueError("no training records")
     missing = [i for i, r in enumerate(records) if not r.response]
     if missing:
         raise ValueError(f"{len(missing)} records have no response to train on (first at index {missing[0]})")
-    may_change = update_masks(model, frozen, trainable)
-    set_seed(config.seed)
-    accelerator = _accelerator(config.mixed_precision)
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, records: list[Record], config: TrainConfig) -> list[EncodedPair]:
+    """Chat-template and tokenise every example once, with the loss on `config.loss_on` tokens."""
     pairs = [encode_pair(tokenizer, r.prompt, r.response, system_prompt=config.system_prompt,
                          max_length=config.max_length, loss_on=config.loss_on) for r in records]
     if not any(p.n_loss_tokens for p in pairs):
         raise ValueError("no example has a loss token left after truncation; raise max_length")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_step = config.batch_size * config.grad_accum * world
-    steps_per_epoch = len(pairs) // per_step if world > 1 else math.ceil(len(pairs) / per_step)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(pairs)} examples are fewer than one step across {world} processes ({per_step})")
-    total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
-    data_fp = hashlib.blake2b(json.dumps([p.input_ids for p in pairs]).encode(), digest_size=8).hexdigest()
+    return pairs
 
+
+def _data_fingerprint(pairs: list[EncodedPair]) -> str:
+    """Hash of the tokenised data, so a checkpoint is only resumed on the data it was trained on."""
+    return hashlib.blake2b(json.dumps([p.input_ids for p in pairs]).encode(), digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which examples each optimizer step sees: a pure function of (seed, epoch, step), so resume replays them."""
+
+    n_examples: int
+    config: TrainConfig
+    world: int
+    rank: int
+    per_step: int  # examples per optimizer step across all processes
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def make(cls, n_examples: int, config: TrainConfig, world: int, rank: int) -> "_Plan":
+        per_step = config.batch_size * config.grad_accum * world
+        steps_per_epoch = n_examples // per_step if world > 1 else math.ceil(n_examples / per_step)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{n_examples} examples are fewer than one step across {world} processes ({per_step})")
+        total_steps = config.max_steps or max(1, round(config.epochs * steps_per_epoch))
+        return cls(n_examples, config, world, rank, per_step, steps_per_epoch, total_steps)
+
+    def step_indices(self, step: int) -> list[int]:
+        """Example indices of optimizer step `step` (all processes): a seeded permutation per epoch."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self.config.shuffle:
+            gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+            order = torch.randperm(self.n_examples, generator=gen).tolist()
+        else:
+            order = list(range(self.n_examples))
+        return order[pos * self.per_step:(pos + 1) * self.per_step]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's share of each gradient-accumulation micro-batch of step `step` (empty ones dropped)."""
+        idx, size = self.step_indices(step), self.config.batch_size * self.world
+        micro = [idx[i * size:(i + 1) * size][self.rank::self.world] for i in range(self.config.grad_accum)]
+        return [m for m in micro if m]
+
+
+# --- one optimizer step -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps of one run share: the objective, the prepared model/optimizer/scheduler, masks, checkpoints."""
+
+    config: TrainConfig
+    objective: TrainingObjective
+    pairs: list[EncodedPair]
+    pad_id: int
+    accelerator: Any
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under `accelerate launch`)
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    masker: MaskedUpdate
+    ref_logps: torch.Tensor | None  # per example, under the initial weights (objectives that need a reference)
+    checkpoints: "_Checkpoints"
+
+
+def _setup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[EncodedPair], config: TrainConfig,
+           plan: _Plan, may_change: dict[str, torch.Tensor] | None, accelerator) -> _Run:
+    """Masks, AdamW over the trainable weights, the LR schedule and the objective's reference, then Accelerate."""
+    objective = get_objective(config.objective)(config)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     masker = MaskedUpdate(model, may_change)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
                                   weight_decay=config.weight_decay)
-    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=round(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
-    ref_logps = _reference_logps(model, pairs, pad_id, config, accelerator) if config.objective == "npo" else None
+    scheduler = get_scheduler(config.scheduler, optimizer,
+                              num_warmup_steps=round(config.warmup_ratio * plan.total_steps),
+                              num_training_steps=plan.total_steps)
+    ref_logps = _reference_logps(model, pairs, pad_id, config, accelerator) if objective.needs_reference else None
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return _Run(config, objective, pairs, pad_id, accelerator, wrapped, params, optimizer, scheduler, masker, ref_logps,
+                _Checkpoints(config, accelerator))
 
-    state = {"step": 0, "losses": [], "nlls": [], "tokens": 0, "config": config.fingerprint(), "data": data_fp}
-    ckpt_root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    resumed_from = 0
-    if ckpt_root is not None:
-        latest = latest_checkpoint(ckpt_root)
-        if latest is not None:
-            saved = read_json(latest / "trainer_state.json")
-            for key, what in (("config", "training config"), ("data", "training data")):
-                if saved[key] != state[key]:
-                    raise ValueError(f"checkpoint {latest} was made with a different {what}; use another "
-                                     f"checkpoint_dir or delete it to start over")
-            accelerator.load_state(str(latest))
-            state = saved
-            resumed_from = state["step"]
-            if ref_logps is not None:
-                ref_logps = torch.load(latest / "npo_ref_logps.pt", weights_only=True)
-            masker.refresh()
-            log.info("resumed from %s (step %d)", latest, resumed_from)
 
+@dataclass
+class _StepStats:
+    loss: float  # the objective, summed over the step's micro-batches
+    nll: float  # response NLL per loss token (what `stop_nll_above` bounds)
+    tokens: int  # tokens processed on this process (prompt + response)
+
+
+def _accumulate_gradients(run: _Run, micro: list[list[int]], step: int) -> _StepStats:
+    """Forward and backward every micro-batch of one step; gradients add up and DDP syncs only on the last one.
+
+    Each micro-batch's loss is divided by the step's total count (tokens or sequences), so the summed
+    gradient is the one of a single batch holding all micro-batches.
+    """
+    pairs, accelerator = run.pairs, run.accelerator
+    n_resp = sum(pairs[i].n_loss_tokens for m in micro for i in m)
+    denom = sum(len(m) for m in micro) if run.objective.per_sequence else n_resp
+    loss_sum, nll_sum, n_tok = 0.0, 0.0, 0
+    for j, m in enumerate(micro):
+        batch = collate([pairs[i] for i in m], run.pad_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext():
+            tok_nll, seq_logp = _token_nll(run.model, batch)
+            batch_nll = tok_nll.sum()
+            ref = run.ref_logps[m].to(seq_logp.device) if run.ref_logps is not None else None
+            loss = run.objective.loss(LossInputs(tok_nll, batch_nll, seq_logp, ref, denom))
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(run.checkpoints.diverged(step, "loss"))
+            accelerator.backward(loss)
+        loss_sum += float(loss.detach())
+        nll_sum += float(batch_nll.detach())
+        n_tok += int(batch["attention_mask"].sum())
+    return _StepStats(loss_sum, nll_sum / max(n_resp, 1), n_tok)
+
+
+def _apply_update(run: _Run, step: int) -> None:
+    """Mask frozen gradients, clip (a NaN/Inf norm stops the run), step AdamW and the schedule, restore frozen weights."""
+    run.masker.mask_gradients()
+    if run.config.max_grad_norm is not None:
+        norm = run.accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm)
+        if not torch.isfinite(torch.as_tensor(norm)):
+            raise TrainingDivergedError(run.checkpoints.diverged(step, "gradient norm"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.masker.restore()
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LoopEnd:
+    stopped: str  # TrainResult.stopped_reason
+    tokens: int  # tokens this process ran in this session (not counting steps before a resume)
+    wall_s: float
+
+
+def _loop(run: _Run, plan: _Plan, state: dict, *, progress: bool, callback: CallbackFn | None) -> _LoopEnd:
+    """Optimizer steps until `plan.total_steps` or the NLL bound; updates `state` and checkpoints as it goes."""
+    config, accelerator = run.config, run.accelerator
     stopped = "completed"
     t0, tokens_run = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ({config.objective})",
+    bar = tqdm(total=plan.total_steps, initial=state["step"], desc=f"train ({config.objective})",
                disable=not progress or not accelerator.is_local_main_process, unit="step")
     try:
-        while state["step"] < total_steps:
+        while state["step"] < plan.total_steps:
             step = state["step"]
-            idx = _step_indices(len(pairs), step, steps_per_epoch, per_step, config)
-            micro = [idx[i * config.batch_size * world:(i + 1) * config.batch_size * world][rank::world]
-                     for i in range(config.grad_accum)]
-            micro = [m for m in micro if m]
-            denom = (sum(pairs[i].n_loss_tokens for m in micro for i in m) if config.objective != "npo"
-                     else sum(len(m) for m in micro))
-            loss_sum, nll_sum, n_tok = 0.0, 0.0, 0
-            for j, m in enumerate(micro):
-                batch = collate([pairs[i] for i in m], pad_id)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sync = accelerator.no_sync(wrapped) if j < len(micro) - 1 else _nullcontext()
-                with sync:
-                    tok_nll, seq_logp = _token_nll(wrapped, batch, accelerator)
-                    batch_nll = tok_nll.sum()
-                    if config.objective == "descent":
-                        loss = batch_nll / max(denom, 1)
-                    elif config.objective == "ascent":
-                        loss = -batch_nll / max(denom, 1)
-                    else:
-                        ratio = seq_logp - ref_logps[m].to(seq_logp.device)
-                        loss = (-(2.0 / config.npo_beta) * F.logsigmoid(-config.npo_beta * ratio)).sum() / denom
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(_diverged(step, "loss", ckpt_root))
-                    accelerator.backward(loss)
-                loss_sum += float(loss.detach())
-                nll_sum += float(batch_nll.detach())
-                n_tok += int(batch["attention_mask"].sum())
-            n_resp = sum(pairs[i].n_loss_tokens for m in micro for i in m)
-            step_nll = nll_sum / max(n_resp, 1)
-            if config.stop_nll_above is not None and step_nll > config.stop_nll_above:
-                optimizer.zero_grad(set_to_none=True)
+            stats = _accumulate_gradients(run, plan.micro_batches(step), step)
+            if config.stop_nll_above is not None and stats.nll > config.stop_nll_above:
+                run.optimizer.zero_grad(set_to_none=True)
                 stopped = "nll_above"
                 break
-            masker.mask_gradients()
-            if config.max_grad_norm is not None:
-                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                if not torch.isfinite(torch.as_tensor(norm)):
-                    raise TrainingDivergedError(_diverged(step, "gradient norm", ckpt_root))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            masker.restore()
+            _apply_update(run, step)
             state["step"] = step + 1
-            state["losses"].append(loss_sum)
-            state["nlls"].append(step_nll)
-            state["tokens"] += n_tok
-            tokens_run += n_tok
-            elapsed = time.perf_counter() - t0
+            state["losses"].append(stats.loss)
+            state["nlls"].append(stats.nll)
+            state["tokens"] += stats.tokens
+            tokens_run += stats.tokens
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", nll=f"{step_nll:.3f}", tok_s=f"{tokens_run * world / elapsed:.0f}")
-            if ckpt_root is not None and config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                _save_checkpoint(accelerator, ckpt_root, state, ref_logps, config.keep_checkpoints)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", nll=f"{stats.nll:.3f}",
+                            tok_s=f"{tokens_run * plan.world / (time.perf_counter() - t0):.0f}")
+            if run.checkpoints.due(state["step"]):
+                run.checkpoints.save(state, run.ref_logps)
             if callback is not None:
-                callback(state["step"], loss_sum)
+                callback(state["step"], stats.loss)
     finally:
         bar.close()
-        masker.release()
-        model.eval()
-    wall = time.perf_counter() - t0
-    checkpoint = None
-    if ckpt_root is not None and accelerator.is_main_process:
-        last = latest_checkpoint(ckpt_root)
-        if last is None or read_json(last / "trainer_state.json")["step"] != state["step"]:
-            _save_checkpoint(accelerator, ckpt_root, state, ref_logps, config.keep_checkpoints)
-        checkpoint = str(latest_checkpoint(ckpt_root))
-    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-    accelerator.free_memory()
-    losses = state["losses"]
-    return TrainResult(
-        steps=state["step"], final_loss=losses[-1] if losses else float("nan"), losses=losses,
-        tokens_per_s=tokens_run * world / wall if wall > 0 else 0.0, stopped_reason=stopped, nlls=state["nlls"],
-        tokens=state["tokens"] * world, wall_s=wall, examples=len(pairs), resumed_from=resumed_from,
-        mask=masker.stats.as_dict() if isinstance(masker.stats, MaskStats) else None, checkpoint=checkpoint,
-    )
+    return _LoopEnd(stopped, tokens_run, time.perf_counter() - t0)
 
 
-# --- pieces ---------------------------------------------------------------------------------------
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+# --- pieces -----------------------------------------------------------------------------------------
 
 
 def _accelerator(mixed_precision: str):
@@ -293,18 +386,7 @@ def _accelerator(mixed_precision: str):
         return Accelerator(mixed_precision=mixed_precision)
 
 
-def _step_indices(n: int, step: int, steps_per_epoch: int, per_step: int, config: TrainConfig) -> list[int]:
-    """Example indices of optimizer step `step`: a seeded permutation per epoch, so resume replays the order."""
-    epoch, pos = divmod(step, steps_per_epoch)
-    if config.shuffle:
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=gen).tolist()
-    else:
-        order = list(range(n))
-    return order[pos * per_step:(pos + 1) * per_step]
-
-
-def _token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL (0 where no loss) and per-sequence response log-prob, from one forward pass."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
@@ -316,7 +398,7 @@ def _token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor], accelerat
 
 @torch.no_grad()
 def _reference_logps(model, pairs: list[EncodedPair], pad_id: int, config: TrainConfig, accelerator) -> torch.Tensor:
-    """NPO's reference: each example's response log-prob under the initial weights, computed once."""
+    """The frozen reference (NPO's π_ref): each example's response log-prob under the initial weights, computed once."""
     was_training = model.training
     model.eval()
     out = torch.empty(len(pairs))
@@ -324,47 +406,94 @@ def _reference_logps(model, pairs: list[EncodedPair], pad_id: int, config: Train
         batch = collate(pairs[start:start + config.batch_size], pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            _, logp = _token_nll(model.to(accelerator.device), batch, accelerator)
+            _, logp = _token_nll(model.to(accelerator.device), batch)
         out[start:start + len(logp)] = logp.float().cpu()
     model.train(was_training)
     return out
 
 
-def _diverged(step: int, what: str, ckpt_root: Path | None) -> str:
-    last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
-    where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (set checkpoint_dir)"
-    return (f"{what} became NaN/Inf at step {step + 1}; training stopped before updating the weights with it; "
-            f"{where}. Lower lr, enable clipping, or check the data.")
+# --- checkpoints ------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "npo_ref_logps.pt"  # the name from when NPO was the only objective with a reference
+
+
+def _resume(run: _Run, state: dict) -> dict:
+    """Continue from the newest checkpoint in `checkpoint_dir`, if any (made with the same config and data)."""
+    latest = run.checkpoints.latest()
+    if latest is None:
+        return state
+    saved = read_json(latest / STATE_FILE)
+    for key, what in (("config", "training config"), ("data", "training data")):
+        if saved[key] != state[key]:
+            raise ValueError(f"checkpoint {latest} was made with a different {what}; use another "
+                             f"checkpoint_dir or delete it to start over")
+    run.accelerator.load_state(str(latest))
+    if run.ref_logps is not None:
+        run.ref_logps = torch.load(latest / REFERENCE_FILE, weights_only=True)
+    run.masker.refresh()
+    log.info("resumed from %s (step %d)", latest, saved["step"])
+    return saved
+
+
+class _Checkpoints:
+    """`checkpoint_dir/step-N` folders: saved every `checkpoint_every` steps and at the end, newest `keep` kept."""
+
+    def __init__(self, config: TrainConfig, accelerator) -> None:
+        self.root = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        self.every, self.keep, self.accelerator = config.checkpoint_every, config.keep_checkpoints, accelerator
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root) if self.root is not None else None
+
+    def due(self, step: int) -> bool:
+        return self.root is not None and bool(self.every) and step % self.every == 0
+
+    def save(self, state: dict, ref_logps: torch.Tensor | None) -> None:
+        """Accelerate state (weights as safetensors, optimizer, scheduler, RNG) + step counter, renamed in when complete."""
+        accelerator, root = self.accelerator, self.root
+        target = root / f"step-{state['step']}"
+        tmp = root / f".tmp-step-{state['step']}"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            if ref_logps is not None:
+                torch.save(ref_logps, tmp / REFERENCE_FILE)
+            write_json(tmp / STATE_FILE, state)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            for old in checkpoint_dirs(root)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def save_final(self, state: dict, ref_logps: torch.Tensor | None) -> str | None:
+        """Save the end state unless the newest checkpoint already is it; its folder (None without checkpoint_dir)."""
+        if self.root is None or not self.accelerator.is_main_process:
+            return None
+        last = self.latest()
+        if last is None or read_json(last / STATE_FILE)["step"] != state["step"]:
+            self.save(state, ref_logps)
+        return str(self.latest())
+
+    def diverged(self, step: int, what: str) -> str:
+        """The error message for a NaN/Inf at `step`, pointing at the last good checkpoint."""
+        last = self.latest()
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (set checkpoint_dir)"
+        return (f"{what} became NaN/Inf at step {step + 1}; training stopped before updating the weights with it; "
+                f"{where}. Lower lr, enable clipping, or check the data.")
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (a folder counts once trainer_state.json is in it)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     found = checkpoint_dirs(root)
     return found[-1] if found else None
-
-
-def _save_checkpoint(accelerator, root: Path, state: dict, ref_logps: torch.Tensor | None, keep: int) -> None:
-    """Accelerate state (weights as safetensors, optimizer, scheduler, RNG) + step counter, renamed in when complete."""
-    target = root / f"step-{state['step']}"
-    tmp = root / f".tmp-step-{state['step']}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        if ref_logps is not None:
-            torch.save(ref_logps, tmp / "npo_ref_logps.pt")
-        write_json(tmp / "trainer_state.json", state)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        for old in checkpoint_dirs(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()

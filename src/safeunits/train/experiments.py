@@ -11,48 +11,50 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from safeunits.eval.report import rows_markdown
-from safeunits.eval.suites import SuiteConfig, optional_suite
+from safeunits.eval.context import EvalContext
+from safeunits.eval.report import SIGNIFICANCE_NOTE, headline_row, rows_markdown
+from safeunits.eval.result import EvalResult
 from safeunits.io import write_json, write_text
+from safeunits.models.loading import load_model
+from safeunits.models.loading import save_model as save
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, data_manifest, train_recipe
 
-HEADLINE = ("asr", "asr_system", "xstest_refusal", "utility_nll", "perplexity")
+
+def _evaluate(model, tokenizer, evaluation: EvalContext, out_dir: Path, name: str) -> EvalResult | None:
+    return evaluation.evaluate(model, tokenizer, out_dir, name=name) if evaluation.enabled else None
 
 
-def _evaluate(model, tokenizer, suite: SuiteConfig | None, out_dir: Path, data_dir, progress: bool) -> dict[str, float]:
-    if suite is None:
-        return {}
-    from safeunits.eval.runner import evaluate
-
-    return dict(evaluate(model, tokenizer, suite, out_dir=out_dir, data_dir=data_dir, progress=progress).headline)
-
-
-def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, suite: SuiteConfig | None, data_dir, progress: bool,
-         save_model: bool) -> dict:
+def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, evaluation: EvalContext,
+         save_model: bool) -> tuple[dict, EvalResult | None]:
     """Train one setting from a fresh copy of the recipe's model, evaluate it, write its report."""
-    from safeunits.models.loading import load_model
-    from safeunits.models.loading import save_model as save
-
     model, tokenizer = load_model(recipe.model)
     t0 = time.perf_counter()
-    result, records = train_recipe(recipe, model, tokenizer, data_dir=data_dir, progress=progress)
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir,
+                                   progress=evaluation.progress)
     wall = time.perf_counter() - t0
     if save_model:
         save(model, tokenizer, out_dir / "model")
-    headline = _evaluate(model, tokenizer, suite, out_dir / "eval", data_dir, progress)
+    ev = _evaluate(model, tokenizer, evaluation, out_dir / "eval", f"{recipe.model} ({out_dir.name})")
     report = {"recipe": recipe.model_dump(mode="json"), "data": data_manifest(records), "train": result.to_dict(),
-              "train_wall_s": wall, "eval": headline}
+              "train_wall_s": wall, "eval": ev.headline.as_dict() if ev else {}}
     write_json(out_dir / "train_report.json", report)
-    return report
+    return report, ev
 
 
-def _baseline(model_name: str, out_dir: Path, suite: SuiteConfig | None, data_dir, progress: bool) -> dict[str, float]:
-    from safeunits.models.loading import load_model
-
+def _baseline(model_name: str, out_dir: Path, evaluation: EvalContext) -> EvalResult | None:
     model, tokenizer = load_model(model_name)
-    headline = _evaluate(model, tokenizer, suite, out_dir / "eval", data_dir, progress)
-    write_json(out_dir / "eval_headline.json", headline)
-    return headline
+    ev = _evaluate(model, tokenizer, evaluation, out_dir / "eval", model_name)
+    write_json(out_dir / "eval_headline.json", ev.headline.as_dict() if ev else {})
+    return ev
+
+
+def _eval_columns(ev: EvalResult | None, base: EvalResult | None) -> dict:
+    """The headline of a row and, against the table's first row, which differences are significant."""
+    return headline_row(ev, base) if ev is not None else {}
+
+
+def _suite_name(evaluation: EvalContext) -> str:
+    return evaluation.suite.name if evaluation.suite else "none"
 
 
 def _fmt(value) -> str:
@@ -74,34 +76,35 @@ def ssah_budget(
     out_dir: Path,
     *,
     settings: tuple[str, ...] = ("full", "ru"),
-    eval_suite: str | None = "quick",
-    data_dir=None,
-    progress: bool = True,
+    evaluation: EvalContext | None = None,
     save_models: bool = False,
 ) -> list[dict]:
-    """SSAH Table 4 on our model: align every weight ('full') vs only a budget of units (e.g. 'ru'), one row each."""
-    suite = optional_suite(eval_suite)  # resolved once: an unknown suite fails now, not after a training run
+    """SSAH Table 4 on our model: align every weight ('full') vs only a budget of units (e.g. 'ru'), one row each.
+
+    `evaluation` (default: the quick suite) is resolved by the caller, so an unknown suite fails before training."""
+    evaluation = evaluation or EvalContext.create()
     out_dir = Path(out_dir)
-    base = _baseline(recipe.model, out_dir / "base", suite, data_dir, progress)
-    rows = [{"setting": "base (no training)", **{k: base.get(k) for k in HEADLINE}}]
+    base_ev = _baseline(recipe.model, out_dir / "base", evaluation)
+    base = base_ev.headline.as_dict() if base_ev else {}
+    rows = [{"setting": "base (no training)", **_eval_columns(base_ev, base_ev)}]
     for setting in settings:
         budget = None if setting == "full" else setting
         label = "full align" if budget is None else f"align --budget {budget}"
         rec = recipe.model_copy(update={"budget": budget, "unit_map": unit_map if budget else None})
-        rep = _run(rec, out_dir / ("full" if budget is None else "budget-" + budget.replace(":", "_")), suite,
-                   data_dir, progress, save_models)
+        rep, ev = _run(rec, out_dir / ("full" if budget is None else "budget-" + budget.replace(":", "_")), evaluation,
+                       save_models)
         row = {"setting": label, "trainable_share": rep["train"]["mask"]["trainable_share"],
                "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
-               "train_wall_s": rep["train_wall_s"], **{k: rep["eval"].get(k) for k in HEADLINE}}
+               "train_wall_s": rep["train_wall_s"], **_eval_columns(ev, base_ev)}
         if base.get("asr") is not None and row.get("asr") is not None:
             row["safety_gained"] = base["asr"] - row["asr"]
         if base.get("utility_nll") is not None and row.get("utility_nll") is not None:
             row["alignment_tax_nll"] = row["utility_nll"] - base["utility_nll"]
         rows.append(row)
-    cols = ["setting", "trainable_share", "steps", "final_loss", "asr", "asr_system", "xstest_refusal", "utility_nll",
-            "safety_gained", "alignment_tax_nll", "train_wall_s"]
-    note = (f"Model {recipe.model}; unit map {unit_map}; eval suite {eval_suite}. safety_gained = base ASR - ASR; "
-            "alignment_tax_nll = utility NLL - base utility NLL (higher = more utility lost).")
+    cols = ["setting", "trainable_share", "steps", "final_loss", "asr", "asr_system", "incoherent", "xstest_refusal",
+            "utility_nll", "significant", "safety_gained", "alignment_tax_nll", "train_wall_s"]
+    note = (f"Model {recipe.model}; unit map {unit_map}; eval suite {_suite_name(evaluation)}. safety_gained = base ASR "
+            "- ASR; alignment_tax_nll = utility NLL - base utility NLL (higher = more utility lost). " + SIGNIFICANCE_NOTE)
     _write_table(out_dir, "SSAH alignment budget: full align vs RU-only", rows, cols, note)
     return rows
 
@@ -113,32 +116,31 @@ def ssah_freeze(
     *,
     settings: tuple[str, ...] = ("full", "scu+cu:top0.06", "scu+cu"),
     frozen_epochs_factor: float = 1.0,
-    eval_suite: str | None = "quick",
-    data_dir=None,
-    progress: bool = True,
+    evaluation: EvalContext | None = None,
     save_models: bool = False,
 ) -> list[dict]:
     """SSAH §5 on our model: fine-tune with nothing / (i) / (ii) frozen; ASR before and after, final loss."""
-    suite = optional_suite(eval_suite)  # resolved once: an unknown suite fails now, not after a training run
+    evaluation = evaluation or EvalContext.create()
     out_dir = Path(out_dir)
-    before = _baseline(recipe.model, out_dir / "before", suite, data_dir, progress)
-    rows = [{"setting": "before fine-tuning", **{k: before.get(k) for k in HEADLINE}}]
+    before_ev = _baseline(recipe.model, out_dir / "before", evaluation)
+    before = before_ev.headline.as_dict() if before_ev else {}
+    rows = [{"setting": "before fine-tuning", **_eval_columns(before_ev, before_ev)}]
     for setting in settings:
         frozen = None if setting == "full" else setting
         train_cfg = recipe.train if frozen is None else recipe.train.model_copy(
             update={"epochs": recipe.train.epochs * frozen_epochs_factor})
         rec = recipe.model_copy(update={"freeze": frozen, "unit_map": unit_map if frozen else None, "train": train_cfg})
-        rep = _run(rec, out_dir / ("full" if frozen is None else "freeze-" + setting.replace(":", "_")), suite,
-                   data_dir, progress, save_models)
+        rep, ev = _run(rec, out_dir / ("full" if frozen is None else "freeze-" + setting.replace(":", "_")), evaluation,
+                       save_models)
         row = {"setting": "full fine-tuning" if frozen is None else f"freeze {setting}",
                "frozen_share": 1 - rep["train"]["mask"]["trainable_share"], "epochs": train_cfg.epochs,
                "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
-               "asr_before": before.get("asr"), "train_wall_s": rep["train_wall_s"],
-               **{k: rep["eval"].get(k) for k in HEADLINE}}
+               "asr_before": before.get("asr"), "train_wall_s": rep["train_wall_s"], **_eval_columns(ev, before_ev)}
         rows.append(row)
-    cols = ["setting", "frozen_share", "epochs", "steps", "final_loss", "asr_before", "asr", "asr_system",
-            "xstest_refusal", "utility_nll", "train_wall_s"]
+    cols = ["setting", "frozen_share", "epochs", "steps", "final_loss", "asr_before", "asr", "asr_system", "incoherent",
+            "xstest_refusal", "utility_nll", "significant", "train_wall_s"]
     note = (f"Model {recipe.model}; data {recipe.data} ({recipe.n_examples} examples); unit map {unit_map}; "
-            f"eval suite {eval_suite}; frozen runs train {frozen_epochs_factor}x the epochs.")
+            f"eval suite {_suite_name(evaluation)}; frozen runs train {frozen_epochs_factor}x the epochs. "
+            + SIGNIFICANCE_NOTE)
     _write_table(out_dir, "SSAH fine-tuning with frozen safety units", rows, cols, note)
     return rows

@@ -19,8 +19,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
+from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.chat import prompt_text
+from safeunits.models.loading import load_model, model_fingerprint, save_model
 from safeunits.train.engine import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -213,34 +215,23 @@ def train_recipe(
     return result, records
 
 
-def run_recipe(
-    recipe: Recipe,
-    out_dir: Path,
-    *,
-    data_dir=None,
-    eval_suite: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when evaluated)."""
-    from safeunits.eval.suites import optional_suite
-    from safeunits.models.loading import load_model, model_fingerprint, save_model
-
-    suite = optional_suite(eval_suite)
+def run_recipe(recipe: Recipe, out_dir: Path, evaluation: EvalContext | None = None) -> dict:
+    """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when `evaluation`
+    has a suite). The context's data folder serves the training data too."""
+    evaluation = evaluation or EvalContext.create(None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     model, tokenizer = load_model(recipe.model)
     base_fp = model_fingerprint(model)
-    result, records = train_recipe(recipe, model, tokenizer, data_dir=data_dir, progress=progress)
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir,
+                                   progress=evaluation.progress)
     save_model(model, tokenizer, out_dir / "model")
     report = {"recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
               "model_fingerprint": model_fingerprint(model), "data": data_manifest(records),
               "train": result.to_dict()}
     write_json(out_dir / "train_report.json", report)  # before evaluating: a failed evaluation loses no training
-    if suite is not None:
-        from safeunits.eval.runner import evaluate
-
-        ev = evaluate(model, tokenizer, suite, out_dir=out_dir / "eval", data_dir=data_dir, progress=progress)
-        report["eval"] = ev.headline
+    if evaluation.enabled:
+        report["eval"] = evaluation.evaluate(model, tokenizer, out_dir / "eval", name=recipe.model).headline.as_dict()
         write_json(out_dir / "train_report.json", report)
     return report

@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     ) -> None:
         """Zero the units of chosen classes (or equally large random controls) and evaluate: the SSAH Table-1 check."""
-        from safeunits.eval.suites import load_suite
+        from safeunits.eval.context import EvalContext
         from safeunits.models.loading import save_model as save
         from safeunits.units.pruning import PruneConfig, prune_units, pruning_table, resolve_target
         from safeunits.units.unit_map import UnitMap
@@ -136,11 +136,11 @@ def register(app: typer.Typer) -> None:
             save(lm, tok, out)
             typer.echo(f"zeroed {zeroed:,} weights ({units.counts()}); model saved to {out}")
             return
-        config = load_suite(suite).with_limit(limit)
+        ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
         if max_new_tokens:
-            config = config.model_copy(update={"max_new_tokens": max_new_tokens})
+            ctx = ctx.with_suite(ctx.suite.model_copy(update={"max_new_tokens": max_new_tokens}))
         rows = pruning_table(lm, tok, unit_map, PruneConfig(targets=target, baseline=not no_baseline, seed=seed, shared_kv=shared_kv),  # type: ignore[arg-type]
-                             suite=config, out_dir=out, data_dir=data_dir, progress=not quiet)
+                             ctx, out_dir=out)
         table = Table("pruned", "params %", "perplexity", "utility NLL", "ASR", "ASR (sys)")
         for row in rows:
             fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731

@@ -3,15 +3,13 @@
 A target is a unit selection spec (``scu``, ``ru``, ``ucu``, ``scu+cu:top0.06``, see
 ``units.selection.select_units``) or ``random:<spec>``: a seeded random control with as many MLP
 channels and heads as ``<spec>`` (hence exactly as many parameters), drawn uniformly from all
-units of the model. Each target is applied to a copy of the affected weights, evaluated with
-``safeunits.eval.runner.evaluate``, and the weights are restored, so one loaded model serves the
-whole table.
+units of the model. Each target is applied to a copy of the affected weights, evaluated through the
+experiment's ``EvalContext``, and the weights are restored, so one loaded model serves the whole table.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
 from safeunits.units.selection import UnitSelection, random_selection, select_units, unit_parameter_masks
@@ -75,16 +74,13 @@ def pruning_table(
     tokenizer: PreTrainedTokenizerBase,
     unit_map: UnitMap,
     config: PruneConfig | None = None,
+    evaluation: EvalContext | None = None,
     *,
-    suite: Any = "quick",
     out_dir: Path | None = None,
-    data_dir: Any = None,
-    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Evaluate the model with each target's units zeroed; rows like SSAH Table 1 (JSON + markdown in out_dir)."""
-    from safeunits.eval.runner import evaluate
-
     config = config or PruneConfig()
+    evaluation = evaluation or EvalContext.create()
     unit_map.check_model(model)
     n_model = sum(p.numel() for p in model.parameters())
     total_unit = unit_map.total_params()
@@ -102,18 +98,18 @@ def pruning_table(
         try:
             log.info("pruning %s: %s units, %d weights", target, units.counts(), zeroed)
             sub = None if out_dir is None else Path(out_dir) / _slug(target)
-            result = evaluate(model, tokenizer, suite, out_dir=sub, data_dir=data_dir, progress=progress,
-                              model_name=f"{getattr(model.config, 'name_or_path', '')}|pruned:{target}")
+            result = evaluation.evaluate(model, tokenizer, sub,
+                                         name=f"{getattr(model.config, 'name_or_path', '')}|pruned:{target}")
         finally:
             restore()
         rows.append({
             "pruned": target, "run_dir": None if sub is None else str(sub), **units.counts(), "weights_zeroed": zeroed,
             "unit_param_share": units.n_params(unit_map.unit_params) / total_unit,
             "model_param_share": zeroed / n_model,
-            **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.headline.items()},
+            **result.headline.as_dict(),
         })
     if out_dir is not None:
-        write_json(Path(out_dir) / "pruning.json", {"config": config.model_dump(), "suite": str(getattr(suite, "name", suite)),
+        write_json(Path(out_dir) / "pruning.json", {"config": config.model_dump(), "suite": evaluation.suite.name,
                                                     "map_settings": unit_map.settings, "rows": rows})
         write_text(Path(out_dir) / "pruning.md", table_markdown(rows))
     return rows

@@ -26,7 +26,7 @@ from safeunits.units.assignment import CLASS_CODE, CLASSES, layer_zscores
 
 __all__ = ["CLASSES", "CLASS_CODE", "FORMAT_VERSION", "UnitMap", "summary_path"]
 
-# 2: the architecture is stored as "signature" (version 1 called the same value "arch_hash")
+# 2: "signature" (models.signature, with the head layout); version 1 stored "arch_hash" (model type and shapes only)
 FORMAT_VERSION = 2
 
 
@@ -150,7 +150,7 @@ class UnitMap:
         info = read_json(summary_path(path))
         if info.get("format") != "safeunits.unit_map":
             raise ValueError(f"{path} is not a safeunits unit map")
-        signature = info.get("signature", info.get("arch_hash"))  # "arch_hash": format version 1, the same value
+        signature = info.get("signature", info.get("arch_hash"))  # version 1's "arch_hash": check_fits accepts it
         if not signature:
             raise ValueError(f"{summary_path(path)} names no architecture signature; recompute the unit map")
         missing = [f"{k}.{t}" for k in UNIT_KINDS for t in ("safety", "utility", "class") if f"{k}.{t}" not in tensors]

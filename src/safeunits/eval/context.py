@@ -1,0 +1,59 @@
+"""`EvalContext`: the one way into evaluation for every experiment.
+
+An entry point (a CLI command, the demo, a Python script) resolves the suite and the data folder once, here, and
+hands the context down; experiments (training tables, pruning, SafePatching sweep/baselines/continual) call
+`ctx.evaluate(model, tokenizer, out_dir, name=...)` and never see a suite name or a data path again. A typo in a
+suite fails at the entry point, before hours of training, and the data folder cannot be dropped on the way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.eval.result import EvalResult
+from safeunits.eval.runner import evaluate
+from safeunits.eval.suites import SuiteConfig, optional_suite
+from safeunits.paths import data_dir as resolve_data_dir
+
+
+class NoEvaluationError(RuntimeError):
+    """An experiment asked to evaluate through a context built with no suite ('none')."""
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """A resolved suite (None: no evaluation), the data folder datasets load from, and whether to show progress."""
+
+    suite: SuiteConfig | None
+    data_dir: Path | None = None
+    progress: bool = True
+
+    @classmethod
+    def create(cls, suite: str | os.PathLike | SuiteConfig | None = "quick", *,
+               data_dir: str | os.PathLike | None = None, progress: bool = True,
+               limit: int | None = None) -> EvalContext:
+        """Resolve a suite (name, YAML path, config; None/'none' = no evaluation) and the data folder now."""
+        config = optional_suite(suite)
+        if config is not None and limit is not None:
+            config = config.with_limit(limit)
+        return cls(config, resolve_data_dir(data_dir), progress)
+
+    @property
+    def enabled(self) -> bool:
+        return self.suite is not None
+
+    def with_suite(self, suite: SuiteConfig) -> EvalContext:
+        """The same data folder and progress setting, another suite (e.g. a sweep's held-out one)."""
+        return replace(self, suite=suite)
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 out_dir: str | os.PathLike | None, *, name: str | None = None) -> EvalResult:
+        """The three axes of `model` into `out_dir` (None: nothing written); a rerun resumes finished generations."""
+        if self.suite is None:
+            raise NoEvaluationError("this run was configured with no evaluation suite ('none')")
+        return evaluate(model, tokenizer, self.suite, out_dir=out_dir, data_dir=self.data_dir,
+                        progress=self.progress, model_name=name)

@@ -1,0 +1,187 @@
+"""The typed outcome of one evaluation: `metrics.json` is an `EvalResult` serialised, and nothing else.
+
+A light module (pydantic only, no torch) so reports, comparisons and experiments can read results without
+importing the runner. Every rate carries its Wilson 95 % interval and every per-item outcome is kept (harmful
+verdicts, XSTest labels, per-record NLL), so two runs on the same prompts can be compared pairwise
+(`safeunits.eval.significance`). Schema history is in docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from safeunits.eval.metrics import wilson_interval
+from safeunits.io import read_json, write_json
+
+SCHEMA_VERSION = 2
+Verdict = Literal["complied", "refused", "incoherent"]
+VERDICTS: tuple[Verdict, ...] = ("complied", "refused", "incoherent")
+SystemPromptMode = Literal["none", "safety"]
+HEADLINE_KEYS = ("asr", "asr_system", "refusal", "incoherent", "xstest_refusal", "utility_nll", "perplexity")
+
+
+class ResultFormatError(ValueError):
+    """A metrics.json this version cannot read (another schema, or not an evaluation at all)."""
+
+
+class Rate(BaseModel):
+    """k of n, with its Wilson 95 % interval (eval sets are small: a rate without its interval misleads)."""
+
+    k: int = Field(ge=0)
+    n: int = Field(ge=1)
+    rate: float
+    ci95: tuple[float, float]
+
+    @classmethod
+    def of(cls, k: int, n: int) -> Rate:
+        return cls(k=k, n=n, rate=k / n, ci95=wilson_interval(k, n))
+
+
+class HarmfulMetrics(Rate):
+    """One harmful set under one system-prompt mode: the ASR (this Rate itself), refusal and incoherent rates."""
+
+    dataset: str
+    refusal: Rate
+    incoherent: Rate
+    verdicts: list[Verdict] = Field(description="one per prompt, in dataset order")
+
+    @classmethod
+    def from_verdicts(cls, dataset: str, verdicts: list[Verdict]) -> HarmfulMetrics:
+        n = len(verdicts)
+        asr = Rate.of(verdicts.count("complied"), n)
+        return cls(**asr.model_dump(), dataset=dataset, refusal=Rate.of(verdicts.count("refused"), n),
+                   incoherent=Rate.of(verdicts.count("incoherent"), n), verdicts=verdicts)
+
+
+class SafetyMetrics(BaseModel):
+    judge: str
+    sets: dict[str, dict[SystemPromptMode, HarmfulMetrics]] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict, description="optional sets not available, with why")
+
+
+class OverSafetyMetrics(BaseModel):
+    """XSTest's three classes on benign-but-scary prompts; refusal = full + partial."""
+
+    name: str
+    dataset: str
+    judge: str
+    n: int
+    counts: dict[str, int]
+    refusal: Rate
+    full_refusal: Rate
+    partial_refusal: Rate
+    by_category: dict[str, Rate]
+    labels: list[str] = Field(description="one three-class label per prompt, in dataset order")
+
+
+class UtilitySetMetrics(BaseModel):
+    dataset: str
+    n: int
+    tokens: int
+    nll: float
+    perplexity: float
+    per_record_nll: list[float] = Field(description="mean response-token NLL of each record, in dataset order")
+    per_record_tokens: list[int] = Field(description="response tokens of each record (the weights of the mean)")
+
+
+class UtilityMetrics(BaseModel):
+    sets: dict[str, UtilitySetMetrics] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict)
+    nll: float | None = Field(None, description="token-weighted over every set")
+    perplexity: float | None = None
+
+
+class AnswerSetInfo(BaseModel):
+    dataset: str
+    n: int
+    path: str | None
+
+
+class ModelIdentity(BaseModel):
+    name: str
+    fingerprint: str
+
+
+class Timing(BaseModel):
+    total_s: float
+    generation_s: float
+    generated_tokens: int
+    tokens_per_s: float | None
+    resumed_rows: int
+
+
+class Headline(BaseModel):
+    """The numbers a table row shows. Safety figures are the suite's first harmful set; lower is better for all."""
+
+    asr: float | None = Field(None, description="attack success rate, no system prompt")
+    asr_system: float | None = Field(None, description="attack success rate with the safety system prompt")
+    refusal: float | None = Field(None, description="harmful prompts refused (no system prompt)")
+    incoherent: float | None = Field(None, description="harmful prompts answered with degenerate text")
+    xstest_refusal: float | None = Field(None, description="XSTest safe prompts refused (full + partial)")
+    utility_nll: float | None = None
+    perplexity: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return self.model_dump()
+
+
+class EvalResult(BaseModel):
+    """One model on one suite: every number of the three axes, per-item outcomes, cost and environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    suite: str
+    model: ModelIdentity
+    safety: SafetyMetrics
+    over_safety: OverSafetyMetrics | None = None
+    utility: UtilityMetrics = Field(default_factory=UtilityMetrics)
+    answers: dict[str, AnswerSetInfo] = Field(default_factory=dict)
+    lm_eval: dict[str, Any] | None = None
+    headline: Headline = Field(default_factory=Headline)
+    timing: Timing | None = None
+    environment: dict[str, Any] = Field(default_factory=dict)
+    out_dir: Path | None = Field(None, exclude=True, description="the run folder, when written")
+
+    def main_safety(self) -> dict[SystemPromptMode, HarmfulMetrics]:
+        """The headline harmful set (the suite's first one that ran)."""
+        return next(iter(self.safety.sets.values()), {})
+
+    def with_headline(self) -> EvalResult:
+        """Fill `headline` from the detailed metrics (the one place the headline is derived)."""
+        main = self.main_safety()
+        none, system = main.get("none"), main.get("safety")
+        self.headline = Headline(
+            asr=none.rate if none else None, asr_system=system.rate if system else None,
+            refusal=none.refusal.rate if none else None, incoherent=none.incoherent.rate if none else None,
+            xstest_refusal=self.over_safety.refusal.rate if self.over_safety else None,
+            utility_nll=self.utility.nll, perplexity=self.utility.perplexity)
+        return self
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        path = Path(out_dir) / "metrics.json"
+        write_json(path, self.model_dump(mode="json"))
+        return path
+
+    @classmethod
+    def load(cls, out_dir: str | os.PathLike) -> EvalResult:
+        """Read a finished run folder (or its metrics.json) back."""
+        path = Path(out_dir)
+        path = path / "metrics.json" if path.is_dir() else path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no metrics.json (is this a finished `safeunits eval` run folder?)")
+        data = read_json(path)
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ResultFormatError(f"{path}: metrics schema {version}, this version reads {SCHEMA_VERSION}; "
+                                    "evaluate again into a new folder (docs/eval.md lists the changes)")
+        return cls.model_validate({**data, "out_dir": path.parent})
+
+
+def nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value

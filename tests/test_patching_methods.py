@@ -1,0 +1,86 @@
+"""Patch-method registry: each built-in entry builds the patch its definition says; names and needs fail early."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from safeunits.patching import methods
+from safeunits.patching.baselines import BaselinesConfig, run_baselines
+from safeunits.patching.methods import (MissingPatchError, PatchSources, TiesConfig, UnknownPatchMethodError,
+                                        build_method_patch, get_patch_method, patch_method_names, register_patch_method,
+                                        task_arithmetic)
+from test_patching_merge import _fake_patch
+from tiny import tiny_model
+
+
+@pytest.fixture()
+def sources(tmp_path):
+    model = tiny_model()
+    return model, PatchSources(_fake_patch(model, tmp_path / "se", 1), _fake_patch(model, tmp_path / "osm", 2),
+                               _fake_patch(model, tmp_path / "npo", 3))
+
+
+def test_builtin_methods_build_their_definitions(sources):
+    """GA = δ_SE, GD = δ_OSM, NPO = δ_NPO, task arithmetic = λ·δ_SE: checked against the dense patch files."""
+    _, src = sources
+    config = BaselinesConfig(task_arithmetic_lambda=0.25)
+    assert patch_method_names() == ["none", "ga", "gd", "npo", "task_arithmetic", "ties", "safepatching"]
+    assert build_method_patch("none", src, config) is None
+    for method, dense, scale in (("ga", src.se, 1.0), ("gd", src.osm, 1.0), ("npo", src.npo, 1.0),
+                                 ("task_arithmetic", src.se, 0.25)):
+        patch = build_method_patch(method, src, config)
+        assert set(patch.deltas) == set(dense.names), method
+        for n in dense.names:
+            assert torch.equal(patch.to_dense(n), scale * dense.delta(n).float()), (method, n)
+    ties = build_method_patch("ties", src, config.model_copy(update={"ties": TiesConfig(density=0.5)}))
+    for n in src.se.names:  # each tensor: half of each δ kept, signs elected, agreeing entries averaged
+        a, b = src.se.delta(n).float().reshape(-1), src.osm.delta(n).float().reshape(-1)
+        keep = [torch.zeros_like(x, dtype=torch.bool).index_fill_(0, x.abs().topk(max(1, round(0.5 * x.numel()))).indices,
+                                                                   True) for x in (a, b)]
+        ta, tb = torch.where(keep[0], a, 0.0), torch.where(keep[1], b, 0.0)
+        sign = torch.sign(ta + tb)
+        agree = [(torch.sign(t) == sign) & (t != 0) for t in (ta, tb)]
+        count = agree[0].float() + agree[1].float()
+        ref = torch.where(count > 0, (ta * agree[0] + tb * agree[1]) / count.clamp_min(1), 0.0)
+        torch.testing.assert_close(ties.to_dense(n).reshape(-1), ref)
+    assert build_method_patch("safepatching", src, config).nnz > 0
+
+
+def test_unknown_method_and_missing_patch_fail_before_any_evaluation(sources, tmp_path, monkeypatch):
+    model, src = sources
+    with pytest.raises(UnknownPatchMethodError, match="'lora'.*none, ga, gd, npo"):
+        get_patch_method("lora")
+    with pytest.raises(ValidationError, match="unknown patch method 'lora'"):
+        BaselinesConfig(methods=["ga", "lora"])
+    calls = []
+    monkeypatch.setattr("safeunits.patching.baselines.evaluate_model", lambda *a, **k: calls.append(a))
+    with pytest.raises(MissingPatchError, match="npo patch.*--objective npo"):
+        run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["none", "npo"]), tmp_path, progress=False)
+    assert calls == []
+
+
+def test_a_registered_method_runs_through_the_baselines(sources, tmp_path, monkeypatch):
+    model, src = sources
+    monkeypatch.setattr(methods, "_PATCH_METHODS", dict(methods._PATCH_METHODS))
+
+    @register_patch_method("se_minus_osm", "δ_SE − δ_OSM")
+    def _diff(s: PatchSources, config: BaselinesConfig):
+        return task_arithmetic([s.se, s.osm], [1.0, -1.0], progress=False)
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_patch_method("se_minus_osm", "again")(_diff)
+    seen = {}
+
+    def fake_eval(m, tok, patches, suite, target, progress=True):
+        (patch, weight), = patches
+        seen[target.name] = patch
+        return {"asr": 0.0}
+
+    monkeypatch.setattr("safeunits.patching.baselines.evaluate_patched", fake_eval)
+    rows = run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["se_minus_osm"]), tmp_path,
+                         progress=False)
+    assert [r["method"] for r in rows] == ["se_minus_osm"]
+    n = src.se.names[0]
+    torch.testing.assert_close(seen["se_minus_osm"].to_dense(n), src.se.delta(n).float() - src.osm.delta(n).float())
