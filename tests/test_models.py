@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from safeunits.models.chat import collate, encode_pair, prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
+from safeunits.models.signature import architecture_description, architecture_signature
 
 
 def test_encode_pair_labels_cover_exactly_the_response(tokenizer):
@@ -52,7 +54,22 @@ def test_fingerprint_changes_with_weights(model):
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1
     assert model_fingerprint(model) != before
-    assert model_fingerprint(model, weights=False) == model_fingerprint(model, weights=False)
+    assert model_fingerprint(model, weights=False) == architecture_signature(model)
+
+
+def test_architecture_signature_is_the_architecture_not_the_weights():
+    a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    assert model_fingerprint(a) != model_fingerprint(b)  # different weights: different checkpoints ...
+    assert architecture_signature(a) == architecture_signature(b)  # ... of one architecture
+    assert model_fingerprint(a, weights=False) == model_fingerprint(b, weights=False) == architecture_signature(a)
+    assert architecture_signature(a.config) == architecture_signature(a)  # from the config alone (meta device)
+    for other in (tiny_model("llama", num_hidden_layers=3), tiny_model("llama", num_attention_heads=8),
+                  tiny_model("llama", num_key_value_heads=4), tiny_model("mistral")):
+        assert architecture_signature(other) != architecture_signature(a)
+    # 4 vs 8 heads of plain multi-head attention: every tensor has the same shape, the heads still differ
+    neox4, neox8 = tiny_model("gpt_neox"), tiny_model("gpt_neox", num_attention_heads=8)
+    assert architecture_description(neox4)["shapes"] == architecture_description(neox8)["shapes"]
+    assert architecture_signature(neox4) != architecture_signature(neox8)
 
 
 def test_unknown_model_and_bad_folder(tmp_path, monkeypatch):

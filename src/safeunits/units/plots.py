@@ -19,6 +19,33 @@ from safeunits.units.unit_map import UnitMap  # noqa: E402
 CLASS_COLORS = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
 
 
+class PlotInputError(ValueError):
+    """A figure was asked for data that is not what the unit tools write (missing fields, wrong shapes)."""
+
+
+def _require(result: dict[str, Any], keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if k not in result]
+    if missing:
+        raise PlotInputError(f"{what} result has no {', '.join(missing)}: pass the dict the {what} step returns, unchanged")
+
+
+def _shape(values: Any, shape: tuple[int, ...], name: str, what: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if array.shape != shape:
+        raise PlotInputError(f"{what} result: {name} has shape {array.shape}, expected {shape}")
+    if not np.isfinite(array).all():
+        raise PlotInputError(f"{what} result: {name} contains NaN or inf")
+    return array
+
+
+def _check_map(unit_map: UnitMap) -> None:
+    for kind, codes in unit_map.classes.items():
+        if codes.dim() != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise PlotInputError(f"unit map {kind} classes have shape {tuple(codes.shape)}; expected [layers, units], both > 0")
+        if int(codes.min()) < 0 or int(codes.max()) >= len(CLASSES):
+            raise PlotInputError(f"unit map {kind} classes hold codes outside 0..{len(CLASSES) - 1}: not a unit map's classes")
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -29,6 +56,7 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def class_share_bars(unit_map: UnitMap, path: Path) -> Path:
     """Per-layer stacked bars: share of the layer's unit parameters in each class."""
+    _check_map(unit_map)
     summary = unit_map.summary()["per_layer"]
     layers = np.arange(len(summary))
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(layers) + 2), 3.5))
@@ -47,6 +75,7 @@ def class_share_bars(unit_map: UnitMap, path: Path) -> Path:
 
 def unit_map_heatmap(unit_map: UnitMap, path: Path) -> Path:
     """Layers x units coloured by class: MLP channels (left) and attention heads (right)."""
+    _check_map(unit_map)
     cmap = ListedColormap([CLASS_COLORS[c] for c in CLASSES])
     mlp = unit_map.classes["mlp"].numpy()
     head = unit_map.classes["head"].numpy()
@@ -66,11 +95,13 @@ def unit_map_heatmap(unit_map: UnitMap, path: Path) -> Path:
 
 def transfer_heatmap(result: dict[str, Any], path: Path) -> Path:
     """4x4 role-transfer heatmap: share of each before-class's parameters that went to each after-class."""
-    share = np.array(result["param_share_of_row"]) * 100
-    units = np.array(result["units"])
+    _require(result, ("classes", "param_share_of_row", "units"), "transfer")
+    names = list(result["classes"])
+    k = len(names)
+    share = _shape(result["param_share_of_row"], (k, k), "param_share_of_row", "transfer") * 100
+    units = _shape(result["units"], (k, k), "units", "transfer").astype(int)
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
-    names = result["classes"]
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("class after")
@@ -86,11 +117,13 @@ def transfer_heatmap(result: dict[str, Any], path: Path) -> Path:
 
 def probe_plot(result: dict[str, Any], path: Path) -> Path:
     """Three panels: distance vs k (mean over layers), per-layer distance (mean over k), per-layer gap."""
-    ks = np.array(result["ks"])
-    layers = np.array(result["layers"])
-    ref = np.array(result["refusal_distance"])  # [K, L]
-    comp = np.array(result["compliance_distance"])
-    gap = np.array(result["gap_per_layer"])
+    _require(result, ("ks", "layers", "refusal_distance", "compliance_distance", "gap_per_layer", "n_prompts", "verdict"),
+             "probe")
+    ks, layers = np.asarray(result["ks"]), np.asarray(result["layers"])
+    grid = (len(ks), len(layers))
+    ref = _shape(result["refusal_distance"], grid, "refusal_distance", "probe")  # [K, L]
+    comp = _shape(result["compliance_distance"], grid, "compliance_distance", "probe")
+    gap = _shape(result["gap_per_layer"], grid[1:], "gap_per_layer", "probe")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(ks, ref.mean(1), "o-", color=CLASS_COLORS["SCU"], label="clean vs refusal")
     axes[0].plot(ks, comp.mean(1), "s-", color=CLASS_COLORS["UCU"], label="clean vs compliance")
@@ -112,6 +145,7 @@ def probe_plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def write_map_plots(unit_map: UnitMap, out_dir: Path) -> list[Path]:
+    """class_shares.png and unit_map.png in `out_dir`."""
     out_dir = Path(out_dir)
     return [class_share_bars(unit_map, out_dir / "class_shares.png"), unit_map_heatmap(unit_map, out_dir / "unit_map.png")]
 
