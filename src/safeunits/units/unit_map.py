@@ -101,11 +101,12 @@ class UnitMap:
     def made_for(self) -> str:
         """The mapped model in words, for error messages."""
         g = self.geometry
-        shape = f" ({g['n_layers']} layers, {g['n_heads']} heads, {g['n_channels']} MLP channels)" if g else ""
+        known = {"n_layers", "n_heads", "n_channels"} <= g.keys()
+        shape = f" ({g['n_layers']} layers, {g['n_heads']} heads, {g['n_channels']} MLP channels)" if known else ""
         return f"a {self.model_type!r} model{shape}"
 
     def check_model(self, model: PreTrainedModel) -> None:
-        """Refuse a model whose architecture (type and parameter shapes) differs from the mapped one."""
+        """Refuse a model whose architecture (type, heads, parameter shapes) differs from the mapped one."""
         check_fits(self.signature, model, what="unit map", made_for=self.made_for())
 
     def check_compatible(self, other: "UnitMap") -> None:
