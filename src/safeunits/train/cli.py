@@ -50,10 +50,7 @@ def _context(suite: str | None, data_dir: Path | None, progress: bool):
     """The evaluation context of a training command, resolved before any training (a typo fails in a second)."""
     from safeunits.eval.context import EvalContext
 
-    try:
-        return EvalContext.create(suite, data_dir=data_dir, progress=progress)
-    except (FileNotFoundError, ValueError) as err:
-        raise typer.BadParameter(str(err), param_hint="--eval") from err
+    return EvalContext.create(suite, data_dir=data_dir, progress=progress)
 
 
 def register(app: typer.Typer) -> None:
