@@ -433,8 +433,11 @@ def judge_from_spec(spec: str) -> Judge | None:
     found = preset_for_folder(path)
     if found is not None:
         return GenerativeJudge(GenerativeJudgeConfig(preset=found.name, source=path))
-    if (Path(path).expanduser() / "config.json").is_file():  # else ModelJudge says what is missing
+    config = Path(path).expanduser() / "config.json"
+    if config.is_file():  # a missing config: ModelJudge says so
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):  # classifiers need no template
             warnings.warn(f"judge model {path!r} is none of the known judge models ({', '.join(JUDGE_MODEL_PRESETS)}); "
-                      f"asking it Yes/No after the generic ModelJudge template (use PRESET:{path} if it is one of them)",
-                      stacklevel=2)
+                          f"asking it Yes/No after the generic ModelJudge template (use PRESET:{path} if it is one "
+                          f"of them)", stacklevel=2)
     return ModelJudge(ModelJudgeConfig(path=path))
