@@ -300,7 +300,7 @@ def test_spec_errors_are_clear():
         get_judge("wildguard")
     with pytest.raises(ValueError, match="unknown judge 'llama-guard-9:x'.*llama-guard-3, llama-guard-3-1b"):
         get_judge("llama-guard-9:x")
-    with pytest.raises(JudgeModelError, match="unknown judge model preset 'nope'; choose one of llama-guard-3"):
+    with pytest.raises(JudgeModelError, match="unknown judge model preset 'nope'; choose one of: llama-guard-3 \\(Llama Guard 3"):
         GenerativeJudge(GenerativeJudgeConfig(preset="nope", source="x"), model=tiny_model(), tokenizer=tiny_tokenizer())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing folder is an error, not a warning
