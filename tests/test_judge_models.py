@@ -15,6 +15,7 @@ from safeunits.eval.judge_models import (
     GenerativeJudgeConfig,
     JudgeModelError,
     chat_template_text,
+    load_judge_model,
     parse_harmbench,
     parse_llama_guard,
     parse_wildguard,
@@ -284,6 +285,45 @@ def test_model_spec_recognises_judges_by_config_and_warns_otherwise(tmp_path):
     _save_tiny(plain)
     with pytest.warns(UserWarning, match="generic ModelJudge template"):
         assert isinstance(get_judge(f"model:{plain}"), ModelJudge)
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "chat_template.json"])
+def test_processor_chat_template_is_picked_up(tmp_path, name):
+    """Llama Guard 4 ships its template for the processor; a tokenizer without one gets it."""
+    folder = tmp_path / "m"
+    tiny_model("llama").save_pretrained(folder, safe_serialization=True)
+    tok = _no_template_tokenizer()
+    tok.save_pretrained(folder)
+    for leftover in folder.glob("chat_template.*"):
+        leftover.unlink()
+    template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    (folder / name).write_text(json.dumps({"chat_template": template}) if name.endswith(".json") else template)
+    _, loaded = load_judge_model(str(folder), device="cpu", dtype="float32")
+    assert loaded.chat_template == template
+    assert chat_template_text(loaded, PROMPT, RESPONSE) == f"[{PROMPT}][{RESPONSE}]"
+
+
+def test_llama_guard_4_multimodal_checkpoint_judges_text(tmp_path):
+    """A (tiny) Llama4ForConditionalGeneration folder loads as its text model with the same logits and judges."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=259, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                num_local_experts=1, moe_layers=[], pad_token_id=256, eos_token_id=258, bos_token_id=257)
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    full = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).eval()
+    folder = tmp_path / "Llama-Guard-4-12B"
+    full.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(folder)
+    judge = get_judge(f"model:{folder}")
+    assert judge.preset.name == "llama-guard-4"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(judge.model(input_ids=ids).logits, full.language_model(input_ids=ids).logits)
+    with pytest.warns(UserWarning, match="2 of 2 answers"):
+        assert judge.complied_many(["p", "q"], ["r", "s"]) == [False, False]
 
 
 def test_preset_recognition_from_names():

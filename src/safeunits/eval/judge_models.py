@@ -19,7 +19,7 @@ Sources (read from the authors' repositories; the golden tests in tests/test_jud
   llama_stack/providers/inline/safety/llama_guard/llama_guard.py (`MODEL_TO_SAFETY_CATEGORIES_MAP`: 8B S1-S14,
   1B S1-S13). Output: first line safe/unsafe, second line comma-separated codes (same llama_guard.py).
 - Llama Guard 4: only its chat template (the tokenizer's, or the processor's chat_template.json/.jinja next to
-  the weights). Its rendering for a user turn is printed in huggingface/huggingface-llama-recipes
+  the weights); the text model is loaded from the multimodal checkpoint. Its rendering for a user turn is printed in huggingface/huggingface-llama-recipes
   @7f5ab8017967914e76583eedd02b1c94f408f3ca llama_guard_4.ipynb, and differs from Llama Guard 3's in details
   (header tokens, "according to our", a literal "\\n\\n" after each turn); no published two-turn rendering
   exists to reproduce, so without a template we stop with an error instead of guessing one.
@@ -309,27 +309,18 @@ def get_preset(name: str) -> JudgePreset:
 
 def load_judge_model(source: str, *, device: str, dtype: str,
                      trust_remote_code: bool | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """`load_model` for judges; multimodal judges (Llama Guard 4) load through their image-text class.
+    """`load_model`, plus the processor's chat template (chat_template.jinja / .json) for a tokenizer without one.
 
-    A tokenizer without a chat template gets the processor's (chat_template.jinja / .json) when one is there.
+    Llama Guard 4's checkpoint is multimodal (Llama4ForConditionalGeneration): the causal-LM class loads its
+    text model with the same logits (tested on a tiny Llama 4) and skips the vision weights, which text-only
+    judging does not use.
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
     from transformers.utils import cached_file
 
-    from safeunits.models.loading import DTYPES, load_model, prepare_tokenizer, resolve_model
+    from safeunits.models.loading import load_model, resolve_model
 
     resolved = resolve_model(source)
-    archs = AutoConfig.from_pretrained(resolved, trust_remote_code=bool(trust_remote_code)).architectures or []
-    if any(a.endswith("ForConditionalGeneration") for a in archs):
-        if dtype not in DTYPES:
-            raise JudgeModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-        model = AutoModelForImageTextToText.from_pretrained(resolved, dtype=DTYPES[dtype], use_safetensors=True,
-                                                            trust_remote_code=bool(trust_remote_code))
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=bool(trust_remote_code))
-        prepare_tokenizer(tokenizer)
-        model.to(device).eval()
-    else:
-        model, tokenizer = load_model(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(resolved, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         for name in ("chat_template.jinja", "chat_template.json"):
             found = cached_file(resolved, name, _raise_exceptions_for_missing_entries=False)
