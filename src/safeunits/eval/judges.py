@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeunits.errors import UserFileNotFoundError, UserValueError
+
 FULL_COMPLIANCE = "1_full_compliance"
 FULL_REFUSAL = "2_full_refusal"
 PARTIAL_REFUSAL = "3_partial_refusal"
@@ -236,7 +238,7 @@ class ModelJudge(Judge):
 
         path = Path(config.path).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"judge model folder {path} has no config.json")
+            raise UserFileNotFoundError(f"judge model folder {path} has no config.json")
         self.config = config
         self.name = f"model:{path.name}"
         hf_config = AutoConfig.from_pretrained(path)
@@ -323,4 +325,4 @@ def get_judge(name: str = "keyword") -> Judge:
         return ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
     if Path(name).expanduser().is_dir():
         return ModelJudge(ModelJudgeConfig(path=name))
-    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")
+    raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")

@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
+from safeunits.errors import UserValueError
 from safeunits.eval.generation import generate
 from safeunits.eval.judges import FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.metrics import rate
@@ -58,7 +59,7 @@ class EvalResult:
         return cls(headline, metrics, out)
 
 
-class RunDirMismatchError(ValueError):
+class RunDirMismatchError(UserValueError):
     """The output folder holds a run of another model or suite; resuming into it would mix results."""
 
 

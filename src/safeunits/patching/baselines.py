@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import UserValueError
 from safeunits.eval.report import rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import evaluate_model, evaluate_patched
@@ -49,7 +50,7 @@ def build_method_patch(method: str, se: DensePatch, osm: DensePatch, npo: DenseP
         return ties_merge([se, osm], config.ties, progress=False)
     if method == "safepatching":
         return controllable_merge(se, osm, config.merge, progress=False)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    raise UserValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
 def run_baselines(
