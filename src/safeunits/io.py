@@ -20,15 +20,19 @@ from tqdm.auto import tqdm
 from safeunits.errors import PathIsDirectoryError, UserFileNotFoundError, UserValueError
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    A folder already at `path` is refused before anything is written (a file cannot replace it)."""
+def check_file_target(path: str | os.PathLike) -> Path:
+    """Refuse a file target that is an existing folder (a file cannot replace it); call early to fail before work."""
     final = Path(path)
     if final.is_dir():
         raise PathIsDirectoryError(f"{final} is a folder; a file was to be written there",
                                    hint="give the path of a file (not a folder), or remove the folder")
+    return final
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    final = check_file_target(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)

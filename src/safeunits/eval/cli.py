@@ -78,8 +78,10 @@ def judge_check_command(
 ) -> None:
     """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1."""
     from safeunits.eval.judge_check import judge_check
-    from safeunits.io import write_json
+    from safeunits.io import check_file_target, write_json
 
+    if out is not None:
+        check_file_target(out)
     result = judge_check(judges, data_dir=data_dir)
     table = Table(title="Judge agreement with XSTest human labels (final_label)")
     for col in ("file", "judge", "accuracy (3-class)", "binary refusal acc.", "F1 compliance", "F1 full refusal",

@@ -164,8 +164,8 @@ def _hub_local_only(repo_id: str) -> bool:
     if offline:
         if cached:
             return True
-        raise ModelNotFoundError(f"model {repo_id!r} is not a local folder and not in the Hugging Face cache "
-                                 "(HF_HUB_OFFLINE is set)", hint=hint)
+        raise ModelNotFoundError(f"model {repo_id!r} is not a registered name, not a local folder, and not in the "
+                                 "Hugging Face cache (HF_HUB_OFFLINE is set)", hint=hint)
     try:
         HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
     except GatedRepoError as err:
