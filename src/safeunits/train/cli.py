@@ -26,7 +26,7 @@ def _recipe(recipe: str, config: Path | None, model: str | None, *layers: dict) 
     for layer in layers:
         overrides = merge(overrides, layer)
     try:
-        loaded = load_recipe(config or recipe, overrides)
+        loaded = load_recipe(str(config) if config else recipe, overrides)
     except ValidationError as err:
         raise ConfigError(validation_message(err), hint="check --set keys and option values (docs/cli.md)") from err
     if loaded.recipe != recipe:
