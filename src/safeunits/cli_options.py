@@ -89,14 +89,17 @@ class _Formatter(logging.Formatter):
         return text
 
 
+class _Handler(logging.StreamHandler):
+    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone)."""
+
+
 def set_verbosity(level: int) -> None:
-    """Route safeunits' log messages to stderr at `level` (INFO: progress; WARNING: quiet); others stay at WARNING."""
-    root = logging.getLogger()
-    handler = logging.StreamHandler()
+    """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
+    logger = logging.getLogger("safeunits")
+    handler = _Handler()  # bound to the current sys.stderr
     handler.setFormatter(_Formatter())
-    root.handlers = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("safeunits").setLevel(level)
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
+    logger.setLevel(level)
 
 
 # --- deprecated spellings -----------------------------------------------------------------------------------
