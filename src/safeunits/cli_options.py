@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -90,13 +91,24 @@ class _Formatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler):
-    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone)."""
+    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone).
+
+    It writes to whatever `sys.stderr` is at the time of the message, not the stream of its creation (which a
+    test runner may have closed since)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def set_verbosity(level: int) -> None:
     """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
     logger = logging.getLogger("safeunits")
-    handler = _Handler()  # bound to the current sys.stderr
+    handler = _Handler()
     handler.setFormatter(_Formatter())
     logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
     logger.setLevel(level)
