@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import UserValueError
 from safeunits.models.chat import prompt_text
 
 
@@ -37,7 +38,7 @@ class DecodingConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling; batch k uses seed + k so a full run is reproducible.")
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserValueError):
     """The JSONL file on disk was written for different prompts or decoding settings."""
 
 

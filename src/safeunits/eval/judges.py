@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeunits.eval.result import Verdict
+from safeunits.errors import UserFileNotFoundError, UserValueError
 
 FULL_COMPLIANCE = "1_full_compliance"
 FULL_REFUSAL = "2_full_refusal"
@@ -244,7 +245,7 @@ class ModelJudge(Judge):
 
         path = Path(config.path).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"judge model folder {path} has no config.json")
+            raise UserFileNotFoundError(f"judge model folder {path} has no config.json")
         self.config = config
         self.name = f"model:{path.name}"
         hf_config = AutoConfig.from_pretrained(path)
@@ -335,3 +336,8 @@ def get_judge(name: str = "keyword") -> Judge:
         return judge
     raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, model:PATH for a local judge "
                      f"model, or PRESET:PATH_OR_HUB_ID with PRESET one of {', '.join(JUDGE_MODEL_PRESETS)}")
+    if name.startswith("model:"):
+        return ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
+    if Path(name).expanduser().is_dir():
+        return ModelJudge(ModelJudgeConfig(path=name))
+    raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from safeunits.errors import UserValueError
 from safeunits.io import load_safetensors, read_json, save_safetensors, write_json
 from safeunits.models.loading import architecture_signature
 
@@ -103,14 +104,14 @@ class UnitMap:
     def check_model(self, model: PreTrainedModel) -> None:
         """Refuse a model whose architecture (type and parameter shapes) differs from the mapped one."""
         if model.config.model_type != self.model_type or architecture_hash(model) != self.arch_hash:
-            raise ValueError(
+            raise UserValueError(
                 f"this unit map was computed for a {self.model_type!r} model with architecture hash {self.arch_hash}; "
                 f"the given model is {model.config.model_type!r} with hash {architecture_hash(model)}"
             )
 
     def check_compatible(self, other: "UnitMap") -> None:
         if self.arch_hash != other.arch_hash:
-            raise ValueError(f"unit maps of different architectures ({self.model_type} {self.arch_hash} vs "
+            raise UserValueError(f"unit maps of different architectures ({self.model_type} {self.arch_hash} vs "
                              f"{other.model_type} {other.arch_hash})")
 
     # --- persistence ---------------------------------------------------------------------
@@ -149,7 +150,7 @@ class UnitMap:
         tensors = load_safetensors(path)
         info = read_json(summary_path(path))
         if info.get("format") != "safeunits.unit_map":
-            raise ValueError(f"{path} is not a safeunits unit map")
+            raise UserValueError(f"{path} is not a safeunits unit map")
         missing = [f"{k}.{t}" for k in KINDS for t in ("safety", "utility", "class") if f"{k}.{t}" not in tensors]
         if missing:
             raise ValueError(f"{path}: unit map is missing tensors {missing}")
