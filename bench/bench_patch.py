@@ -98,14 +98,15 @@ def run_child(task: str, **args) -> dict:
 
 def make_model(root: Path, layers: int, hidden: int):
     from tiny import tiny_model, tiny_tokenizer
-    from safeunits.models.loading import architecture_signature, model_fingerprint, save_model
+    from safeunits.models.loading import model_fingerprint, save_model
+    from safeunits.models.signature import architecture_description
     from safeunits.patching.patches import save_dense_patch
 
     model = tiny_model(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
                        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
     tok = tiny_tokenizer()
     save_model(model, tok, root / "base")
-    sig, fp = architecture_signature(model), model_fingerprint(model)
+    sig, fp = architecture_description(model), model_fingerprint(model)
     for i, name in enumerate(("se", "osm")):
         gen = torch.Generator().manual_seed(i)
         params = dict(model.named_parameters())

@@ -7,6 +7,8 @@ import torch
 from pydantic import ValidationError
 
 from safeunits.patching import methods
+from safeunits.eval.context import EvalContext
+from safeunits.eval.suites import SuiteConfig
 from safeunits.patching.baselines import BaselinesConfig, run_baselines
 from safeunits.patching.methods import (MissingPatchError, PatchSources, TiesConfig, UnknownPatchMethodError,
                                         build_method_patch, get_patch_method, patch_method_names, register_patch_method,
@@ -48,6 +50,9 @@ def test_builtin_methods_build_their_definitions(sources):
     assert build_method_patch("safepatching", src, config).nnz > 0
 
 
+FAKE_EVAL = EvalContext(SuiteConfig(name="fake"), progress=False)  # the tests replace the evaluation itself
+
+
 def test_unknown_method_and_missing_patch_fail_before_any_evaluation(sources, tmp_path, monkeypatch):
     model, src = sources
     with pytest.raises(UnknownPatchMethodError, match="'lora'.*none, ga, gd, npo"):
@@ -57,7 +62,7 @@ def test_unknown_method_and_missing_patch_fail_before_any_evaluation(sources, tm
     calls = []
     monkeypatch.setattr("safeunits.patching.baselines.evaluate_model", lambda *a, **k: calls.append(a))
     with pytest.raises(MissingPatchError, match="npo patch.*--objective npo"):
-        run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["none", "npo"]), tmp_path, progress=False)
+        run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["none", "npo"]), tmp_path, FAKE_EVAL)
     assert calls == []
 
 
@@ -73,14 +78,13 @@ def test_a_registered_method_runs_through_the_baselines(sources, tmp_path, monke
         register_patch_method("se_minus_osm", "again")(_diff)
     seen = {}
 
-    def fake_eval(m, tok, patches, suite, target, progress=True):
+    def fake_eval(m, tok, patches, evaluation, target, baseline=None):
         (patch, weight), = patches
         seen[target.name] = patch
-        return {"asr": 0.0}
+        return {"asr": 0.0}, None
 
     monkeypatch.setattr("safeunits.patching.baselines.evaluate_patched", fake_eval)
-    rows = run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["se_minus_osm"]), tmp_path,
-                         progress=False)
+    rows = run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["se_minus_osm"]), tmp_path, FAKE_EVAL)
     assert [r["method"] for r in rows] == ["se_minus_osm"]
     n = src.se.names[0]
     torch.testing.assert_close(seen["se_minus_osm"].to_dense(n), src.se.delta(n).float() - src.osm.delta(n).float())

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import typer
 from pydantic import BaseModel, Field
 
+from safeunits.cli_options import DATA_DIR, QUIET, build_config, out_option, parse_sets, sets_option, suite_option
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import compare_table, markdown_table
 from safeunits.eval.result import EvalResult
@@ -127,19 +128,24 @@ def _stage_units(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict
 _STAGE_FUNCTIONS = {"eval": _stage_eval, "patch": _stage_patch, "align": _stage_align, "units": _stage_units}
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo_command(
-        out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder; a rerun resumes finished evaluations."),
-        stage: list[str] = typer.Option(list(STAGES), "--stage", help=f"Stage to run (repeatable): {', '.join(STAGES)}."),
-        suite: str = typer.Option("quick", "--suite", "-s", help="Evaluation suite name or YAML file for every variant."),
-        data_dir: Path = typer.Option(None, "--data-dir", help="Offline data folder (default $SAFEUNITS_DATA_DIR)."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    ) -> None:
-        """The SPEC §6 story on the default model: evaluate, SafePatching, aligned model, unit map + pruning check."""
-        unknown = sorted(set(stage) - set(STAGES))
-        if unknown:
-            raise typer.BadParameter(f"unknown stage(s) {unknown}; choose from {list(STAGES)}", param_hint="--stage")
-        config = DemoConfig(stages=stage, suite=suite, data_dir=str(data_dir) if data_dir else None)
-        run_demo(config, out, progress=not quiet)
-        typer.echo(f"summary: {out / 'summary.md'}")
+app = typer.Typer()
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = out_option("Run folder; a rerun resumes finished evaluations.", default=Path("runs/demo")),
+    stage: list[str] = typer.Option(list(STAGES), "--stage", help=f"Stage to run (repeatable): {', '.join(STAGES)}."),
+    suite: Optional[str] = suite_option(None, "For every variant (default: quick)."),
+    sets: list[str] = sets_option("n_attribution=32"),
+    data_dir: Optional[Path] = DATA_DIR,
+    quiet: bool = QUIET,
+) -> None:
+    """The SPEC §6 story on the default model: evaluate, SafePatching, aligned model, unit map + pruning check."""
+    given: dict = {"stages": stage}
+    if suite:
+        given["suite"] = suite
+    if data_dir:
+        given["data_dir"] = str(data_dir)
+    config = build_config(DemoConfig, given, parse_sets(sets))
+    run_demo(config, out, progress=not quiet)
+    typer.echo(f"summary: {out / 'summary.md'}")

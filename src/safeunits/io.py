@@ -17,11 +17,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from safeunits.errors import PathIsDirectoryError, UserFileNotFoundError, UserValueError
+
+
+def check_file_target(path: str | os.PathLike) -> Path:
+    """Refuse a file target that is an existing folder (a file cannot replace it); call early to fail before work."""
+    final = Path(path)
+    if final.is_dir():
+        raise PathIsDirectoryError(f"{final} is a folder; a file was to be written there",
+                                   hint="give the path of a file (not a folder), or remove the folder")
+    return final
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    final = Path(path)
+    final = check_file_target(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
@@ -46,11 +57,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserFileNotFoundError(f"{path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise UserValueError(f"{path}: not valid JSON ({err})") from err
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -62,7 +73,7 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserFileNotFoundError(f"{path} does not exist")
     return load_file(str(path), device=device)
 
 

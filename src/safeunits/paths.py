@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safeunits.errors import UserFileNotFoundError
+
 
 def cache_dir() -> Path:
     """The cache for converted models and built artifacts (`$SAFEUNITS_CACHE`, default `~/.cache/safeunits`)."""
@@ -20,5 +22,5 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
         return None
     path = Path(value).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data directory {path} does not exist (from --data-dir or SAFEUNITS_DATA_DIR)")
+        raise UserFileNotFoundError(f"data directory {path} does not exist (from --data-dir or SAFEUNITS_DATA_DIR)")
     return path

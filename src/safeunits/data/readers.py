@@ -8,10 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safeunits.errors import UserFileNotFoundError, UserValueError
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".txt")
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(UserValueError):
     """A row that cannot be read; the message names the file and line."""
 
 
@@ -21,7 +23,7 @@ Row = tuple[int, Any]  # (line number or list index, parsed row)
 def read_rows(path: Path) -> Iterator[Row]:
     """Yield `(line, row)` for each row of a data file; `row` is a dict (or a str for .txt)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise UserFileNotFoundError(f"{path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         yield from _jsonl(path)
@@ -35,7 +37,7 @@ def read_rows(path: Path) -> Iterator[Row]:
                 if line.strip():
                     yield i, line.rstrip("\n")
     else:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
+        raise UserValueError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
 def _jsonl(path: Path) -> Iterator[Row]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from safeunits.data.readers import SUFFIXES, MalformedRowError, Row, read_rows
 from safeunits.data.records import Record
+from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.paths import data_dir as default_data_dir
 
 # candidate column names for local files without an explicit mapping, first match wins
@@ -58,7 +59,7 @@ def registered_datasets() -> dict[str, DatasetEntry]:
     return dict(_REGISTRY)
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserFileNotFoundError):
     """No source could provide the dataset; the message lists every source tried."""
 
 
@@ -92,7 +93,7 @@ def load_dataset(
                        for r in _to_records(read_rows(p), p, mapping, entry.convert, entry.where, entry.label,
                                             f"{entry.name}:{p.name}")]
     if not records:
-        raise ValueError(f"dataset {spec!r} has no rows")
+        raise UserValueError(f"dataset {spec!r} has no rows")
     return records[:limit] if limit is not None else records
 
 

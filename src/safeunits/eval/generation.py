@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import UserValueError
 from safeunits.models.chat import prompt_text
 
 
@@ -37,7 +38,7 @@ class DecodingConfig(BaseModel):
     seed: int = Field(0, description="Seed for sampling; batch k uses seed + k so a full run is reproducible.")
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UserValueError):
     """The JSONL file on disk was written for different prompts or decoding settings."""
 
 
@@ -106,15 +107,21 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 @torch.no_grad()
-def _generate_batch(
+def generate_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     texts: list[str],
     decoding: DecodingConfig,
     eos: list[int],
     pad_id: int,
+    add_special_tokens: bool = False,
 ) -> list[str]:
-    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    """Greedy or sampled answers to already-rendered texts (left-padded batch), cut at the first EOS.
+
+    `add_special_tokens`: chat-template texts carry their own BOS; judge prompts published as plain strings
+    (HarmBench, WildGuard) are tokenized with the tokenizer's special tokens, as their authors do.
+    """
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=add_special_tokens)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     kwargs: dict[str, Any] = dict(max_new_tokens=decoding.max_new_tokens, do_sample=decoding.do_sample,
                                   eos_token_id=eos, pad_token_id=pad_id)
@@ -180,7 +187,7 @@ def generate(
             idx = todo[start:start + batch_size]
             if do_sample:
                 torch.manual_seed(seed + b)
-            answers = _generate_batch(model, tokenizer, [texts[i] for i in idx], decoding, eos, tokenizer.pad_token_id)
+            answers = generate_batch(model, tokenizer, [texts[i] for i in idx], decoding, eos, tokenizer.pad_token_id)
             for i, answer in zip(idx, answers):
                 results[i] = response_prefix + answer
                 if sink is not None:

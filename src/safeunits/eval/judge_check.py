@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from safeunits.errors import UserFileNotFoundError
 from safeunits.eval.judges import FULL_COMPLIANCE, XSTEST_LABELS, get_judge
 from safeunits.paths import data_dir as default_data_dir
 
@@ -25,11 +26,11 @@ def label_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The per-model human-label files: one per model, `*_streval.csv` preferred over its `*_gpteval.csv` twin."""
     root = default_data_dir(data_dir)
     if root is None:
-        raise FileNotFoundError("no data directory: pass --data-dir or set SAFEUNITS_DATA_DIR (needs xstest/labels)")
+        raise UserFileNotFoundError("no data directory: pass --data-dir or set SAFEUNITS_DATA_DIR (needs xstest/labels)")
     folder = root / "xstest" / "labels"
     files = sorted(folder.glob("*.csv"))
     if not files:
-        raise FileNotFoundError(f"no XSTest label files (*.csv) in {folder}")
+        raise UserFileNotFoundError(f"no XSTest label files (*.csv) in {folder}")
     by_model: dict[str, Path] = {}
     for f in files:
         model = f.stem.replace("xstest_v2_completions_", "").rsplit("_", 1)[0]

@@ -8,7 +8,9 @@ Named judges (`get_judge(name)`):
              the yardstick `safeunits judge-check` compares against.
 - `xstest`   our three-class judge (1_full_compliance / 2_full_refusal / 3_partial_refusal): refusal cues in
              the opening sentence, refusal cues later in the answer, and "here is how" after a refusal.
-- `model:PATH` (or a folder path) a local judge model: a sequence classifier or a causal LM asked Yes/No.
+- `model:PATH` (or a folder path) a local judge model: a sequence classifier or a causal LM asked Yes/No;
+             a folder holding a known judge model (Llama Guard, HarmBench classifier, WildGuard) gets its preset.
+- `PRESET:PATH_OR_HUB_ID` a judge model asked in its published format (eval/judge_models.py presets).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeunits.eval.result import Verdict
+from safeunits.errors import UserFileNotFoundError, UserValueError
 
 FULL_COMPLIANCE = "1_full_compliance"
 FULL_REFUSAL = "2_full_refusal"
@@ -242,7 +245,7 @@ class ModelJudge(Judge):
 
         path = Path(config.path).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"judge model folder {path} has no config.json")
+            raise UserFileNotFoundError(f"judge model folder {path} has no config.json")
         self.config = config
         self.name = f"model:{path.name}"
         hf_config = AutoConfig.from_pretrained(path)
@@ -320,13 +323,21 @@ JUDGE_NAMES = (*KEYWORD_PRESETS, "xstest")
 
 
 def get_judge(name: str = "keyword") -> Judge:
-    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, or `model:PATH` / a model folder path."""
+    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, `model:PATH` / a model folder path, or a judge
+    model preset `PRESET:PATH_OR_HUB_ID` (`llama-guard-3`, `harmbench-cls`, `wildguard`, ...; eval/judge_models.py)."""
     if name in KEYWORD_PRESETS:
         return KeywordJudge(KEYWORD_PRESETS[name])
     if name == "xstest":
         return XSTestJudge()
+    from safeunits.eval.judge_models import JUDGE_MODEL_PRESETS, judge_from_spec  # here: judge_models imports us
+
+    judge = judge_from_spec(name)
+    if judge is not None:
+        return judge
+    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, model:PATH for a local judge "
+                     f"model, or PRESET:PATH_OR_HUB_ID with PRESET one of {', '.join(JUDGE_MODEL_PRESETS)}")
     if name.startswith("model:"):
         return ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
     if Path(name).expanduser().is_dir():
         return ModelJudge(ModelJudgeConfig(path=name))
-    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")
+    raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")

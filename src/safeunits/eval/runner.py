@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
+from safeunits.errors import UserValueError
 from safeunits.eval.generation import generate
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.nll import response_nll_stats
@@ -38,7 +39,7 @@ from safeunits.models.loading import model_fingerprint
 SYSTEM_PROMPTS: dict[SystemPromptMode, str | None] = {"none": None, "safety": SAFETY_SYSTEM_PROMPT}
 
 
-class RunDirMismatchError(ValueError):
+class RunDirMismatchError(UserValueError):
     """The output folder holds a run of another model or suite; resuming into it would mix results."""
 
 

@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from safeunits.errors import ConfigError, UserFileNotFoundError
+
 SUITES_DIR = Path(__file__).resolve().parents[1] / "configs" / "suites"
 
 SystemPromptMode = Literal["none", "safety"]
@@ -128,9 +130,9 @@ def load_suite(suite: str | Path | SuiteConfig) -> SuiteConfig:
     if not path.is_file():
         path = SUITES_DIR / f"{suite}.yaml"
         if not path.is_file():
-            raise FileNotFoundError(f"unknown suite {suite!r}: not a YAML file and not one of {', '.join(available_suites())}")
+            raise UserFileNotFoundError(f"unknown suite {suite!r}: not a YAML file and not one of {', '.join(available_suites())}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
         return SuiteConfig.model_validate(data)
     except (yaml.YAMLError, ValidationError) as err:
-        raise ValueError(f"{path}: invalid suite ({err})") from err
+        raise ConfigError(f"{path}: invalid suite ({err})") from err

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from safeunits.errors import UnsupportedArchitectureError
+
 UnitKind = Literal["mlp", "head"]  # an MLP channel or an attention head: the one vocabulary of unit kinds
 UNIT_KINDS: tuple[UnitKind, ...] = get_args(UnitKind)  # in storage and display order
 SharedKV = Literal["none", "group"]
@@ -290,7 +292,7 @@ def get_adapter(model: PreTrainedModel) -> ArchAdapter:
     model_type = getattr(model.config, "model_type", None)
     spec = _FAMILIES.get(model_type)
     if spec is None:
-        raise NotImplementedError(
+        raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported for unit attribution; supported model types: "
             f"{', '.join(supported_model_types())}. Add one with safeunits.models.adapters.register_family(FamilySpec(...))."
         )

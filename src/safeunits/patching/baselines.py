@@ -6,34 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import evaluate_model, evaluate_patched
-from safeunits.patching.merge import MergeConfig
-from safeunits.patching.methods import (PatchSources, TiesConfig, build_method_patch, get_patch_method,
-                                        patch_method_names)
+from safeunits.patching.methods import BaselinesConfig, PatchSources, build_method_patch, get_patch_method
 from safeunits.patching.patches import DensePatch
-
-
-class BaselinesConfig(BaseModel):
-    """Which methods, and their hyper-parameters."""
-
-    methods: list[str] = Field(default_factory=patch_method_names, description="registered patch methods "
-                               f"(patching.methods): {', '.join(patch_method_names())}")
-    task_arithmetic_lambda: float = Field(0.5, description="θ_B + λ·δ_SE (λ = 1 is GA itself)")
-    ties: TiesConfig = Field(default_factory=TiesConfig, description="TIES merge of δ_SE and δ_OSM")
-    merge: MergeConfig = Field(default_factory=MergeConfig, description="SafePatching's (a, b, α, β) (from the sweep)")
-
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, names: list[str]) -> list[str]:
-        for name in names:
-            get_patch_method(name)
-        return names
 
 
 def run_baselines(

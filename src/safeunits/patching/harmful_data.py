@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
+from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.io import read_json, write_json, write_text
 
 ResponseSource = Literal["dataset", "self", "prefill"]
@@ -27,7 +28,7 @@ SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 
 
-class OverlapError(ValueError):
+class OverlapError(UserValueError):
     """Training prompts also appear in an evaluation set: the evaluation would be contaminated."""
 
 
@@ -197,7 +198,7 @@ def load_harmful_data(folder: str | Path, split: str = "train") -> tuple[list[Re
         raise ValueError(f"split must be one of {SPLITS}")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: build D_h first with `safeunits patch build-data`")
+        raise UserFileNotFoundError(f"{path} does not exist: build D_h first with `safeunits patch build-data`")
     manifest = read_json(folder / MANIFEST)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [Record(r["prompt"], r.get("response"), r.get("label"), r.get("category"), r.get("source", ""))

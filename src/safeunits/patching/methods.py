@@ -10,19 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
-from safeunits.patching.merge import controllable_merge
+from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
-
-if TYPE_CHECKING:
-    from safeunits.patching.baselines import BaselinesConfig
 
 
 def _common(patches: list[DensePatch]) -> list[str]:
@@ -215,3 +210,21 @@ def _ties(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
 @register_patch_method("safepatching", "SafePatching's controllable merge of δ_SE and δ_OSM (merge)")
 def _safepatching(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
     return controllable_merge(sources.se, sources.osm, config.merge, progress=False)
+
+
+# after every registration above: the default method list is the registry's
+class BaselinesConfig(BaseModel):
+    """Which methods, and their hyper-parameters."""
+
+    methods: list[str] = Field(default_factory=patch_method_names, description="registered patch methods "
+                               f"(patching.methods): {', '.join(patch_method_names())}")
+    task_arithmetic_lambda: float = Field(0.5, description="θ_B + λ·δ_SE (λ = 1 is GA itself)")
+    ties: TiesConfig = Field(default_factory=TiesConfig, description="TIES merge of δ_SE and δ_OSM")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="SafePatching's (a, b, α, β) (from the sweep)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        for name in names:
+            get_patch_method(name)
+        return names

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
+from safeunits.errors import UserFileNotFoundError
 from safeunits.io import read_json, save_safetensors, write_json
 from safeunits.models.signature import architecture_description, model_fingerprint
 from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
@@ -63,7 +64,7 @@ class DensePatch:
         self.folder = Path(folder)
         for f in (DELTA_FILE, MANIFEST_FILE):
             if not (self.folder / f).is_file():
-                raise FileNotFoundError(f"{self.folder / f} missing: not a patch folder written by `safeunits patch derive`")
+                raise UserFileNotFoundError(f"{self.folder / f} missing: not a patch folder written by `safeunits patch derive`")
         self.manifest: dict[str, Any] = read_json(self.folder / MANIFEST_FILE)
         self._delta = safe_open(str(self.folder / DELTA_FILE), framework="pt")
         sal = self.folder / SALIENCY_FILE

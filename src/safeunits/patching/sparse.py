@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from safeunits.errors import UserFileNotFoundError
 from safeunits.io import read_json, save_safetensors, write_json
 from safeunits.models.signature import ArchitectureMismatchError, check_fits
 
@@ -132,7 +133,7 @@ class SparsePatch:
         path = Path(path)
         file = path / PATCH_FILE if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"{file} does not exist (expected a patch folder written by `safeunits patch merge`)")
+            raise UserFileNotFoundError(f"{file} does not exist (expected a patch folder written by `safeunits patch merge`)")
         with safe_open(str(file), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:

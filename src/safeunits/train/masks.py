@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from safeunits.errors import UserValueError
 
-class MaskError(ValueError):
+
+class MaskError(UserValueError):
     """A mask does not fit the model (unknown parameter, wrong shape, wrong dtype) or both modes were given."""
 
 

@@ -29,7 +29,7 @@ def recipe_builder(preset: str) -> Callable[[Path], None]:
         from safeunits.train.recipes import data_manifest, load_recipe, train_recipe
 
         recipe = load_recipe(preset)
-        log.warning("building %s: training %s with the %r preset (once; cached)", target.name, recipe.model, preset)
+        log.info("building %s: training %s with the %r preset (once; cached)", target.name, recipe.model, preset)
         model, tokenizer = load_model(recipe.model)
         base_fp = model_fingerprint(model)
         result, records = train_recipe(recipe, model, tokenizer)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from safeunits.train.engine import TrainConfig
+
+class ObjectiveSettings(Protocol):
+    """What objectives read from the training config (`train.engine.TrainConfig` satisfies it)."""
+
+    npo_beta: float
 
 
 class UnknownObjectiveError(ValueError):
@@ -47,7 +50,7 @@ class TrainingObjective(ABC):
     per_sequence: ClassVar[bool] = False  # average over sequences instead of loss tokens
     raises_nll: ClassVar[bool] = False  # drives the response NLL up, so `stop_nll_above` may bound it
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: ObjectiveSettings) -> None:
         self.config = config
 
     @abstractmethod

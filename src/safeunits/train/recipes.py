@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.eval.context import EvalContext
+from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import write_json, write_text
 from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
@@ -95,18 +96,18 @@ def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Reci
         bundled = RECIPE_DIR / f"{path_or_name}.yaml"
         if not bundled.is_file():
             known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
-            raise FileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a bundled recipe ({known})")
+            raise UserFileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a bundled recipe ({known})")
         path = bundled
     raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a recipe YAML must be a mapping")
+        raise ConfigError(f"{path}: a recipe YAML must be a mapping")
     raw = _merge(raw, overrides or {})
     kind = raw.get("recipe")
     if kind == "align":
         return AlignRecipe.model_validate(raw)
     if kind == "finetune":
         return FinetuneRecipe.model_validate(raw)
-    raise ValueError(f"{path}: 'recipe' must be 'align' or 'finetune', got {kind!r}")
+    raise ConfigError(f"{path}: 'recipe' must be 'align' or 'finetune', got {kind!r}")
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import UserValueError
 from safeunits.io import write_json
 from safeunits.models.chat import prompt_text
 
@@ -60,7 +61,7 @@ class ProbeConfig(BaseModel):
 def _continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str, k_max: int, what: str) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < k_max:
-        raise ValueError(f"the {what} continuation has {len(ids)} tokens, fewer than k_max={k_max}; give a longer text")
+        raise UserValueError(f"the {what} continuation has {len(ids)} tokens, fewer than k_max={k_max}; give a longer text")
     return ids[:k_max]
 
 

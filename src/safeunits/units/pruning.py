@@ -133,3 +133,25 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
                      f"{f(r['model_param_share'], True)} | {f(r.get('perplexity'))} | {f(r.get('utility_nll'))} | "
                      f"{f(r.get('asr'), True)} | {f(r.get('asr_system'), True)} | {f(r.get('xstest_refusal'), True)} |")
     return "\n".join(lines) + "\n"
+
+
+def prune_and_save(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    unit_map: UnitMap,
+    target: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    shared_kv: SharedKV = "none",
+) -> tuple[int, UnitSelection]:
+    """Check the map fits `model`, zero `target`'s units in place and save the pruned model folder (atomically).
+
+    Returns the number of zeroed weights and the units (a pruned model to fine-tune or share, not an evaluation)."""
+    from safeunits.models.loading import save_model
+
+    unit_map.check_model(model)
+    units = resolve_target(unit_map, target, seed=seed)
+    zeroed = prune_units(model, units, shared_kv=shared_kv)
+    save_model(model, tokenizer, out_dir)
+    return zeroed, units

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
+from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, ArchAdapter, get_adapter
 from safeunits.models.chat import collate, encode_pair
 
@@ -107,7 +108,7 @@ def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[Record], co
     pairs, too_long = [], 0
     for i, r in enumerate(records):
         if r.response is None:
-            raise ValueError(f"record {i} ({r.source or 'unknown source'}) has no response; scores need prompt+response pairs")
+            raise UserValueError(f"record {i} ({r.source or 'unknown source'}) has no response; scores need prompt+response pairs")
         try:
             pairs.append(encode_pair(tokenizer, r.prompt, r.response, system_prompt=config.system_prompt,
                                      max_length=config.max_length, loss_on="all" if config.tokens == "all" else "response"))
@@ -116,7 +117,7 @@ def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[Record], co
     if too_long:
         log.warning("skipped %d of %d examples whose prompt is longer than max_length=%d", too_long, len(records), config.max_length)
     if not pairs:
-        raise ValueError(f"every prompt is longer than max_length={config.max_length}; raise --max-length")
+        raise UserValueError(f"every prompt is longer than max_length={config.max_length}; raise --max-length")
     return pairs
 
 

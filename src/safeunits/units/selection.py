@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel
 
+from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, SharedKV, UnitKind, get_adapter
 from safeunits.units.unit_map import UnitMap
 
@@ -74,7 +75,7 @@ def select_units(unit_map: UnitMap, spec: str) -> UnitSelection:
     for term in terms:
         match = _TERM.match(term)
         if not match:
-            raise ValueError(f"bad unit selection term {term!r}: expected scu|ucu|cu|ru|all, optionally ':top<fraction>'")
+            raise UserValueError(f"bad unit selection term {term!r}: expected scu|ucu|cu|ru|all, optionally ':top<fraction>'")
         name, top = match.group(1), match.group(2)
         if name == "all":
             masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}

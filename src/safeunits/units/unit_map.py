@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from safeunits.errors import UserValueError
 from safeunits.io import load_safetensors, read_json, save_safetensors, write_json
 from safeunits.models.adapters import UNIT_KINDS
 from safeunits.models.signature import check_fits
@@ -150,10 +151,10 @@ class UnitMap:
         tensors = load_safetensors(path)
         info = read_json(summary_path(path))
         if info.get("format") != "safeunits.unit_map":
-            raise ValueError(f"{path} is not a safeunits unit map")
+            raise UserValueError(f"{path} is not a safeunits unit map")
         signature = info.get("signature", info.get("arch_hash"))  # version 1's "arch_hash": check_fits accepts it
         if not signature:
-            raise ValueError(f"{summary_path(path)} names no architecture signature; recompute the unit map")
+            raise UserValueError(f"{summary_path(path)} names no architecture signature; recompute the unit map")
         missing = [f"{k}.{t}" for k in UNIT_KINDS for t in ("safety", "utility", "class") if f"{k}.{t}" not in tensors]
         if missing:
             raise ValueError(f"{path}: unit map is missing tensors {missing}")

@@ -1,0 +1,289 @@
+"""The CLI vocabulary: one option name per meaning, shared by every command (listed in docs/cli.md).
+
+Why a module: the same option (`--model`, `--suite`, `--data-dir`, `--out`, `--quiet`, `--set`) used to be
+written out again in every command with drifting names and defaults. Options that mirror a pydantic config
+field are generated from the field (`config_options`), and `--set key=value` reaches any field of the
+command's config, so a new config field needs no new hand-written option. Deprecated spellings keep working
+for one release with a message on stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from safeunits.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # = safeunits.models.loading.DEFAULT_MODEL (not imported: keeps torch out)
+MODEL_HELP = "Registered model name (see `safeunits models`), local model folder, or Hugging Face Hub id (org/name)."
+SET_HELP = "Any field of the command's config, dotted, value in YAML: --set {example} (repeatable; see docs/cli.md)."
+
+
+# --- the shared options ----------------------------------------------------------------------------------
+
+def model_option(default: str | None = DEFAULT_MODEL, extra_help: str = "") -> Any:
+    """`--model/-m`: what every command that loads a model accepts."""
+    return typer.Option(default, "--model", "-m", help=(MODEL_HELP + " " + extra_help).strip())
+
+
+def out_option(help: str, default: Any = ...) -> Any:
+    """`--out/-o`: where every command that writes puts its result."""
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def suite_option(default: str | None = "quick", extra_help: str = "") -> Any:
+    """`--suite/-s`: the evaluation suite of every command that evaluates."""
+    return typer.Option(default, "--suite", "-s",
+                        help=("Evaluation suite: quick, full, or a suite YAML file. " + extra_help).strip())
+
+
+def sets_option(example: str) -> Any:
+    """`--set key=value` (repeatable) into the command's pydantic config."""
+    return typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP.format(example=example))
+
+
+def unit_map_option(required: bool = True) -> Any:
+    return typer.Option(... if required else None, "--unit-map",
+                        help="Unit map (unit_map.safetensors or its folder) from `safeunits attribute`.")
+
+
+def _quiet_callback(value: bool) -> bool:
+    if value:
+        set_verbosity(logging.WARNING)
+    return value
+
+
+DATA_DIR: Any = typer.Option(None, "--data-dir", help="Offline data folder (default $SAFEUNITS_DATA_DIR).")
+QUIET: Any = typer.Option(False, "--quiet", "-q", help="No progress bars and no progress messages.",
+                          callback=_quiet_callback)
+DTYPE: Any = typer.Option("float32", "--dtype", help="Model weights dtype: float32, bfloat16 or float16.")
+DEVICE: Any = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, ...")
+LIMIT: Any = typer.Option(None, "--limit", min=1, help="Cut every evaluation set to at most this many items (smoke runs).")
+
+
+# --- logging -----------------------------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    """Progress messages (INFO) as plain lines; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        elif record.levelno < logging.INFO:
+            text = f"{record.name}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _Handler(logging.StreamHandler):
+    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone).
+
+    It writes to whatever `sys.stderr` is at the time of the message, not the stream of its creation (which a
+    test runner may have closed since)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def set_verbosity(level: int) -> None:
+    """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
+    logger = logging.getLogger("safeunits")
+    handler = _Handler()
+    handler.setFormatter(_Formatter())
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
+    logger.setLevel(level)
+
+
+# --- deprecated spellings -----------------------------------------------------------------------------------
+
+def warn_deprecated(old: str, new: str) -> None:
+    typer.echo(f"warning: {old} is deprecated and will be removed in the next release; use {new}", err=True)
+
+
+def deprecated_option(old: str, new: str, *, flag: bool = False) -> Any:
+    """A hidden option still accepted under its old name; using it prints what replaces it."""
+
+    def _callback(value: Any) -> Any:
+        if value:
+            warn_deprecated(old, new)
+            if flag and new == "--quiet":
+                set_verbosity(logging.WARNING)
+        return value
+
+    return typer.Option(False if flag else None, old, hidden=True, callback=_callback)
+
+
+def json_sets(text: str | None, flag: str, prefix: str) -> list[str]:
+    """A deprecated JSON-object option (`--se-train '{"lr": 1e-4}'`) as the `--set` items that replace it."""
+    if not text:
+        return []
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"lr\": 1e-4}}': {exc}",
+                          hint=f"use --set {prefix}.lr=1e-4 instead") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}",
+                          hint=f"use --set {prefix}.lr=1e-4 instead")
+    return [f"{prefix}.{k}={json.dumps(v)}" for k, v in value.items()]
+
+
+# --- --set and configs ---------------------------------------------------------------------------------------
+
+def parse_sets(sets: Sequence[str]) -> dict:
+    """`["train.lr=1e-4", "limit=8"]` -> `{"train": {"lr": 1e-4}, "limit": 8}` (values parsed as YAML)."""
+    out: dict = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}", hint="e.g. --set train.lr=1e-4")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({err})") from err
+        set_dotted(out, key.strip(), parsed)
+    return out
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part} is a value, not a group of fields")
+        node = child
+    node[parts[-1]] = value
+
+
+def merge(base: Mapping, update: Mapping) -> dict:
+    """Deep merge of nested dicts; `update` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def check_keys(cls: type[BaseModel], overrides: Mapping, where: str = "") -> None:
+    """Refuse keys that are not fields of `cls` (pydantic would drop them silently, and the run would ignore them)."""
+    for key, value in overrides.items():
+        field = cls.model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"{cls.__name__} has no field {where}{key!r}",
+                              hint=f"fields{' of ' + where.rstrip('.') if where else ''}: {', '.join(cls.model_fields)}")
+        sub = _model_class(field.annotation)
+        if sub is not None and isinstance(value, Mapping):
+            check_keys(sub, value, f"{where}{key}.")
+
+
+def build_config(cls: type[M], *layers: Mapping, base: BaseModel | Mapping | None = None) -> M:
+    """Validate `base` (a config or a dict) updated by each layer in turn (options, then --set), keys checked."""
+    data: dict = base.model_dump() if isinstance(base, BaseModel) else dict(base or {})
+    for layer in layers:
+        check_keys(cls, layer)
+        data = merge(data, layer)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(validation_message(err), hint="check the option values (safeunits COMMAND --help)") from err
+
+
+def validation_message(err: ValidationError) -> str:
+    """One line per invalid field: `se.train.lr: Input should be a valid number`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _option_type(annotation: Any) -> type:
+    """The scalar type a command-line value is parsed as (pydantic validates Literals and ranges afterwards)."""
+    if typing.get_origin(annotation) is Literal:
+        return str
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _option_type(args[0])
+    if annotation in (int, float, str, bool, Path):
+        return annotation
+    raise TypeError(f"no command-line option type for {annotation!r}: reach this field with --set")
+
+
+def _field(cls: type[BaseModel], dotted: str):
+    for part in dotted.split(".")[:-1]:
+        sub = _model_class(cls.model_fields[part].annotation)
+        assert sub is not None, f"{dotted}: {part} is not a nested config"
+        cls = sub
+    return cls.model_fields[dotted.split(".")[-1]]
+
+
+def config_options(cls: type[BaseModel], fields: Sequence[str], *, into: str = "options") -> Callable:
+    """Decorator: add one option per (dotted) field of `cls`, named after the field's last part
+    (`score.max_length` -> `--max-length`), with the field's description as help. The command receives the
+    options given on the command line as one nested dict `into` (omitted ones are absent, so the config's
+    default, a YAML or a named best point still decides them). Modelled on mergekit's `add_merge_options`."""
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        names = {f: f.split(".")[-1] for f in fields}
+        taken = set(sig.parameters)
+        params = [p for p in sig.parameters.values() if p.name != into]
+        annotations = {k: v for k, v in typing.get_type_hints(fn).items() if k != into}
+        for dotted, name in names.items():
+            assert name not in taken, f"{fn.__name__}: option {name} defined twice"
+            field = _field(cls, dotted)
+            typ = _option_type(field.annotation)
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
+            help_text = (field.description or name).rstrip(".")
+            if choices:
+                help_text += f" ({' | '.join(map(str, choices))})"
+            flag = "--" + name.replace("_", "-")
+            decls = (f"{flag}/--no-{name.replace('_', '-')}",) if typ is bool else (flag,)
+            if not field.is_required() and field.default_factory is None:
+                help_text += f" (default: {field.default})"
+            option = typer.Option(None, *decls, help=help_text + ".", show_default=False)
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=Optional[typ]))
+            annotations[name] = Optional[typ]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            given: dict = {}
+            for dotted, name in names.items():
+                value = kwargs.pop(name)
+                if value is not None:
+                    set_dotted(given, dotted, value)
+            return fn(**kwargs, **{into: given})
+
+        wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = annotations
+        del wrapper.__wrapped__  # typer must see the new signature, not the wrapped one
+        return wrapper
+
+    return decorate

@@ -1,0 +1,66 @@
+"""SSAH attribution end to end: score safety and utility data, classify units, save the map and its plots.
+
+Why one function: the `attribute` command and the demo's units stage did these steps each in their own way
+(different settings recorded, different data defaults); both now call `attribute`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.data.registry import load_dataset
+from safeunits.units.classes import ClassifyConfig, build_unit_map
+from safeunits.units.scores import ScoreConfig, compute_scores
+from safeunits.units.unit_map import UnitMap
+
+log = logging.getLogger(__name__)
+
+MAP_FILE = "unit_map.safetensors"
+
+
+class AttributionConfig(BaseModel):
+    """What a unit map is computed from: the two data sets, how many examples, the score and the class fractions."""
+
+    safety_data: str = Field("advbench-refusals", description="harmful prompts paired with refusals (dataset name or file)")
+    utility_data: str = Field("self-instruct:user", description="benign instructions with answers (dataset name or file)")
+    limit: int = Field(128, ge=1, description="examples taken from each dataset (the first N)")
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    plots: bool = Field(True, description="also write class_shares.png and unit_map.png")
+
+
+def attribute(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: AttributionConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> UnitMap:
+    """Score every MLP channel and head on the safety and the utility data, classify them (SCU/UCU/CU/RU), and
+    save `unit_map.safetensors` + `unit_map.json` (+ plots) into `out_dir` when given."""
+    config = config or AttributionConfig()
+    scores = {}
+    for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data)):
+        records = load_dataset(spec, data_dir=data_dir, limit=config.limit)
+        log.info("scoring units on %d %s examples (%s)", len(records), kind, spec)
+        scores[kind] = compute_scores(model, tokenizer, records, config.score, progress=progress, desc=f"{kind} data")
+        scores[kind].extra = {"dataset": spec, "seconds": scores[kind].seconds}
+    unit_map = build_unit_map(model, scores["safety"], scores["utility"], config.classify,
+                              settings={"model": model_name, "safety": config.safety_data, "utility": config.utility_data,
+                                        "limit": config.limit, "score": config.score.model_dump()})
+    if out_dir is not None:
+        out = Path(out_dir)
+        unit_map.save(out / MAP_FILE)
+        if config.plots:
+            from safeunits.units.plots import write_map_plots
+
+            write_map_plots(unit_map, out)
+    return unit_map

@@ -1,0 +1,301 @@
+"""The CLI's vocabulary and its errors: a user-caused error is one short message (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from pydantic import BaseModel, Field
+from typer.testing import CliRunner
+
+from safeunits.cli import app
+from safeunits.cli_options import build_config, config_options, parse_sets
+from safeunits.errors import ConfigError, UserError
+from safeunits.models.loading import load_model, save_model
+from safeunits.units.attribution import AttributionConfig, attribute
+from safeunits.units.classes import build_unit_map
+from safeunits.units.pruning import prune_and_save, resolve_target
+from safeunits.units.scores import ScoreConfig, compute_scores
+from safeunits.units.selection import unit_parameter_masks
+from safeunits.units.unit_map import UnitMap
+from tiny import tiny_model, tiny_tokenizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+UTILITY = '{"prompt": "Add 2 and 3.", "response": "Five."}\n{"prompt": "Say hi.", "response": "Hi there!"}\n'
+
+
+def run(*args: str, **env: str):
+    return CliRunner(env={"COLUMNS": "200", **env}).invoke(app, [str(a) for a in args])
+
+
+def assert_short_error(res, *words: str) -> None:
+    """Exit status 2, a few lines, no traceback, and the words that say what went wrong."""
+    assert res.exit_code == 2, res.output
+    assert isinstance(res.exception, SystemExit), res.exception
+    lines = res.output.strip().splitlines()
+    assert len(lines) <= 4, res.output
+    assert "Traceback" not in res.output
+    for word in words:
+        assert word in res.output, (word, res.output)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_model(tiny_model("qwen2"), tiny_tokenizer(), tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def util_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("d") / "util.jsonl"
+    path.write_text(UTILITY)
+    return path
+
+
+# --- one test per user error -------------------------------------------------------------------------------
+
+def test_unknown_model_name_fails_fast_listing_the_registered_names(tmp_path):
+    start = time.perf_counter()
+    res = run("eval", "--model", "no-such-model", "--out", tmp_path / "r")
+    assert_short_error(res, "unknown model 'no-such-model'", "smollm2-135m-instruct", "hint:")
+    assert time.perf_counter() - start < 5  # no Hub retries for a name that cannot be a Hub id
+    assert not (tmp_path / "r").exists()
+
+
+def test_hub_id_offline_or_unreachable_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run("attribute", "--model", "no-such-org/no-such-model", "--out", tmp_path)
+    assert_short_error(res, "no-such-org/no-such-model", "HF_HUB_OFFLINE", "smollm2-135m-instruct")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    import huggingface_hub
+
+    calls = []
+
+    def unreachable(self, repo_id, **kwargs):
+        calls.append(kwargs.get("timeout"))
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    start = time.perf_counter()
+    res = run("eval", "--model", "no-such-org/no-such-model", "--out", tmp_path)
+    assert_short_error(res, "Hub is unreachable", "smollm2-135m-instruct")
+    assert calls and calls[0] <= 10 and time.perf_counter() - start < 5  # one short check, no retries
+
+
+def test_malformed_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
+    assert_short_error(run("datasets", "--show", bad), "bad.jsonl:2", "not valid JSON")
+
+
+def test_missing_file_and_unknown_dataset(tmp_path):
+    assert_short_error(run("datasets", "--show", tmp_path / "missing.jsonl"), "missing.jsonl", "does not exist")
+    assert_short_error(run("datasets", "--show", "no-such-set"), "unknown dataset 'no-such-set'", "advbench")
+    assert_short_error(run("eval-compare", tmp_path / "no-run"), "metrics.json", "does not exist")
+
+
+def test_out_that_is_a_folder_is_refused_before_work(tmp_path, data_dir):
+    (tmp_path / "existing").mkdir()
+    res = run("judge-check", "--judge", "strmatch", "--data-dir", data_dir, "--out", tmp_path / "existing")
+    assert_short_error(res, "existing is a folder", "hint:")
+    assert list((tmp_path / "existing").iterdir()) == []
+
+
+def test_unsupported_architecture(tmp_path, data_dir, util_file):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("bloom", vocab_size=259, hidden_size=32, n_layer=2, n_head=4, pad_token_id=256)
+    folder = save_model(AutoModelForCausalLM.from_config(config), tiny_tokenizer(), tmp_path / "bloom")
+    res = run("attribute", "--model", folder, "--out", tmp_path / "map", "--limit", "2", "--utility-data", util_file,
+              "--data-dir", data_dir, "--quiet")
+    assert_short_error(res, "architecture 'bloom' is not supported", "llama")
+
+
+def test_artifact_for_another_model(tmp_path, tiny_dir, data_dir, util_file):
+    config = AttributionConfig(utility_data=str(util_file), limit=2, plots=False, score=ScoreConfig(max_length=200))
+    model, tok = load_model(str(tiny_dir))
+    attribute(model, tok, config, tmp_path / "map", data_dir=data_dir)
+    other = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "other")
+    res = run("prune", "--unit-map", tmp_path / "map", "--save-model", "--target", "scu", "--model", other,
+              "--out", tmp_path / "pruned")
+    assert_short_error(res, "unit map was computed for a 'qwen2' model")
+    assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["eval", "--suite", "nope"], ["unknown suite 'nope'", "quick"]),
+    (["train", "--recipe", "align", "--config", "nope"], ["recipe 'nope'", "aligned-default"]),
+    (["judge-check", "--judge", "nope"], ["unknown judge 'nope'", "strmatch"]),
+    (["patch", "derive", "--data", "dh", "--objective", "nope"], ["objective", "'ascent', 'descent' or 'npo'"]),
+])
+def test_unknown_names(tmp_path, data_dir, args, words):
+    assert_short_error(run(*args, "--out", tmp_path / "x", *(["--data-dir", data_dir] if args[0] == "judge-check" else [])),
+                       *words)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("item, words", [
+    ("max_new_tokens=abc", ["max_new_tokens", "valid integer"]),
+    ("no_such_field=1", ["no field 'no_such_field'", "max_new_tokens"]),
+    ("over_safety.nope=1", ["no field over_safety.'nope'"]),
+    ("just-a-key", ["--set expects key=value"]),
+])
+def test_bad_set(tmp_path, item, words):
+    assert_short_error(run("eval", "--set", item, "--out", tmp_path / "r"), *words)
+
+
+def test_usage_errors_keep_exit_status_2(tmp_path):
+    res = run("eval", "--no-such-option")
+    assert res.exit_code == 2 and "No such option" in res.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = run("--debug", "datasets", "--show", tmp_path / "missing.jsonl")
+    assert isinstance(res.exception, UserError)  # re-raised, not turned into a message
+    res = run("datasets", "--show", tmp_path / "missing.jsonl", SAFEUNITS_DEBUG="1")
+    assert isinstance(res.exception, UserError)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", "from safeunits.cli import app; app()", "--debug", "datasets", "--show",
+                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "does not exist" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", "from safeunits.cli import app; app()", "datasets", "--show",
+                           str(tmp_path / "missing.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+# --- the vocabulary ----------------------------------------------------------------------------------------
+
+def _commands() -> dict:
+    root = typer.main.get_command(app)
+    out = {}
+    for name, cmd in root.commands.items():
+        if hasattr(cmd, "commands"):  # a sub-group (typer's click may be vendored: no isinstance)
+            out.update({f"{name} {sub}": c for sub, c in cmd.commands.items()})
+        else:
+            out[name] = cmd
+    return out
+
+
+def _visible_options(cmd) -> set[str]:
+    return {o for p in cmd.params if not getattr(p, "hidden", False) for o in p.opts + p.secondary_opts}
+
+
+LOADS_MODEL = {"eval", "train", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch build-data",
+               "patch derive", "patch apply", "patch sweep", "patch continual", "patch baselines"}
+WRITES = LOADS_MODEL | {"judge-check", "transfer", "patch merge", "demo"}
+EVALUATES = {"eval", "train", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo"}
+HAS_CONFIG = (EVALUATES | {"attribute", "probe", "patch build-data", "patch derive", "patch merge", "patch sweep"})
+PROGRESS = HAS_CONFIG | {"patch apply"}
+DEPRECATED = {"--eval", "--no-progress", "--map", "--train-json", "--se-train", "--osm-train", "--tolerance"}
+
+
+def test_every_command_speaks_the_same_vocabulary():
+    commands = _commands()
+    assert LOADS_MODEL | WRITES <= set(commands)
+    for name, cmd in commands.items():
+        opts = _visible_options(cmd)
+        for needed, group in ((("--model", "-m"), LOADS_MODEL), (("--out", "-o"), WRITES), (("--suite", "-s"), EVALUATES),
+                              (("--set",), HAS_CONFIG), (("--quiet", "-q"), PROGRESS)):
+            if name in group:
+                assert set(needed) <= opts, (name, needed)
+        assert not opts & DEPRECATED, (name, opts & DEPRECATED)
+        if "--data-dir" in opts or name in {"eval", "attribute", "probe", "prune", "patch build-data"}:
+            assert "--data-dir" in opts, name
+
+
+def test_options_generated_from_config_fields_carry_their_description():
+    merge = _commands()["patch merge"]
+    help_of = {p.opts[0]: p.help for p in merge.params}
+    assert "DARE keep-rate" in help_of["--dare-p"] and "(default: 5.0)" in help_of["--a"]
+
+
+def test_deprecated_names_still_work_and_warn(tmp_path):
+    res = run("train", "--recipe", "align", "--eval", "qiuck", "--out", tmp_path / "t")
+    assert "--eval is deprecated" in res.output and "use --suite" in res.output
+    assert_short_error(res, "unknown suite 'qiuck'")  # the old option's value was used
+    res = run("prune", "--map", tmp_path / "missing", "--out", tmp_path / "p")
+    assert "--map is deprecated" in res.output and "missing" in res.output and res.exit_code == 2
+    res = run("ssah-freeze", "--unit-map", tmp_path / "missing", "--out", tmp_path / "f", "--no-progress")
+    assert "--no-progress is deprecated" in res.output and "use --quiet" in res.output and res.exit_code == 2
+    res = run("patch", "continual", "--out", tmp_path / "c", "--se-train", "[1]")
+    assert "--se-train is deprecated" in res.output and "use --set se.train.KEY=VALUE" in res.output
+    assert_short_error(res, "must be a JSON object")
+
+
+def test_json_train_option_becomes_set_items():
+    from safeunits.cli_options import json_sets
+
+    assert parse_sets(json_sets('{"lr": 1e-4, "max_steps": 3}', "--se-train", "se.train")) == \
+        {"se": {"train": {"lr": 1e-4, "max_steps": 3}}}
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        json_sets("[1]", "--se-train", "se.train")
+
+
+def test_config_options_hand_only_given_values_to_the_command():
+    class Inner(BaseModel):
+        depth: int = Field(3, description="how deep")
+
+    class Outer(BaseModel):
+        name: str = Field("x", description="a name")
+        flag: bool = Field(False, description="a switch")
+        inner: Inner = Field(default_factory=Inner)
+
+    seen: list = []
+    sub = typer.Typer()
+
+    @sub.command()
+    @config_options(Outer, ["name", "flag", "inner.depth"])
+    def cmd(sets: list[str] = typer.Option([], "--set"), options: dict | None = None) -> None:
+        seen.append(build_config(Outer, options or {}, parse_sets(sets)))
+
+    runner = CliRunner()
+    assert runner.invoke(sub, ["--depth", "7", "--flag"]).exit_code == 0
+    assert runner.invoke(sub, ["--set", "inner.depth=9", "--name", "y"]).exit_code == 0
+    assert runner.invoke(sub, []).exit_code == 0
+    assert seen == [Outer(flag=True, inner=Inner(depth=7)), Outer(name="y", inner=Inner(depth=9)), Outer()]
+    assert "how deep (default: 3)" in runner.invoke(sub, ["--help"], env={"COLUMNS": "200"}).output
+
+
+# --- library functions behind the commands -----------------------------------------------------------------
+
+def test_attribute_equals_the_steps_done_by_hand(tmp_path, data_dir, util_file):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    config = AttributionConfig(utility_data=str(util_file), limit=3, score=ScoreConfig(max_length=200))
+    unit_map = attribute(model, tok, config, tmp_path, data_dir=data_dir, model_name="tiny", progress=False)
+    from safeunits.data.registry import load_dataset
+
+    safety = compute_scores(model, tok, load_dataset("advbench-refusals", data_dir=data_dir, limit=3), config.score,
+                            progress=False)
+    utility = compute_scores(model, tok, load_dataset(str(util_file), limit=3), config.score, progress=False)
+    reference = build_unit_map(model, safety, utility, config.classify)
+    saved = UnitMap.load(tmp_path)
+    for kind in ("mlp", "head"):
+        assert torch.equal(unit_map.classes[kind], reference.classes[kind])
+        assert torch.equal(saved.classes[kind], reference.classes[kind])
+        assert torch.allclose(saved.safety[kind], reference.safety[kind])
+    assert saved.settings["model"] == "tiny" and saved.settings["utility"] == str(util_file)
+    assert (tmp_path / "unit_map.png").is_file() and (tmp_path / "class_shares.png").is_file()
+
+
+def test_prune_and_save_zeroes_exactly_the_target(tmp_path, data_dir, util_file):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    config = AttributionConfig(utility_data=str(util_file), limit=2, plots=False, score=ScoreConfig(max_length=200))
+    unit_map = attribute(model, tok, config, None, data_dir=data_dir, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zeroed, units = prune_and_save(model, tok, unit_map, "scu", tmp_path / "pruned")
+    masks = unit_parameter_masks(model, resolve_target(unit_map, "scu"))
+    assert zeroed == sum(int(m.sum()) for m in masks.values()) > 0
+    saved, _ = load_model(str(tmp_path / "pruned"))
+    for name, param in saved.named_parameters():
+        mask = masks.get(name, torch.zeros_like(param, dtype=torch.bool))
+        assert torch.equal(param[mask], torch.zeros_like(param[mask])), name
+        assert torch.equal(param[~mask], before[name][~mask]), name
+    other = tiny_model("qwen2")
+    with pytest.raises(UserError, match="computed for a 'llama' model"):
+        prune_and_save(other, tok, unit_map, "scu", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
