@@ -120,7 +120,7 @@ def check_fits(
         if expected != actual and (have is None or expected != _digest(_shapes_only(have))):
             kind = "" if have is None else f" (a {have['model_type']!r} model)"
             raise ArchitectureMismatchError(
-                f"this {what} was made for {made_for or 'another model'} with architecture hash {expected}, "
+                f"this {what} was computed for {made_for or 'another model'} with architecture hash {expected}, "
                 f"but {on}{kind} has architecture hash {actual}: different architectures. {advice}")
         return
     if isinstance(target, str):
@@ -140,4 +140,4 @@ def check_fits(
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ArchitectureMismatchError(
             f"this {what} does not fit {on}: " + "; ".join(problems[:5]) + more
-            + f". It was made for {made_for or 'a ' + repr(want['model_type']) + ' model'}. {advice}")
+            + f". It was computed for {made_for or 'a ' + repr(want['model_type']) + ' model'}. {advice}")
