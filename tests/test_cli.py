@@ -131,7 +131,7 @@ def test_artifact_for_another_model(tmp_path, tiny_dir, data_dir, util_file):
     (["eval", "--suite", "nope"], ["unknown suite 'nope'", "quick"]),
     (["train", "--recipe", "align", "--config", "nope"], ["recipe 'nope'", "aligned-default"]),
     (["judge-check", "--judge", "nope"], ["unknown judge 'nope'", "strmatch"]),
-    (["patch", "derive", "--data", "dh", "--objective", "nope"], ["objective", "'ascent', 'descent' or 'npo'"]),
+    (["patch", "derive", "--data", "dh", "--objective", "nope"], ["objective", "unknown training objective 'nope'", "ascent"]),
 ])
 def test_unknown_names(tmp_path, data_dir, args, words):
     assert_short_error(run(*args, "--out", tmp_path / "x", *(["--data-dir", data_dir] if args[0] == "judge-check" else [])),

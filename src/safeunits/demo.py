@@ -101,25 +101,15 @@ def _stage_align(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict
 
 
 def _stage_units(config: DemoConfig, evaluation: EvalContext, out: Path) -> dict[str, EvalResult]:
-    from safeunits.data.registry import load_dataset
-    from safeunits.units.classes import build_unit_map
-    from safeunits.units.plots import write_map_plots
+    from safeunits.units.attribution import AttributionConfig, attribute
     from safeunits.units.pruning import PruneConfig, pruning_table
-    from safeunits.units.scores import ScoreConfig, compute_scores
+    from safeunits.units.scores import ScoreConfig
 
-    progress = evaluation.progress
     model, tokenizer = load_model(config.aligned_model)
-    score_config = ScoreConfig(max_length=192)
-    scores = {
-        kind: compute_scores(model, tokenizer, load_dataset(data, data_dir=evaluation.data_dir, limit=config.n_attribution),
-                             score_config, progress=progress, desc=f"{kind} data")
-        for kind, data in (("safety", "advbench-refusals"), ("utility", "self-instruct:seed"))
-    }
-    unit_map = build_unit_map(model, scores["safety"], scores["utility"],
-                              settings={"model": config.aligned_model, "safety": "advbench-refusals",
-                                        "utility": "self-instruct:seed", "limit": config.n_attribution})
-    unit_map.save(out / "unit_map.safetensors")
-    write_map_plots(unit_map, out)
+    attribution = AttributionConfig(utility_data="self-instruct:seed", limit=config.n_attribution,
+                                    score=ScoreConfig(max_length=192))
+    unit_map = attribute(model, tokenizer, attribution, out, data_dir=evaluation.data_dir,
+                         model_name=config.aligned_model, progress=evaluation.progress)
     rows = pruning_table(model, tokenizer, unit_map, PruneConfig(targets=["scu", "random:scu"], baseline=False),
                          evaluation, out_dir=out / "pruning")
     return {f"{config.aligned_model} - {row['pruned']}": EvalResult.load(row["run_dir"]) for row in rows}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.errors import UserValueError
 from safeunits.eval.result import EvalResult
 from safeunits.eval.runner import evaluate
 from safeunits.eval.suites import SuiteConfig, optional_suite
 from safeunits.paths import data_dir as resolve_data_dir
 
 
-class NoEvaluationError(RuntimeError):
+class NoEvaluationError(UserValueError):
     """An experiment asked to evaluate through a context built with no suite ('none')."""
 
 

@@ -50,13 +50,14 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeunits.errors import UserValueError
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, Judge, ModelJudge, ModelJudgeConfig, _check_lengths
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class JudgeModelError(ValueError):
+class JudgeModelError(UserValueError):
     """A judge model spec, folder or preset cannot be used as asked; the message says what to do instead."""
 
 

@@ -334,10 +334,5 @@ def get_judge(name: str = "keyword") -> Judge:
     judge = judge_from_spec(name)
     if judge is not None:
         return judge
-    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, model:PATH for a local judge "
-                     f"model, or PRESET:PATH_OR_HUB_ID with PRESET one of {', '.join(JUDGE_MODEL_PRESETS)}")
-    if name.startswith("model:"):
-        return ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
-    if Path(name).expanduser().is_dir():
-        return ModelJudge(ModelJudgeConfig(path=name))
-    raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")
+    raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, model:PATH for a local "
+                         f"judge model, or PRESET:PATH_OR_HUB_ID with PRESET one of {', '.join(JUDGE_MODEL_PRESETS)}")

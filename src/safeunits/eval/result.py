@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.eval.metrics import wilson_interval
 from safeunits.io import read_json, write_json
 
@@ -25,7 +26,7 @@ SystemPromptMode = Literal["none", "safety"]
 HEADLINE_KEYS = ("asr", "asr_system", "refusal", "incoherent", "xstest_refusal", "utility_nll", "perplexity")
 
 
-class ResultFormatError(ValueError):
+class ResultFormatError(UserValueError):
     """A metrics.json this version cannot read (another schema, or not an evaluation at all)."""
 
 
@@ -172,14 +173,15 @@ class EvalResult(BaseModel):
     def load(cls, out_dir: str | os.PathLike) -> EvalResult:
         """Read a finished run folder (or its metrics.json) back."""
         path = Path(out_dir)
-        path = path / "metrics.json" if path.is_dir() else path
+        path = path if path.suffix == ".json" else path / "metrics.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no metrics.json (is this a finished `safeunits eval` run folder?)")
+            raise UserFileNotFoundError(f"{path} does not exist", hint="give the folder of a finished `safeunits eval` run")
         data = read_json(path)
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version != SCHEMA_VERSION:
-            raise ResultFormatError(f"{path}: metrics schema {version}, this version reads {SCHEMA_VERSION}; "
-                                    "evaluate again into a new folder (docs/eval.md lists the changes)")
+            raise ResultFormatError(f"{path}: metrics schema {version}, this version reads {SCHEMA_VERSION}",
+                                    hint="evaluate again into the same folder: its generations are reused "
+                                         "(docs/eval.md lists the changes)")
         return cls.model_validate({**data, "out_dir": path.parent})
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 from scipy.stats import binomtest
 
+from safeunits.errors import UserValueError
 from safeunits.eval.result import EvalResult, UtilitySetMetrics
 
 ALPHA = 0.05
@@ -38,7 +39,7 @@ class PairedDelta(BaseModel):
         return self.p_value < ALPHA
 
 
-class PairingError(ValueError):
+class PairingError(UserValueError):
     """The two runs did not judge the same items, so a paired test would be meaningless."""
 
 

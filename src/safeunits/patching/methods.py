@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from safeunits.errors import UserValueError
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
 from safeunits.patching.merge import MergeConfig, controllable_merge
@@ -96,11 +97,11 @@ def ties_merge(patches: list[DensePatch], config: TiesConfig | None = None, *, p
 # --- the registry of patch methods (SafePatching Table 1's baselines) -------------------------------
 
 
-class UnknownPatchMethodError(ValueError):
+class UnknownPatchMethodError(UserValueError):
     """A patch method name that no `register_patch_method` entry has."""
 
 
-class MissingPatchError(ValueError):
+class MissingPatchError(UserValueError):
     """A method needs a dense patch (e.g. δ_NPO) that was not given."""
 
 

@@ -15,6 +15,8 @@ from typing import ClassVar, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 
+from safeunits.errors import UserValueError
+
 
 class ObjectiveSettings(Protocol):
     """What objectives read from the training config (`train.engine.TrainConfig` satisfies it)."""
@@ -22,7 +24,7 @@ class ObjectiveSettings(Protocol):
     npo_beta: float
 
 
-class UnknownObjectiveError(ValueError):
+class UnknownObjectiveError(UserValueError):
     """A training objective name that no `register_objective` entry has."""
 
 
