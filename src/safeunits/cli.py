@@ -42,3 +42,12 @@ def _main(
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    """Entry point of `python -m safeunits` and `python -m safeunits.cli` (launchers start modules)."""
+    app(prog_name="safeunits")
+
+
+if __name__ == "__main__":
+    main()
