@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
         """Score every MLP channel and head on safety and utility data, classify them (SCU/UCU/CU/RU), save the unit map."""
         from pydantic import ValidationError
 
+        from safeunits.distributed import is_main_process
         from safeunits.units.classes import ClassifyConfig, build_unit_map
         from safeunits.units.plots import write_map_plots
         from safeunits.units.scores import ScoreConfig, compute_scores
@@ -85,6 +86,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(err), param_hint="--model") from err
         except ValueError as err:
             raise typer.BadParameter(str(err)) from err
+        if not is_main_process():  # every process scored its shard; the main one writes the unit map
+            return
         s_scores.extra, u_scores.extra = {"dataset": safety_data, "seconds": s_scores.seconds}, {"dataset": utility_data, "seconds": u_scores.seconds}
         unit_map = build_unit_map(lm, s_scores, u_scores, class_cfg,
                                   settings={"model": model, "score": score_cfg.model_dump(), "limit": limit})
