@@ -38,20 +38,21 @@ def frozen_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return masks
 
 
-def config(batch_size: int) -> TrainConfig:
+def config(batch_size: int, checkpoint_dir: Path | None = None) -> TrainConfig:
     """Two micro-batches per step, decaying LR, weight decay and clipping: everything the processes must agree on."""
     return TrainConfig(lr=1e-2, max_steps=3, batch_size=batch_size, grad_accum=2, weight_decay=0.1, max_length=64,
-                       warmup_ratio=0.0, scheduler="linear", seed=0, mixed_precision="no")
+                       warmup_ratio=0.0, scheduler="linear", seed=0, mixed_precision="no", checkpoint_dir=checkpoint_dir)
 
 
-def run(model_dir: Path, batch_size: int, masked: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def run(model_dir: Path, batch_size: int, masked: bool,
+        checkpoint_dir: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Train the saved model: the full trained weights (under FSDP2 only rank 0 gets them) and how the run went."""
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     frozen = frozen_masks(model) if masked else None
-    result = train(model, tiny_tokenizer(), RECORDS, config(batch_size), frozen=frozen, progress=False)
+    result = train(model, tiny_tokenizer(), RECORDS, config(batch_size, checkpoint_dir), frozen=frozen, progress=False)
     info = {"processes": str(PartialState().num_processes), "sharded": str(is_sharded(model)),
             "steps": str(result.steps), "losses": ",".join(f"{x:.8f}" for x in result.losses)}
     if is_sharded(model):
@@ -65,8 +66,9 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--masked", action="store_true")
+    parser.add_argument("--checkpoint-dir", type=Path)
     args = parser.parse_args()
-    weights, info = run(args.model_dir, args.batch_size, args.masked)
+    weights, info = run(args.model_dir, args.batch_size, args.masked, args.checkpoint_dir)
     if is_main_process():
         save_safetensors(args.out, weights, metadata=info)
 
