@@ -152,7 +152,8 @@ def train(
     accelerator = _accelerator(config.mixed_precision)
     pairs = _encode(tokenizer, records, config)
     plan = _Plan.make(len(pairs), config, accelerator.num_processes, accelerator.process_index)
-    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator, _self_sharded(parallelism, accelerator, config))
+    self_sharded = _self_sharded(parallelism, accelerator, config)
+    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator, self_sharded)
     state = {"step": 0, "losses": [], "nlls": [], "tokens": 0, "config": config.fingerprint(),
              "data": _data_fingerprint(pairs)}
     try:
