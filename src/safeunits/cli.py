@@ -78,3 +78,12 @@ for _module, _group in COMMAND_MODULES.items():
         app.add_typer(_sub, name=_group)
     else:
         app.registered_commands.extend(_sub.registered_commands)
+
+
+def main() -> None:
+    """Entry point of `python -m safeunits` and `python -m safeunits.cli` (launchers start modules)."""
+    app(prog_name="safeunits")
+
+
+if __name__ == "__main__":
+    main()

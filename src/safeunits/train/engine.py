@@ -1,7 +1,8 @@
 """The one training engine of the toolkit: alignment SFT, fine-tuning attacks, SafePatching's ascent/descent, NPO.
 
-Built on Hugging Face Accelerate (device placement, mixed precision, DDP through `accelerate launch`,
-`save_state`/`load_state` checkpoints). The loss is taken on response tokens only (chat template applied,
+Built on Hugging Face Accelerate (device placement, mixed precision, DDP and FSDP2 through `accelerate launch` or
+`torchrun`, `save_state`/`load_state` checkpoints; `safeunits.distributed` checks that every launched process
+takes part). The loss is taken on response tokens only (chat template applied,
 `models.chat.encode_pair`), token-weighted across gradient-accumulation micro-batches so `batch_size=4,
 grad_accum=2` optimises the same objective as `batch_size=8`. Unit masks (`train.masks`) keep frozen weights
 bit-identical. The data order is a pure function of (seed, epoch), so a run resumed from a checkpoint
@@ -33,6 +34,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from safeunits.data.records import Record
+from safeunits.distributed import (DistributedSetupError, Parallelism, check_mask_support, fsdp2_shard,
+                                   make_accelerator, requested_parallelism)
 from safeunits.io import read_json, write_json
 from safeunits.models.chat import EncodedPair, collate, encode_pair
 from safeunits.train.masks import MaskedUpdate, MaskStats, update_masks
@@ -143,11 +146,14 @@ def train(
 
     _check_records(records)
     may_change = update_masks(model, frozen, trainable)
+    parallelism = requested_parallelism()
+    check_mask_support(parallelism, may_change is not None)
     set_seed(config.seed)
     accelerator = _accelerator(config.mixed_precision)
     pairs = _encode(tokenizer, records, config)
     plan = _Plan.make(len(pairs), config, accelerator.num_processes, accelerator.process_index)
-    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator)
+    self_sharded = _self_sharded(parallelism, accelerator, config)
+    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator, self_sharded)
     state = {"step": 0, "losses": [], "nlls": [], "tokens": 0, "config": config.fingerprint(),
              "data": _data_fingerprint(pairs)}
     try:
@@ -160,11 +166,11 @@ def train(
     checkpoint = run.checkpoints.save_final(state, run.ref_logps)
     accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
     accelerator.free_memory()
-    losses, world = state["losses"], plan.world
+    losses = state["losses"]
     return TrainResult(
         steps=state["step"], final_loss=losses[-1] if losses else float("nan"), losses=losses,
-        tokens_per_s=end.tokens * world / end.wall_s if end.wall_s > 0 else 0.0, stopped_reason=end.stopped,
-        nlls=state["nlls"], tokens=state["tokens"] * world, wall_s=end.wall_s, examples=len(pairs),
+        tokens_per_s=end.tokens / end.wall_s if end.wall_s > 0 else 0.0, stopped_reason=end.stopped,
+        nlls=state["nlls"], tokens=state["tokens"], wall_s=end.wall_s, examples=len(pairs),
         resumed_from=resumed_from, checkpoint=checkpoint,
         mask=run.masker.stats.as_dict() if isinstance(run.masker.stats, MaskStats) else None,
     )
@@ -226,6 +232,16 @@ class _Plan:
             order = list(range(self.n_examples))
         return order[pos * self.per_step:(pos + 1) * self.per_step]
 
+    def denominator(self, step: int, pairs: list[EncodedPair], per_sequence: bool) -> float:
+        """What one process divides its loss sum by: the step's total count (all processes) over the world size.
+
+        Data parallelism averages the processes' gradients, so this makes the update the gradient of the whole
+        step's token- (or sequence-) weighted mean: the same as one process running the global batch.
+        """
+        idx = self.step_indices(step)
+        total = len(idx) if per_sequence else sum(pairs[i].n_loss_tokens for i in idx)
+        return total / self.world
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's share of each gradient-accumulation micro-batch of step `step` (empty ones dropped)."""
         idx, size = self.step_indices(step), self.config.batch_size * self.world
@@ -245,55 +261,91 @@ class _Run:
     pairs: list[EncodedPair]
     pad_id: int
     accelerator: Any
-    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under `accelerate launch`)
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under `accelerate launch`), or FSDP2-sharded
     params: list[torch.nn.Parameter]
     optimizer: Any
     scheduler: Any
     masker: MaskedUpdate
     ref_logps: torch.Tensor | None  # per example, under the initial weights (objectives that need a reference)
     checkpoints: "_Checkpoints"
+    sync_each_micro_batch: bool = False  # no `no_sync` (a model sharded by the engine has no DDP-style context)
 
 
 def _setup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[EncodedPair], config: TrainConfig,
-           plan: _Plan, may_change: dict[str, torch.Tensor] | None, accelerator) -> _Run:
-    """Masks, AdamW over the trainable weights, the LR schedule and the objective's reference, then Accelerate."""
+           plan: _Plan, may_change: dict[str, torch.Tensor] | None, accelerator, self_sharded: bool) -> _Run:
+    """Masks, the objective's reference, AdamW over the trainable weights, the LR schedule, then Accelerate.
+
+    Under FSDP2 the parameters are replaced by DTensor shards, so the optimizer is built over the sharded ones
+    and the masks are cut like them (`MaskedUpdate.shard`): by us before the optimizer when Accelerate cannot
+    shard (`self_sharded`, CPU processes), after `prepare` when its FSDP2 plugin did.
+    """
     objective = get_objective(config.objective)(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
     masker = MaskedUpdate(model, may_change)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    ref_logps = _reference_logps(model, pairs, pad_id, config, accelerator) if objective.needs_reference else None
+    if self_sharded:
+        masker.shard(fsdp2_shard(model.to(accelerator.device), plan.world))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = get_scheduler(config.scheduler, optimizer,
                               num_warmup_steps=round(config.warmup_ratio * plan.total_steps),
                               num_training_steps=plan.total_steps)
-    ref_logps = _reference_logps(model, pairs, pad_id, config, accelerator) if objective.needs_reference else None
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if self_sharded:
+        wrapped = model
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if accelerator.is_fsdp2:
+            masker.shard(accelerator.unwrap_model(wrapped))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     return _Run(config, objective, pairs, pad_id, accelerator, wrapped, params, optimizer, scheduler, masker, ref_logps,
-                _Checkpoints(config, accelerator))
+                _Checkpoints(config, accelerator), sync_each_micro_batch=self_sharded)
+
+
+def _self_sharded(parallelism: Parallelism, accelerator, config: TrainConfig) -> bool:
+    """Whether the engine shards with FSDP2 itself: asked for by the launcher, but Accelerate runs plain processes.
+
+    Accelerate's FSDP plugins need GPUs; on CPU processes it would silently run DDP instead. FSDP1 cannot be
+    done here, so it is refused rather than replaced.
+    """
+    from accelerate.utils import DistributedType
+
+    if parallelism not in ("fsdp1", "fsdp2") or accelerator.distributed_type == DistributedType.FSDP:
+        return False
+    if parallelism == "fsdp1":
+        raise DistributedSetupError("FSDP1 was requested but Accelerate cannot run it on these processes (CPU); "
+                                    "use `--fsdp_version 2` (sharded by this engine with fully_shard) or DDP")
+    if config.checkpoint_dir is not None:
+        raise DistributedSetupError("checkpoints are not supported when the engine shards with FSDP2 itself (CPU "
+                                    "processes); drop checkpoint_dir or use DDP")
+    return True
 
 
 @dataclass
 class _StepStats:
     loss: float  # the objective, summed over the step's micro-batches
     nll: float  # response NLL per loss token (what `stop_nll_above` bounds)
-    tokens: int  # tokens processed on this process (prompt + response)
+    tokens: int  # tokens processed by all processes (prompt + response)
 
 
-def _accumulate_gradients(run: _Run, micro: list[list[int]], step: int) -> _StepStats:
+def _accumulate_gradients(run: _Run, plan: _Plan, step: int) -> _StepStats:
     """Forward and backward every micro-batch of one step; gradients add up and DDP syncs only on the last one.
 
-    Each micro-batch's loss is divided by the step's total count (tokens or sequences), so the summed
-    gradient is the one of a single batch holding all micro-batches.
+    Each micro-batch's loss is divided by the step's total count (tokens or sequences, over all processes:
+    `_Plan.denominator`), so the summed gradient is the one of a single batch holding all micro-batches. The
+    returned loss and NLL are the step's, reduced over the processes, so every process takes the same decision.
     """
     pairs, accelerator = run.pairs, run.accelerator
-    n_resp = sum(pairs[i].n_loss_tokens for m in micro for i in m)
-    denom = sum(len(m) for m in micro) if run.objective.per_sequence else n_resp
+    micro = plan.micro_batches(step)
+    denom = plan.denominator(step, pairs, run.objective.per_sequence)
+    n_resp = sum(pairs[i].n_loss_tokens for i in plan.step_indices(step))
     loss_sum, nll_sum, n_tok = 0.0, 0.0, 0
     for j, m in enumerate(micro):
         batch = collate([pairs[i] for i in m], run.pad_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.no_sync(run.model) if j < len(micro) - 1 else contextlib.nullcontext():
+        last = j == len(micro) - 1 or run.sync_each_micro_batch
+        with contextlib.nullcontext() if last else accelerator.no_sync(run.model):
             tok_nll, seq_logp = _token_nll(run.model, batch)
             batch_nll = tok_nll.sum()
             ref = run.ref_logps[m].to(seq_logp.device) if run.ref_logps is not None else None
@@ -304,6 +356,10 @@ def _accumulate_gradients(run: _Run, micro: list[list[int]], step: int) -> _Step
         loss_sum += float(loss.detach())
         nll_sum += float(batch_nll.detach())
         n_tok += int(batch["attention_mask"].sum())
+    if plan.world > 1:
+        totals = torch.tensor([loss_sum, nll_sum, float(n_tok)], dtype=torch.float64, device=accelerator.device)
+        loss_sum, nll_sum, n_tok = accelerator.reduce(totals, reduction="sum").tolist()
+        loss_sum, n_tok = loss_sum / plan.world, int(n_tok)
     return _StepStats(loss_sum, nll_sum / max(n_resp, 1), n_tok)
 
 
@@ -326,7 +382,7 @@ def _apply_update(run: _Run, step: int) -> None:
 @dataclass
 class _LoopEnd:
     stopped: str  # TrainResult.stopped_reason
-    tokens: int  # tokens this process ran in this session (not counting steps before a resume)
+    tokens: int  # tokens all processes ran in this session (not counting steps before a resume)
     wall_s: float
 
 
@@ -340,7 +396,7 @@ def _loop(run: _Run, plan: _Plan, state: dict, *, progress: bool, callback: Call
     try:
         while state["step"] < plan.total_steps:
             step = state["step"]
-            stats = _accumulate_gradients(run, plan.micro_batches(step), step)
+            stats = _accumulate_gradients(run, plan, step)
             if config.stop_nll_above is not None and stats.nll > config.stop_nll_above:
                 run.optimizer.zero_grad(set_to_none=True)
                 stopped = "nll_above"
@@ -353,7 +409,7 @@ def _loop(run: _Run, plan: _Plan, state: dict, *, progress: bool, callback: Call
             tokens_run += stats.tokens
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", nll=f"{stats.nll:.3f}",
-                            tok_s=f"{tokens_run * plan.world / (time.perf_counter() - t0):.0f}")
+                            tok_s=f"{tokens_run / (time.perf_counter() - t0):.0f}")
             if run.checkpoints.due(state["step"]):
                 run.checkpoints.save(state, run.ref_logps)
             if callback is not None:
@@ -370,20 +426,20 @@ def _accelerator(mixed_precision: str):
     """An Accelerator with the requested precision; "auto" = bf16 where a GPU supports it, else none.
 
     Accelerate keeps one process-wide state; in a single process a new precision resets it (tests and
-    notebooks run several configs), under `accelerate launch` the launcher's setting must match.
+    notebooks run several configs), under `accelerate launch` the launcher's setting must match. Every process
+    the launcher started must take part (`safeunits.distributed.make_accelerator`).
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return make_accelerator(mixed_precision=mixed_precision)
     except ValueError:
         if AcceleratorState().num_processes > 1:
             raise
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=mixed_precision)
+        return make_accelerator(mixed_precision=mixed_precision)
 
 
 def _token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,8 +526,11 @@ class _Checkpoints:
         accelerator.wait_for_everyone()
 
     def save_final(self, state: dict, ref_logps: torch.Tensor | None) -> str | None:
-        """Save the end state unless the newest checkpoint already is it; its folder (None without checkpoint_dir)."""
-        if self.root is None or not self.accelerator.is_main_process:
+        """Save the end state unless the newest checkpoint already is it; its folder (None without checkpoint_dir).
+
+        Every process takes part (saving is collective); only the main one writes files.
+        """
+        if self.root is None:
             return None
         last = self.latest()
         if last is None or read_json(last / STATE_FILE)["step"] != state["step"]:

@@ -12,6 +12,10 @@ exactly zero, but AdamW's decoupled weight decay still shrinks every entry (`p -
 mixed-precision or fused optimizer may touch them too. So after each step the frozen entries are written back
 from a saved copy of their values, which makes bit-identity hold by construction whatever the optimizer does.
 Parameters frozen entirely are taken out of the optimizer (`requires_grad=False`), costing nothing.
+
+Under FSDP2 a parameter is a DTensor whose process holds one shard: `MaskedUpdate.shard` cuts every mask and
+saved value the way the parameter is cut (`distribute_tensor` with the parameter's mesh and placements, no
+communication), and the gradient masking and restoring act on the local shards, so the guarantee is the same.
 """
 
 from __future__ import annotations
@@ -83,13 +87,28 @@ def update_masks(
 
 
 @dataclass
+class _Partial:
+    """A partly frozen parameter: its mask, and the frozen entries' values -- all as this process's shard."""
+
+    name: str
+    param: nn.Parameter
+    frozen: torch.Tensor  # True = must not change (local shard under FSDP2)
+    saved: torch.Tensor  # the frozen entries' values, in masked_select order
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor this process updates in place: a DTensor's local shard (a view), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@dataclass
 class MaskedUpdate:
     """Enforces "may change" masks during training: zero masked gradients, restore frozen entries after a step."""
 
     model: nn.Module
     may_change: dict[str, torch.Tensor] | None
-    _partial: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list, init=False)
-    _disabled: list[nn.Parameter] = field(default_factory=list, init=False)
+    _partial: list[_Partial] = field(default_factory=list, init=False)
+    _disabled: dict[str, nn.Parameter] = field(default_factory=dict, init=False)  # name -> fully frozen parameter
     stats: MaskStats | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +124,7 @@ class MaskedUpdate:
             if id(param) in seen:  # tied weights (embeddings / lm_head): one tensor, the stricter mask wins
                 keep = keep & seen[id(param)]
             seen[id(param)] = keep
+        names = {id(p): n for n, p in reversed(list(params.items()))}  # the first name of each tensor
         for param in {id(p): p for p in params.values()}.values():
             keep = seen[id(param)]
             n_keep = int(keep.sum())
@@ -113,36 +133,58 @@ class MaskedUpdate:
                 full += 1
                 if param.requires_grad:
                     param.requires_grad_(False)
-                    self._disabled.append(param)
+                    self._disabled[names[id(param)]] = param
             elif n_keep < keep.numel():
                 frozen = ~keep
-                self._partial.append((param, keep, frozen, param.detach().masked_select(frozen)))
+                self._partial.append(_Partial(names[id(param)], param, frozen, param.detach().masked_select(frozen)))
                 partial += 1
         self.stats = MaskStats(total, trainable, full, partial)
         if trainable == 0:
             raise MaskError("the masks freeze every weight of the model: nothing would train")
 
+    @torch.no_grad()
     def refresh(self) -> None:
         """Re-read the frozen values (after a checkpoint was loaded into the model)."""
-        self._partial = [(p, keep, frozen, p.detach().masked_select(frozen)) for p, keep, frozen, _ in self._partial]
+        for entry in self._partial:
+            entry.saved = _local(entry.param.detach()).masked_select(entry.frozen)
 
+    @torch.no_grad()
+    def shard(self, model: nn.Module) -> None:
+        """Follow the model's parameters after FSDP2 made them DTensors: masks and saved values become local shards.
+
+        Call it in every process right after sharding; the full-size masks are cut locally (no communication).
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for entry in self._partial:
+            param = params[entry.name]
+            if isinstance(param, DTensor):
+                full = distribute_tensor(entry.frozen.to(param.device), param.device_mesh, param.placements,
+                                         src_data_rank=None)
+                entry.frozen = full.to_local()
+            entry.param = param
+        self._disabled = {name: params[name] for name in self._disabled}
+        self.refresh()
+
+    @torch.no_grad()
     def mask_gradients(self) -> None:
         """Zero the gradient of every frozen entry, so clipping and Adam moments never see it."""
-        for param, _, frozen, _ in self._partial:
-            if param.grad is not None:
-                param.grad.masked_fill_(frozen, 0.0)
+        for entry in self._partial:
+            if entry.param.grad is not None:
+                _local(entry.param.grad).masked_fill_(entry.frozen, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the saved values back into frozen entries (undoes weight decay and any optimizer drift)."""
-        for param, _, frozen, saved in self._partial:
-            param.data.masked_scatter_(frozen, saved)
+        for entry in self._partial:
+            _local(entry.param.data).masked_scatter_(entry.frozen, entry.saved)
 
     def release(self) -> None:
         """Give fully frozen parameters their `requires_grad` back after training."""
-        for param in self._disabled:
+        for param in self._disabled.values():
             param.requires_grad_(True)
-        self._disabled = []
+        self._disabled = {}
 
 
 def unit_masks(model: nn.Module, unit_map: str | object, spec: str) -> dict[str, torch.Tensor]:

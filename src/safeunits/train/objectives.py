@@ -36,7 +36,8 @@ class LossInputs:
     nll_sum: torch.Tensor  # token_nll.sum(): the micro-batch's summed response NLL
     seq_logp: torch.Tensor  # (batch,) each sequence's response log-prob under the weights being trained
     ref_logp: torch.Tensor | None  # (batch,) the same under the frozen initial weights (needs_reference only)
-    denom: int  # loss tokens (sequences when per_sequence) of the whole optimizer step, all micro-batches
+    denom: float  # loss tokens (sequences when per_sequence) of the whole optimizer step, all micro-batches and
+    # processes, divided by the number of processes (data parallelism averages their gradients)
 
 
 class TrainingObjective(ABC):

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
+from safeunits.distributed import gather_full_state_dict, is_main_process, is_sharded
 from safeunits.eval.context import EvalContext
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import write_json, write_text
@@ -218,15 +219,28 @@ def train_recipe(
 
 def run_recipe(recipe: Recipe, out_dir: Path, evaluation: EvalContext | None = None) -> dict:
     """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when `evaluation`
-    has a suite). The context's data folder serves the training data too."""
+    has a suite). The context's data folder serves the training data too.
+
+    Under a multi-process launcher every process trains, only the main one writes and evaluates (the others
+    return the training result alone); FSDP2-sharded weights are gathered into a plain model first.
+    """
     evaluation = evaluation or EvalContext.create(None)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    main = is_main_process()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     model, tokenizer = load_model(recipe.model)
     base_fp = model_fingerprint(model)
     result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir,
                                    progress=evaluation.progress)
+    if is_sharded(model):
+        full = gather_full_state_dict(model)  # collective: every process calls it
+        if main:
+            model = load_model(recipe.model)[0]
+            model.load_state_dict(full)
+    if not main:
+        return {"train": result.to_dict()}
     save_model(model, tokenizer, out_dir / "model")
     report = {"recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
               "model_fingerprint": model_fingerprint(model), "data": data_manifest(records),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.registry import load_dataset
+from safeunits.distributed import is_main_process
 from safeunits.units.classes import ClassifyConfig, build_unit_map
 from safeunits.units.scores import ScoreConfig, compute_scores
 from safeunits.units.unit_map import UnitMap
@@ -56,7 +57,7 @@ def attribute(
     unit_map = build_unit_map(model, scores["safety"], scores["utility"], config.classify,
                               settings={"model": model_name, "safety": config.safety_data, "utility": config.utility_data,
                                         "limit": config.limit, "score": config.score.model_dump()})
-    if out_dir is not None:
+    if out_dir is not None and is_main_process():  # under a launcher every process scored its share; one writes
         out = Path(out_dir)
         unit_map.save(out / MAP_FILE)
         if config.plots:

@@ -14,7 +14,10 @@ from :func:`safeunits.models.chat.encode_pair`) by default, or every non-padding
 ``tokens="all"``. Statistics are running sums in float64 merged batch by batch (Chan/Welford), so
 memory does not depend on the number of examples. Under Accelerate each process scores its shard
 of the records and the sufficient statistics are summed with ``accelerator.reduce`` (two rounds for
-the variance: counts and sums first, then the centred second moments around the global mean).
+the variance: counts and sums first, then the centred second moments around the global mean). Launched
+with several processes (`torchrun`, `accelerate launch`) and no accelerator given, ``compute_scores`` makes
+one (``safeunits.distributed.make_accelerator``), so every process really takes its shard; a launcher whose
+process count Accelerate does not see is an error, never N processes each scoring everything.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
+from safeunits.distributed import check_world, launcher_world_size, make_accelerator
 from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, ArchAdapter, get_adapter
 from safeunits.models.chat import collate, encode_pair
@@ -146,10 +150,17 @@ def compute_scores(
     progress: bool = True,
     desc: str = "scoring",
 ) -> UnitScores:
-    """Score every MLP channel and attention head of `model` on (prompt, response) `records`."""
+    """Score every MLP channel and attention head of `model` on (prompt, response) `records`.
+
+    Under a multi-process launcher each process scores its shard and the statistics are summed, so every
+    process returns the scores of all records.
+    """
     config = config or ScoreConfig()
     if not records:
         raise ValueError("no records to score on")
+    if launcher_world_size() > 1:
+        accelerator = accelerator or make_accelerator()
+        check_world(accelerator.num_processes)
     if accelerator is not None and hasattr(accelerator, "unwrap_model"):
         model = accelerator.unwrap_model(model)  # hooks and weight slices address the bare model, not the DDP wrapper
     adapter = get_adapter(model)
