@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.data.overlap import OverlapError, check_no_overlap, normalise
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.errors import UserFileNotFoundError, UserValueError
@@ -26,10 +26,6 @@ from safeunits.io import read_json, write_json, write_text
 ResponseSource = Literal["dataset", "self", "prefill"]
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
-
-
-class OverlapError(UserValueError):
-    """Training prompts also appear in an evaluation set: the evaluation would be contaminated."""
 
 
 class HarmfulDataConfig(BaseModel):
@@ -54,43 +50,6 @@ class HarmfulDataConfig(BaseModel):
         default_factory=lambda: ["advbench[:100]", "harmbench", "xstest"],
         description="evaluation sets (name, file, or name[:N]) whose prompts must not be in D_h; an unavailable "
                     "set is skipped with a note in the manifest")
-
-
-def normalise(prompt: str) -> str:
-    """Compare prompts ignoring case, punctuation at the ends and runs of whitespace."""
-    return re.sub(r"\s+", " ", prompt.strip().lower()).strip(" .?!")
-
-
-def _load_spec(spec: str, data_dir: str | None) -> list[Record]:
-    match = re.fullmatch(r"(.+)\[:(\d+)\]", spec)
-    if match:
-        return load_dataset(match.group(1), data_dir=data_dir, limit=int(match.group(2)))
-    return load_dataset(spec, data_dir=data_dir)
-
-
-def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None) -> tuple[set[str], dict[str, Any]]:
-    """Normalised prompts of every evaluation set that can be loaded, and a note of what was checked."""
-    seen: set[str] = set()
-    notes: dict[str, Any] = {}
-    for spec in eval_sets:
-        try:
-            records = _load_spec(spec, data_dir)
-        except (FileNotFoundError, ValueError) as err:
-            notes[spec] = f"not checked: {err}"
-            continue
-        seen.update(normalise(r.prompt) for r in records)
-        notes[spec] = len(records)
-    return seen, notes
-
-
-def check_no_overlap(train_prompts: list[str], eval_sets: list[str], data_dir: str | None = None) -> dict[str, Any]:
-    """Raise OverlapError if any training prompt is in an evaluation set; return what was checked."""
-    seen, notes = eval_prompt_set(eval_sets, data_dir)
-    clash = [p for p in train_prompts if normalise(p) in seen]
-    if clash:
-        raise OverlapError(f"{len(clash)} training prompt(s) also appear in the evaluation sets {eval_sets}, e.g. "
-                           f"{clash[0]!r}; choose other prompts (e.g. --offset past AdvBench's first 100)")
-    return notes
 
 
 def category_of(record: Record) -> str:
