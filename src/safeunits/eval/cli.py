@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from safeunits.eval.generation import Backend
 from safeunits.eval.suites import available_suites
 
 
@@ -32,6 +33,8 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                               help="torch CPU threads (1 is much faster when other jobs share the cores)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        backend: Backend = typer.Option("transformers", "--backend",
+                                    help="Generation backend: transformers, or vllm (GPU; pip install 'safeunits[vllm]')."),
     ) -> None:
         """Evaluate a model on the three axes (safety ASR, XSTest over-refusal, utility NLL) into a run directory."""
         from safeunits.eval.context import EvalContext
@@ -43,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
             torch.set_num_threads(threads)
         try:
-            ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
+            ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit, backend=backend)
         except (FileNotFoundError, ValueError) as err:
             raise typer.BadParameter(str(err), param_hint="--suite") from err
         config = ctx.suite
