@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
+from typing import cast
 
 import torch
 from torch import nn
@@ -54,8 +55,7 @@ class FrozenUnits:
     @property
     def stats(self) -> MaskStats:
         """How many weights remain trainable (`stats.trainable_share`), for logs."""
-        assert self._masker.stats is not None
-        return self._masker.stats
+        return cast(MaskStats, self._masker.stats)  # always set by MaskedUpdate.__post_init__
 
     def attach(self, optimizer: torch.optim.Optimizer) -> FrozenUnits:
         """Restore the frozen entries after every `step()` of `optimizer` (Accelerate/Trainer wrappers are unwrapped)."""
