@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from safeunits.cli import app
 from safeunits.train.recipes import AlignRecipe, align_data, load_recipe
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_model, tiny_tokenizer, tiny_unit_map
 
 
 @pytest.fixture()
@@ -40,22 +40,7 @@ def data_files(tmp_path) -> dict[str, Path]:
 @pytest.fixture()
 def unit_map_path(tmp_path) -> Path:
     """A unit map of the tiny model from random scores, classified by the units package."""
-    from safeunits.models.signature import architecture_signature
-    from safeunits.units.classes import ClassifyConfig, classify
-    from safeunits.units.unit_map import UnitMap
-
-    model = tiny_model()
-    cfg = model.config
-    gen = torch.Generator().manual_seed(0)
-    shapes = {"mlp": (cfg.num_hidden_layers, cfg.intermediate_size), "head": (cfg.num_hidden_layers, cfg.num_attention_heads)}
-    safety = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
-    utility = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    unit_params = {"mlp": 3 * cfg.hidden_size, "head": 2 * head_dim * cfg.hidden_size}
-    classes = classify(safety, utility, unit_params, ClassifyConfig(r=0.2, s=0.1, u=0.1))
-    umap = UnitMap(safety=safety, utility=utility, classes=classes, unit_params=unit_params,
-                   model_type=cfg.model_type, signature=architecture_signature(model))
-    return umap.save(tmp_path / "unit_map.safetensors")
+    return tiny_unit_map(tiny_model()).save(tmp_path / "unit_map.safetensors")
 
 
 def test_bundled_recipes_load_and_override():

@@ -57,3 +57,21 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> PreTrainedM
     config = AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=256, eos_token_id=258, bos_token_id=257, **kwargs)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def tiny_unit_map(model: PreTrainedModel, seed: int = 0):
+    """A unit map of a tiny llama-like model from random scores, classified by the units package."""
+    from safeunits.models.signature import architecture_signature
+    from safeunits.units.classes import ClassifyConfig, classify
+    from safeunits.units.unit_map import UnitMap
+
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"mlp": (cfg.num_hidden_layers, cfg.intermediate_size), "head": (cfg.num_hidden_layers, cfg.num_attention_heads)}
+    safety = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    utility = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    unit_params = {"mlp": 3 * cfg.hidden_size, "head": 2 * head_dim * cfg.hidden_size}
+    classes = classify(safety, utility, unit_params, ClassifyConfig(r=0.2, s=0.1, u=0.1))
+    return UnitMap(safety=safety, utility=utility, classes=classes, unit_params=unit_params,
+                   model_type=cfg.model_type, signature=architecture_signature(model))

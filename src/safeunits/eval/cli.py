@@ -11,6 +11,7 @@ from rich.table import Table
 
 from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, model_option,
                                    out_option, parse_sets, sets_option, suite_option)
+from safeunits.eval.generation import Backend
 from safeunits.eval.suites import SuiteConfig
 
 app = typer.Typer()
@@ -33,6 +34,8 @@ def eval_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="torch CPU threads (1 is much faster when other jobs share the cores)."),
     quiet: bool = QUIET,
+    backend: Backend = typer.Option("transformers", "--backend",
+                                    help="Generation backend: transformers, or vllm (GPU; pip install 'safeunits[vllm]')."),
     options: Optional[dict] = None,
 ) -> None:
     """Evaluate a model on the three axes (safety ASR, XSTest over-refusal, utility NLL) into a run directory."""
@@ -44,7 +47,7 @@ def eval_command(
         import torch
 
         torch.set_num_threads(threads)
-    ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
+    ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit, backend=backend)
     base = ctx.suite
     given = dict(options or {})
     if judge:

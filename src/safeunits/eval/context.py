@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.errors import UserValueError
+from safeunits.eval.generation import Backend, check_backend
 from safeunits.eval.result import EvalResult
 from safeunits.eval.runner import evaluate
 from safeunits.eval.suites import SuiteConfig, optional_suite
@@ -27,21 +28,23 @@ class NoEvaluationError(UserValueError):
 
 @dataclass(frozen=True)
 class EvalContext:
-    """A resolved suite (None: no evaluation), the data folder datasets load from, and whether to show progress."""
+    """A resolved suite (None: no evaluation), the data folder datasets load from, whether to show progress, and
+    the generation backend ("transformers", or "vllm" on GPU machines: same files, see eval/vllm_backend.py)."""
 
     suite: SuiteConfig | None
     data_dir: Path | None = None
     progress: bool = True
+    backend: Backend = "transformers"
 
     @classmethod
     def create(cls, suite: str | os.PathLike | SuiteConfig | None = "quick", *,
                data_dir: str | os.PathLike | None = None, progress: bool = True,
-               limit: int | None = None) -> EvalContext:
-        """Resolve a suite (name, YAML path, config; None/'none' = no evaluation) and the data folder now."""
+               limit: int | None = None, backend: str = "transformers") -> EvalContext:
+        """Resolve a suite (name, YAML path, config; None/'none' = no evaluation), the data folder and the backend now."""
         config = optional_suite(suite)
         if config is not None and limit is not None:
             config = config.with_limit(limit)
-        return cls(config, resolve_data_dir(data_dir), progress)
+        return cls(config, resolve_data_dir(data_dir), progress, check_backend(backend))
 
     @property
     def enabled(self) -> bool:
@@ -57,4 +60,4 @@ class EvalContext:
         if self.suite is None:
             raise NoEvaluationError("this run was configured with no evaluation suite ('none')")
         return evaluate(model, tokenizer, self.suite, out_dir=out_dir, data_dir=self.data_dir,
-                        progress=self.progress, model_name=name)
+                        progress=self.progress, model_name=name, backend=self.backend)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,21 @@ class DecodingConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (only with do_sample).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
     seed: int = Field(0, description="Seed for sampling; batch k uses seed + k so a full run is reproducible.")
+
+
+Backend = Literal["transformers", "vllm"]
+"""Who generates: transformers' `model.generate` (default, any device) or vLLM (GPU, `pip install 'safeunits[vllm]'`)."""
+
+
+def check_backend(backend: str) -> Backend:
+    """The backend name, checked where it is chosen: unknown names and a missing vLLM fail before any work."""
+    if backend not in get_args(Backend):
+        raise UserValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(get_args(Backend))}")
+    if backend == "vllm":
+        from safeunits.eval.vllm_backend import require_vllm
+
+        require_vllm()
+    return backend  # type: ignore[return-value]
 
 
 class ResumeMismatchError(UserValueError):
@@ -161,14 +176,46 @@ def generate(
     to that JSONL file (`index`, `key`, `prompt`, `response`, ...) and a rerun resumes where it stopped.
     Prompts are grouped by length so that batches carry little padding.
     """
+    if tokenizer.pad_token_id is None and prompts:
+        raise ValueError("the tokenizer has no pad token; load models with safeunits.models.loading.load_model")
+    decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_p=top_p, seed=seed)
+    eos = eos_token_ids(model, tokenizer)
+
+    def answer(texts: list[str], batch_no: int) -> list[str]:
+        if do_sample:
+            torch.manual_seed(seed + batch_no)
+        return generate_batch(model, tokenizer, texts, decoding, eos, tokenizer.pad_token_id)
+
+    return generate_rows(tokenizer, prompts, answer, decoding, system_prompt=system_prompt,
+                         response_prefix=response_prefix, batch_size=batch_size, out_path=out_path, progress=progress)
+
+
+AnswerBatch = Callable[[list[str], int], list[str]]
+"""A backend's batch step: chat-rendered texts (prefix included) and the batch number -> answers without the prefix."""
+
+
+def generate_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    answer_batch: AnswerBatch,
+    decoding: DecodingConfig,
+    *,
+    system_prompt: str | None = None,
+    response_prefix: str = "",
+    batch_size: int = 16,
+    out_path: Path | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """The resumable, length-sorted batch loop every generation backend shares (one JSONL format for all).
+
+    Why shared: the transformers and vLLM backends must write the same rows and keys, so that a run folder
+    reads the same whichever backend produced it.
+    """
     if not prompts:
         return []
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; load models with safeunits.models.loading.load_model")
-    decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                              top_p=top_p, seed=seed)
     keys = [row_key(p, system_prompt, response_prefix, decoding) for p in prompts]
     results: dict[int, str] = {}
     if out_path is not None:
@@ -179,15 +226,12 @@ def generate(
     todo = [i for i in range(len(prompts)) if i not in results]
     lengths = {i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo}
     todo.sort(key=lambda i: (-lengths[i], i))  # longest first: memory problems show up at once
-    eos = eos_token_ids(model, tokenizer)
     bar = tqdm(total=len(prompts), initial=len(results), desc="generate", unit="prompt", disable=not progress)
     sink = out_path.open("a", encoding="utf-8") if out_path is not None else None
     try:
         for b, start in enumerate(range(0, len(todo), batch_size)):
             idx = todo[start:start + batch_size]
-            if do_sample:
-                torch.manual_seed(seed + b)
-            answers = generate_batch(model, tokenizer, [texts[i] for i in idx], decoding, eos, tokenizer.pad_token_id)
+            answers = answer_batch([texts[i] for i in idx], b)
             for i, answer in zip(idx, answers):
                 results[i] = response_prefix + answer
                 if sink is not None:

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
 from safeunits.errors import UserValueError
-from safeunits.eval.generation import generate
+from safeunits.eval.generation import Backend, check_backend, generate
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.nll import response_nll_stats
 from safeunits.eval.report import summary_markdown
@@ -52,21 +52,26 @@ def evaluate(
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    backend: Backend = "transformers",
 ) -> EvalResult:
     """Evaluate `model` on a suite's three axes; with `out_dir`, write the run folder and resume into it.
 
     Experiments call this through `EvalContext.evaluate` (safeunits.eval.context), which resolves the suite and
-    the data folder once."""
+    the data folder once. `backend` generates the answers (same files either way; see eval/vllm_backend.py)."""
     started = time.perf_counter()
+    check_backend(backend)
     config = load_suite(suite)
     out = Path(out_dir) if out_dir is not None else None
     identity = ModelIdentity(name=model_name or getattr(model.config, "name_or_path", "") or model.config.model_type,
                              fingerprint=model_fingerprint(model))
     if out is not None:
-        _claim_run_dir(out, config, identity, data_dir)
-    run = _Run(model, tokenizer, config, out, data_dir, progress)
-    result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
-                        utility=run.utility(), answers=run.answers(), out_dir=out)
+        _claim_run_dir(out, config, identity, data_dir, backend)
+    run = _Run(model, tokenizer, config, out, data_dir, progress, backend)
+    try:
+        result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
+                            utility=run.utility(), answers=run.answers(), out_dir=out)
+    finally:
+        run.close()
     if config.lm_eval is not None and config.lm_eval.tasks:
         from safeunits.eval.lm_eval_bridge import run_lm_eval  # optional dependency
 
@@ -75,7 +80,7 @@ def evaluate(
                            generated_tokens=run.gen_tokens, resumed_rows=run.resumed,
                            tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_seconds else None)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
-                          "device": str(model.device), "threads": torch.get_num_threads(),
+                          "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
                           "machine": platform.machine(), "cpu_count": os.cpu_count()}
     result.with_headline()
     if out is not None:
@@ -87,10 +92,20 @@ def evaluate(
 class _Run:
     """One evaluation in progress: the three axes one method each, generations written where the run folder says."""
 
-    def __init__(self, model, tokenizer, config: SuiteConfig, out: Path | None, data_dir, progress: bool) -> None:
+    def __init__(self, model, tokenizer, config: SuiteConfig, out: Path | None, data_dir, progress: bool,
+                 backend: Backend) -> None:
         self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
         self.data_dir, self.progress = data_dir, progress
         self.gen_seconds, self.gen_tokens, self.resumed = 0.0, 0, 0
+        self.vllm = None
+        if backend == "vllm":  # one engine for every generation of this evaluation, started on first use
+            from safeunits.eval.vllm_backend import VllmGenerator
+
+            self.vllm = VllmGenerator(model, tokenizer)
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
 
     def safety(self) -> SafetyMetrics:
         judge = get_judge(self.config.asr_judge)
@@ -174,9 +189,10 @@ class _Run:
         path = self.out / rel_path if self.out is not None else None
         before = _count_lines(path) if path is not None else 0
         t0 = time.perf_counter()
-        responses = generate(self.model, self.tokenizer, prompts, system_prompt=system_prompt,
-                             max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
-                             out_path=path, progress=self.progress)
+        kwargs = dict(system_prompt=system_prompt, max_new_tokens=self.config.max_new_tokens,
+                      batch_size=self.config.batch_size, out_path=path, progress=self.progress)
+        responses = (self.vllm.generate(prompts, **kwargs) if self.vllm is not None
+                     else generate(self.model, self.tokenizer, prompts, **kwargs))
         self.gen_seconds += time.perf_counter() - t0
         self.resumed += before
         fresh = responses if before == 0 else []  # token counts only for this run's own generations
@@ -193,9 +209,9 @@ def _count_lines(path: Path) -> int:
     return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
-def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir) -> None:
-    """Write config.json, or check that an existing one describes the same model and suite (resume)."""
-    resolved = {"suite": config.model_dump(mode="json"), "model": identity.model_dump(),
+def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> None:
+    """Write config.json, or check that an existing one describes the same model, suite and backend (resume)."""
+    resolved = {"suite": config.model_dump(mode="json"), "model": identity.model_dump(), "backend": backend,
                 "data_dir": str(data_dir) if data_dir else os.environ.get("SAFEUNITS_DATA_DIR")}
     path = out / "config.json"
     if path.is_file():
@@ -205,5 +221,8 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
                                       f"choose another --out or delete it")
         if previous.get("suite") != resolved["suite"]:
             raise RunDirMismatchError(f"{out} holds a run of a different suite configuration; choose another --out")
+        if previous.get("backend", "transformers") != backend:  # greedy answers may differ between backends
+            raise RunDirMismatchError(f"{out} holds generations of the {previous.get('backend', 'transformers')} "
+                                      f"backend; resume with that --backend or choose another --out")
         return
     write_json(path, resolved)

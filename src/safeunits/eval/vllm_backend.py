@@ -1,32 +1,121 @@
-"""Optional vLLM generation backend for GPU users (same prompts, chat template and greedy default)."""
+"""vLLM generation backend (GPU machines): the same arguments, prompts, chat template and JSONL rows as
+`eval.generation.generate`, so an evaluation run folder reads the same whichever backend wrote it.
+
+How the model reaches vLLM: vLLM loads weights from a folder, not from a torch module, and the model under
+evaluation is often an in-memory variant (trained, patched, pruned) whose `name_or_path` still names the
+untouched folder it was loaded from. Handing vLLM that folder would silently evaluate the wrong weights while
+the run folder records the in-memory model's fingerprint. So the backend always saves the in-memory model and
+its tokenizer (safetensors) to a temporary folder under the cache directory, starts one vLLM engine on it the
+first time a prompt actually needs generating (a fully resumed run starts none), reuses that engine for every
+generation of the evaluation, and deletes the folder on `close()`.
+
+Exact parity with the transformers backend: the rendered prompt is passed as token ids tokenized without
+special tokens (the chat template carries its own BOS), greedy decoding is temperature 0, and special tokens
+are skipped in the decoded answer. Not run against a real vLLM here (no GPU on the development machine);
+the tests use a stand-in `vllm` module.
+"""
 
 from __future__ import annotations
 
-from transformers import PreTrainedTokenizerBase
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
 
-from safeunits.models.chat import prompt_text
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.errors import UserError
+from safeunits.eval.generation import DecodingConfig, generate_rows
+from safeunits.models.loading import save_model
+from safeunits.paths import cache_dir
+
+INSTALL_HINT = "pip install 'safeunits[vllm]'"
+ENGINE_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.5}
+"""The torch model stays on the GPU beside vLLM's engine (the utility NLL needs it), so vLLM gets half the memory."""
 
 
-def vllm_available() -> bool:
+class VllmNotInstalledError(UserError, ImportError):
+    """The vLLM backend was asked for but the `vllm` package does not import."""
+
+
+def require_vllm() -> None:
+    """Fail at once, in one line, when vLLM is missing (called where the backend is chosen, before any work)."""
     try:
         import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as err:
+        raise VllmNotInstalledError(f"the vllm generation backend needs the vllm package (GPU machines): "
+                                    f"{INSTALL_HINT}") from err
 
 
-def generate_vllm(model_path: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
+class VllmGenerator:
+    """One vLLM engine for one in-memory model, started lazily and shared by every `generate` call until `close()`."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **engine_kwargs: Any) -> None:
+        require_vllm()
+        self.model, self.tokenizer = model, tokenizer
+        self.engine_kwargs = {**ENGINE_DEFAULTS, **engine_kwargs}
+        self._llm: Any = None
+        self._folder: Path | None = None
+
+    def _engine(self, seed: int) -> Any:
+        if self._llm is None:
+            from vllm import LLM
+
+            self._folder = Path(tempfile.mkdtemp(prefix="vllm-model-", dir=_scratch_dir()))
+            save_model(self.model, self.tokenizer, self._folder / "model")
+            folder = str(self._folder / "model")
+            self._llm = LLM(model=folder, tokenizer=folder, seed=seed, **self.engine_kwargs)
+        return self._llm
+
+    def generate(self, prompts: list[str], *, system_prompt: str | None = None, response_prefix: str = "",
+                 max_new_tokens: int = 128, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, out_path: Path | None = None, progress: bool = True) -> list[str]:
+        """`eval.generation.generate` on vLLM: same arguments, same rows in `out_path`, same resume."""
+        from vllm import SamplingParams
+
+        decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_p=top_p, seed=seed)
+
+        def answer(texts: list[str], batch_no: int) -> list[str]:
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                                    top_p=top_p if do_sample else 1.0, seed=seed + batch_no, skip_special_tokens=True)
+            requests = [{"prompt_token_ids": self.tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+            outputs = self._engine(seed).generate(requests, params, use_tqdm=False)
+            return [o.outputs[0].text for o in outputs]
+
+        return generate_rows(self.tokenizer, prompts, answer, decoding, system_prompt=system_prompt,
+                             response_prefix=response_prefix, batch_size=batch_size, out_path=out_path,
+                             progress=progress)
+
+    def close(self) -> None:
+        """Drop the engine and delete the temporary model folder."""
+        self._llm = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __enter__(self) -> VllmGenerator:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def generate_vllm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
                   system_prompt: str | None = None, response_prefix: str = "", max_new_tokens: int = 128,
-                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                  **llm_kwargs) -> list[str]:
-    """Generate with vLLM from a saved model folder; returns answers (with the forced prefix) in prompt order."""
-    if not vllm_available():
-        raise ImportError("the vLLM backend needs vllm on a GPU machine: pip install 'safeunits[vllm]'")
-    from vllm import LLM, SamplingParams
+                  batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0, out_path: Path | None = None, progress: bool = True) -> list[str]:
+    """One-shot `generate` on vLLM (starts and closes an engine; evaluations share one through `VllmGenerator`)."""
+    with VllmGenerator(model, tokenizer) as generator:
+        return generator.generate(prompts, system_prompt=system_prompt, response_prefix=response_prefix,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, seed=seed, out_path=out_path,
+                                  progress=progress)
 
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
-                            top_p=top_p if do_sample else 1.0, seed=seed)
-    llm = LLM(model=model_path, seed=seed, **llm_kwargs)
-    texts = [prompt_text(tokenizer, p, system_prompt) + response_prefix for p in prompts]
-    outputs = llm.generate(texts, params)
-    return [response_prefix + o.outputs[0].text for o in outputs]
+
+def _scratch_dir() -> Path:
+    path = cache_dir() / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -20,10 +20,12 @@ communication), and the gradient masking and restoring act on the local shards, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from safeunits.errors import UserValueError
 
@@ -174,6 +176,14 @@ class MaskedUpdate:
             if entry.param.grad is not None:
                 _local(entry.param.grad).masked_fill_(entry.frozen, 0.0)
 
+    def hook_gradients(self) -> list[RemovableHandle]:
+        """Zero frozen gradient entries as autograd produces them: `mask_gradients` for loops this code does not own.
+
+        Parameters that do not require grad get no hook (they receive no gradient); remove the returned handles
+        to uninstall."""
+        return [param.register_hook(functools.partial(torch.Tensor.masked_fill, mask=frozen, value=0.0))
+                for param, _, frozen, _ in self._partial if param.requires_grad]
+
     @torch.no_grad()
     def restore(self) -> None:
         """Write the saved values back into frozen entries (undoes weight decay and any optimizer drift)."""
@@ -192,9 +202,11 @@ def unit_masks(model: nn.Module, unit_map: str | object, spec: str) -> dict[str,
 
     `unit_map` is a path to a saved unit map or a loaded `UnitMap`; the selection grammar is the units
     package's (`select_units`). The returned dict can be passed as `frozen=` or `trainable=` to `train`.
+    A map computed for another architecture is refused (`UnitMap.check_model`).
     """
     from safeunits.units.selection import select_units, unit_parameter_masks
     from safeunits.units.unit_map import UnitMap
 
     umap = UnitMap.load(unit_map) if isinstance(unit_map, (str, bytes)) or hasattr(unit_map, "__fspath__") else unit_map
+    umap.check_model(model)
     return unit_parameter_masks(model, select_units(umap, spec))
