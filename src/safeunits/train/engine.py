@@ -514,6 +514,7 @@ class _Checkpoints:
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process's files (RNG states) are in before the folder is renamed
         if accelerator.is_main_process:
             if ref_logps is not None:
                 torch.save(ref_logps, tmp / REFERENCE_FILE)

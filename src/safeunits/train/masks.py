@@ -181,8 +181,8 @@ class MaskedUpdate:
 
         Parameters that do not require grad get no hook (they receive no gradient); remove the returned handles
         to uninstall."""
-        return [param.register_hook(functools.partial(torch.Tensor.masked_fill, mask=frozen, value=0.0))
-                for param, _, frozen, _ in self._partial if param.requires_grad]
+        return [entry.param.register_hook(functools.partial(torch.Tensor.masked_fill, mask=entry.frozen, value=0.0))
+                for entry in self._partial if entry.param.requires_grad]
 
     @torch.no_grad()
     def restore(self) -> None:
