@@ -7,49 +7,15 @@ against `final_label`. The yardstick is XSTest's own string matcher (`strmatch`)
 
 from __future__ import annotations
 
-import csv
 import os
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from safeunits.eval.judges import FULL_COMPLIANCE, XSTEST_LABELS, get_judge
-from safeunits.paths import data_dir as default_data_dir
+from safeunits.eval.xstest_labels import label_files, read_labelled
 
 DEFAULT_JUDGES = ("strmatch", "prefix", "keyword", "xstest")
-REQUIRED_COLUMNS = ("prompt", "completion", "final_label")
-
-
-def label_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The per-model human-label files: one per model, `*_streval.csv` preferred over its `*_gpteval.csv` twin."""
-    root = default_data_dir(data_dir)
-    if root is None:
-        raise FileNotFoundError("no data directory: pass --data-dir or set SAFEUNITS_DATA_DIR (needs xstest/labels)")
-    folder = root / "xstest" / "labels"
-    files = sorted(folder.glob("*.csv"))
-    if not files:
-        raise FileNotFoundError(f"no XSTest label files (*.csv) in {folder}")
-    by_model: dict[str, Path] = {}
-    for f in files:
-        model = f.stem.replace("xstest_v2_completions_", "").rsplit("_", 1)[0]
-        if model not in by_model or f.stem.endswith("_streval"):
-            by_model[model] = f
-    return [by_model[m] for m in sorted(by_model)]
-
-
-def read_labelled(path: Path) -> list[dict[str, str]]:
-    """Rows with prompt, completion and a valid final_label; anything else is an error naming the line."""
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing}")
-        rows = list(reader)
-    for i, row in enumerate(rows, 2):
-        if row["final_label"] not in XSTEST_LABELS:
-            raise ValueError(f"{path}:{i}: final_label {row['final_label']!r} is not one of {XSTEST_LABELS}")
-    return rows
 
 
 def f1_scores(gold: list[str], pred: list[str]) -> dict[str, float]:
