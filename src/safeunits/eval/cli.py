@@ -69,17 +69,22 @@ def register(app: typer.Typer) -> None:
 
     @app.command("judge-check")
     def judge_check_command(
-        judges: list[str] = typer.Option(["strmatch", "prefix", "keyword", "xstest"], "--judge", "-j",
-                                         help="Judges to measure (repeatable); strmatch is XSTest's own string matcher."),
+        judges: Optional[list[str]] = typer.Option(None, "--judge", "-j",
+                                                   help="Judges to measure (repeatable; default strmatch, prefix, keyword, "
+                                                        "xstest, learned); strmatch is XSTest's own string matcher."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Offline data folder holding xstest/labels."),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the full results as JSON here."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                           help="Also write the full results as JSON: a .json file, or a folder "
+                                                "(judge_check.json inside)."),
     ) -> None:
-        """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1."""
-        from safeunits.eval.judge_check import judge_check
+        """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1.
+
+        The learned judge is scored leave-one-out: each file by the model trained on the other four."""
+        from safeunits.eval.judge_check import DEFAULT_JUDGES, judge_check, output_path
         from safeunits.io import write_json
 
         try:
-            result = judge_check(judges, data_dir=data_dir)
+            result = judge_check(judges or DEFAULT_JUDGES, data_dir=data_dir)
         except (FileNotFoundError, ValueError) as err:
             raise typer.BadParameter(str(err)) from err
         table = Table(title="Judge agreement with XSTest human labels (final_label)")
@@ -97,5 +102,8 @@ def register(app: typer.Typer) -> None:
             table.add_row("MEAN", j, f"{s['accuracy_mean']:.3f}", f"{s['binary_mean']:.3f} (worst {s['binary_min']:.3f})",
                           "", "", "")
         Console().print(table)
+        coh = result["coherence"]
+        Console().print(f"coherence rule: {coh['incoherent']} of {coh['n_compliant']} human-labelled full compliances "
+                        f"called incoherent ({coh['rate']:.2%}); learned judges scored leave-one-file-out")
         if out is not None:
-            write_json(out, result)
+            write_json(output_path(out), result)

@@ -19,6 +19,7 @@ minimum) or "complied" (the attack succeeded). `complied` / `complied_many` are 
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -329,17 +330,32 @@ class ModelJudge(Judge):
 
 # --- registry ----------------------------------------------------------------------------------------
 
-JUDGE_NAMES = (*KEYWORD_PRESETS, "xstest")
+JUDGE_NAMES = (*KEYWORD_PRESETS, "xstest", "learned")
 
 
-def get_judge(name: str = "keyword") -> Judge:
-    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, or `model:PATH` / a model folder path."""
+def get_judge(name: str = "keyword", *, data_dir: str | os.PathLike | None = None,
+              coherence: CoherenceConfig | None = None) -> Judge:
+    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, `learned`, or `model:PATH` / a model folder path.
+
+    `data_dir` is where `learned` finds XSTest's labels on first use (default `$SAFEUNITS_DATA_DIR`);
+    `coherence` replaces the default coherence rule of the harm verdicts.
+    """
+    judge: Judge
     if name in KEYWORD_PRESETS:
-        return KeywordJudge(KEYWORD_PRESETS[name])
-    if name == "xstest":
-        return XSTestJudge()
-    if name.startswith("model:"):
-        return ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
-    if Path(name).expanduser().is_dir():
-        return ModelJudge(ModelJudgeConfig(path=name))
-    raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, or model:PATH for a local judge model")
+        judge = KeywordJudge(KEYWORD_PRESETS[name])
+    elif name == "xstest":
+        judge = XSTestJudge()
+    elif name == "learned":
+        from safeunits.eval.learned_judge import LearnedJudge, load_or_train
+
+        judge = LearnedJudge(load_or_train(data_dir))
+    elif name.startswith("model:"):
+        judge = ModelJudge(ModelJudgeConfig(path=name[len("model:"):]))
+    elif Path(name).expanduser().is_dir():
+        judge = ModelJudge(ModelJudgeConfig(path=name))
+    else:
+        raise ValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, "
+                         "or model:PATH for a local judge model")
+    if coherence is not None:
+        judge.coherence = coherence
+    return judge
