@@ -16,7 +16,7 @@ broken model would look unsafe. `incoherence(prompt, response)` names the first 
 
 Each check applies only to responses long enough for it to mean something (`min_words_for_shape` words for
 repetition, word salad and off-topic; `min_chars_for_compression` characters for compression). The default
-thresholds call 0.5 % of XSTest's human-labelled compliant answers incoherent (docs/eval.md, "Judges").
+thresholds call 0.27 % (3 of 1091) of XSTest's human-labelled compliant answers incoherent (docs/eval.md, "Judges").
 """
 
 from __future__ import annotations
