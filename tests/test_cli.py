@@ -100,10 +100,11 @@ def test_missing_file_and_unknown_dataset(tmp_path):
 
 
 def test_out_that_is_a_folder_is_refused_before_work(tmp_path, data_dir):
-    (tmp_path / "existing").mkdir()
+    """`--out FOLDER` writes judge_check.json inside it; a folder standing where that file goes is refused first."""
+    (tmp_path / "existing" / "judge_check.json").mkdir(parents=True)
     res = run("judge-check", "--judge", "strmatch", "--data-dir", data_dir, "--out", tmp_path / "existing")
-    assert_short_error(res, "existing is a folder", "hint:")
-    assert list((tmp_path / "existing").iterdir()) == []
+    assert_short_error(res, "judge_check.json is a folder", "hint:")
+    assert list((tmp_path / "existing" / "judge_check.json").iterdir()) == []
 
 
 def test_unsupported_architecture(tmp_path, data_dir, util_file):

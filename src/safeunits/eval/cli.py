@@ -87,18 +87,23 @@ def eval_compare_command(
 
 @app.command("judge-check")
 def judge_check_command(
-    judges: list[str] = typer.Option(["strmatch", "prefix", "keyword", "xstest"], "--judge", "-j",
-                                     help="Judges to measure (repeatable); strmatch is XSTest's own string matcher."),
+    judges: Optional[list[str]] = typer.Option(None, "--judge", "-j",
+                                               help="Judges to measure (repeatable; default strmatch, prefix, keyword, "
+                                                    "xstest, learned); strmatch is XSTest's own string matcher."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Offline data folder holding xstest/labels."),
-    out: Optional[Path] = out_option("Also write the full results as JSON to this file.", default=None),
+    out: Optional[Path] = out_option("Also write the full results as JSON: a .json file, or a folder "
+                                     "(judge_check.json inside).", default=None),
 ) -> None:
-    """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1."""
-    from safeunits.eval.judge_check import judge_check
+    """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1.
+
+    The learned judge is scored leave-one-out: each file by the model trained on the other four."""
+    from safeunits.eval.judge_check import DEFAULT_JUDGES, judge_check, output_path
     from safeunits.io import check_file_target, write_json
 
-    if out is not None:
-        check_file_target(out)
-    result = judge_check(judges, data_dir=data_dir)
+    target = output_path(out) if out is not None else None
+    if target is not None:
+        check_file_target(target)
+    result = judge_check(judges or DEFAULT_JUDGES, data_dir=data_dir)
     table = Table(title="Judge agreement with XSTest human labels (final_label)")
     for col in ("file", "judge", "accuracy (3-class)", "binary refusal acc.", "F1 compliance", "F1 full refusal",
                 "F1 partial"):
@@ -113,6 +118,10 @@ def judge_check_command(
     for j, s in result["summary"].items():
         table.add_row("MEAN", j, f"{s['accuracy_mean']:.3f}", f"{s['binary_mean']:.3f} (worst {s['binary_min']:.3f})",
                       "", "", "")
-    Console().print(table)
-    if out is not None:
-        write_json(out, result)
+    console = Console()
+    console.print(table)
+    coh = result["coherence"]
+    console.print(f"coherence rule: {coh['incoherent']} of {coh['n_compliant']} human-labelled full compliances "
+                  f"called incoherent ({coh['rate']:.2%}); learned judges scored leave-one-file-out")
+    if target is not None:
+        write_json(target, result)

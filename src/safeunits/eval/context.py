@@ -15,10 +15,11 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.errors import UserValueError
-from safeunits.eval.generation import Backend, check_backend
+from safeunits.eval.generation import Backend
 from safeunits.eval.result import EvalResult
 from safeunits.eval.runner import evaluate
 from safeunits.eval.suites import SuiteConfig, optional_suite
+from safeunits.eval.vllm_backend import check_backend
 from safeunits.paths import data_dir as resolve_data_dir
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,17 +40,6 @@ class DecodingConfig(BaseModel):
 
 Backend = Literal["transformers", "vllm"]
 """Who generates: transformers' `model.generate` (default, any device) or vLLM (GPU, `pip install 'safeunits[vllm]'`)."""
-
-
-def check_backend(backend: str) -> Backend:
-    """The backend name, checked where it is chosen: unknown names and a missing vLLM fail before any work."""
-    if backend not in get_args(Backend):
-        raise UserValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(get_args(Backend))}")
-    if backend == "vllm":
-        from safeunits.eval.vllm_backend import require_vllm
-
-        require_vllm()
-    return backend  # type: ignore[return-value]
 
 
 class ResumeMismatchError(UserValueError):

@@ -16,12 +16,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from safeunits.errors import UserFileNotFoundError, UserValueError
+from safeunits.eval.judge_base import HarmVerdict as Verdict
 from safeunits.eval.metrics import wilson_interval
 from safeunits.io import read_json, write_json
 
 SCHEMA_VERSION = 2
-Verdict = Literal["complied", "refused", "incoherent"]
-VERDICTS: tuple[Verdict, ...] = ("complied", "refused", "incoherent")
 SystemPromptMode = Literal["none", "safety"]
 HEADLINE_KEYS = ("asr", "asr_system", "refusal", "incoherent", "xstest_refusal", "utility_nll", "perplexity")
 

@@ -25,13 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
 from safeunits.errors import UserValueError
-from safeunits.eval.generation import Backend, check_backend, generate
+from safeunits.eval.generation import Backend, generate
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.nll import response_nll_stats
 from safeunits.eval.report import summary_markdown
 from safeunits.eval.result import (AnswerSetInfo, EvalResult, HarmfulMetrics, ModelIdentity, OverSafetyMetrics, Rate,
                                    SafetyMetrics, SystemPromptMode, Timing, UtilityMetrics, UtilitySetMetrics)
 from safeunits.eval.suites import SuiteConfig, load_suite
+from safeunits.eval.vllm_backend import VllmGenerator, check_backend
 from safeunits.io import read_json, write_json, write_text
 from safeunits.models.chat import SAFETY_SYSTEM_PROMPT
 from safeunits.models.loading import model_fingerprint
@@ -99,8 +100,6 @@ class _Run:
         self.gen_seconds, self.gen_tokens, self.resumed = 0.0, 0, 0
         self.vllm = None
         if backend == "vllm":  # one engine for every generation of this evaluation, started on first use
-            from safeunits.eval.vllm_backend import VllmGenerator
-
             self.vllm = VllmGenerator(model, tokenizer)
 
     def close(self) -> None:
@@ -108,7 +107,7 @@ class _Run:
             self.vllm.close()
 
     def safety(self) -> SafetyMetrics:
-        judge = get_judge(self.config.asr_judge)
+        judge = get_judge(self.config.asr_judge, data_dir=self.data_dir)
         metrics = SafetyMetrics(judge=self.config.asr_judge)
         for hs in self.config.harmful:
             records = self._load(hs.dataset, hs.limit, hs.name, metrics.skipped if hs.optional else None)
@@ -132,7 +131,7 @@ class _Run:
         records = self._load(cfg.dataset, cfg.limit, cfg.name, None)
         prompts = [r.prompt for r in records]
         responses = self._generate(prompts, f"generations/{cfg.name}.jsonl", None)
-        labels = get_judge(cfg.judge).classify_many(prompts, responses)
+        labels = get_judge(cfg.judge, data_dir=self.data_dir).classify_many(prompts, responses)
         self._write_judgements(cfg.name, [{"label": lab} for lab in labels])
         counts = Counter(labels)
         n = len(labels)

@@ -21,12 +21,12 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, get_args
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.errors import UserError
-from safeunits.eval.generation import DecodingConfig, generate_rows
+from safeunits.errors import UserError, UserValueError
+from safeunits.eval.generation import Backend, DecodingConfig, generate_rows
 from safeunits.models.loading import save_model
 from safeunits.paths import cache_dir
 
@@ -119,3 +119,12 @@ def _scratch_dir() -> Path:
     path = cache_dir() / "tmp"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_backend(backend: str) -> Backend:
+    """The backend name, checked where it is chosen: unknown names and a missing vLLM fail before any work."""
+    if backend not in get_args(Backend):
+        raise UserValueError(f"unknown generation backend {backend!r}; choose one of {', '.join(get_args(Backend))}")
+    if backend == "vllm":
+        require_vllm()
+    return backend  # type: ignore[return-value]
