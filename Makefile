@@ -27,8 +27,13 @@ test: setup
 test-unit: setup
 	$(BIN)/pytest -q -m "not integration"
 
+# the bundled demo-quick experiment (docs/experiments.md); a second run reuses every finished step
 demo: setup
-	$(BIN)/safeunits demo --out $(RUN_DIR)
+	$(BIN)/safeunits run demo-quick --out $(RUN_DIR)
+
+# every bench/ script with small arguments, results into BENCHMARKS.md's generated table (QUICK=1: seconds-long ones)
+bench: setup
+	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -189,7 +189,7 @@ def _visible_options(cmd) -> set[str]:
 LOADS_MODEL = {"eval", "train", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch build-data",
                "patch derive", "patch apply", "patch sweep", "patch continual", "patch baselines"}
 WRITES = LOADS_MODEL | {"judge-check", "transfer", "patch merge", "demo"}
-EVALUATES = {"eval", "train", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo"}
+EVALUATES = {"eval", "train", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo", "run"}
 HAS_CONFIG = (EVALUATES | {"attribute", "probe", "patch build-data", "patch derive", "patch merge", "patch sweep"})
 PROGRESS = HAS_CONFIG | {"patch apply"}
 DEPRECATED = {"--eval", "--no-progress", "--map", "--train-json", "--se-train", "--osm-train", "--tolerance"}

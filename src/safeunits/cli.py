@@ -54,7 +54,7 @@ COMMAND_MODULES: dict[str, str | None] = {
     "safeunits.train.cli": None,
     "safeunits.patching.cli": "patch",
     "safeunits.units.cli": None,
-    "safeunits.demo": None,
+    "safeunits.experiments.cli": None,
 }
 
 

@@ -1,0 +1,174 @@
+"""Plan and run an experiment with a hash-based cache of finished steps.
+
+A step's key is a hash of its settings, the keys of the steps it consumes, the experiment's load settings (dtype,
+device), the resolved suite for steps that evaluate, and the safeunits version. So a re-run skips every finished
+step, changing one setting re-runs that step and exactly the steps downstream of it, and nothing else.
+Each step writes into `out/<step-name>/`; `done.json` (with the key and the outputs) is written last, so a
+folder without it is unfinished: a re-run with the same key resumes inside it (evaluations reuse finished
+generations), one with another key starts the folder afresh. A failing step leaves earlier steps intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import safeunits
+from safeunits.errors import UserError
+from safeunits.eval.context import EvalContext
+from safeunits.experiments.config import Experiment, StepBase
+from safeunits.io import read_json, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+STARTED = "started.json"
+
+
+class StepFailedError(UserError):
+    """A step failed for a reason the user can fix; the message names the step, the finished steps are kept."""
+
+
+@dataclass
+class PlannedStep:
+    """One step of the plan: its cache key and whether a finished result with that key is on disk."""
+
+    step: StepBase
+    key: str
+    cached: bool
+    inputs: dict[str, str]  # field -> step name
+    seconds: float | None = None  # wall time of the run that produced the result (cached or this run)
+    previous_key: str | None = None  # the key of a finished result on disk, if any
+
+
+@dataclass
+class RunResult:
+    plan: list[PlannedStep]
+    ran: list[str] = field(default_factory=list)
+    report: dict[str, Path] = field(default_factory=dict)
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]:
+    """The cache key of every step, in order (a step's key includes the keys of the steps it consumes)."""
+    suite = evaluation.suite.model_dump(mode="json") if evaluation.suite is not None else None
+    keys: dict[str, str] = {}
+    for step in experiment.steps:
+        keys[step.name] = _hash({
+            "kind": step.kind,
+            "settings": step.model_dump(mode="json", exclude={"name"}),
+            "inputs": {f: keys[ref] for f, ref in sorted(experiment.inputs(step).items())},
+            "load": {"dtype": experiment.dtype, "device": experiment.device},
+            "suite": suite if step.uses_suite else None,
+            "safeunits": safeunits.__version__,
+        })
+    return keys
+
+
+def _done(folder: Path) -> dict[str, Any] | None:
+    path = folder / DONE
+    return read_json(path) if path.is_file() else None
+
+
+def make_plan(experiment: Experiment, out_dir: str | Path, evaluation: EvalContext) -> list[PlannedStep]:
+    """What would run and what is cached in `out_dir`."""
+    out = Path(out_dir)
+    keys = step_keys(experiment, evaluation)
+    plan = []
+    for step in experiment.steps:
+        key = keys[step.name]
+        done = _done(out / step.name)
+        cached = done is not None and done.get("key") == key
+        plan.append(PlannedStep(step, key, cached, experiment.inputs(step), done.get("seconds") if cached else None,
+                                done.get("key") if done else None))
+    return plan
+
+
+def format_plan(plan: list[PlannedStep], out_dir: str | Path) -> str:
+    """One line per step: cached, or why it runs (new, its settings changed, or a step it consumes re-runs)."""
+    width = max(len(p.step.name) for p in plan)
+    lines = [f"plan for {out_dir}:"]
+    reruns: set[str] = set()
+    for p in plan:
+        if p.cached:
+            what = "cached"
+        else:
+            stale = [ref for ref in dict.fromkeys(p.inputs.values()) if ref in reruns]
+            what = ("run: after " + ", ".join(stale) if stale else
+                    "run: not run yet" if p.previous_key is None else "run: settings changed")
+            reruns.add(p.step.name)
+        uses = ", ".join(f"{f}={ref}" for f, ref in p.inputs.items())
+        lines.append(f"  {p.step.name:<{width}}  {p.step.kind:<12}  {what}" + (f"  [uses {uses}]" if uses else ""))
+    n_run = sum(not p.cached for p in plan)
+    lines.append(f"{n_run} step(s) to run, {len(plan) - n_run} cached")
+    return "\n".join(lines)
+
+
+def evaluation_context(experiment: Experiment, *, progress: bool = True) -> EvalContext:
+    """The experiment's suite and data folder, resolved once (a typo fails here, before any step runs)."""
+    return EvalContext.create(experiment.suite, data_dir=experiment.data_dir, progress=progress, limit=experiment.limit)
+
+
+def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,
+                   report: bool = True) -> RunResult:
+    """Run every step that is not cached, in order, then write the report (report.md, report.html)."""
+    from safeunits.experiments.steps import STEP_FUNCTIONS, StepContext
+
+    out = Path(out_dir)
+    evaluation = evaluation_context(experiment, progress=progress)
+    plan = make_plan(experiment, out, evaluation)
+    write_text(out / "experiment.yaml", yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False))
+    outputs: dict[str, dict[str, Any]] = {}
+    result = RunResult(plan)
+    for p in plan:
+        folder = out / p.step.name
+        if p.cached:
+            log.info("step %s (%s): cached", p.step.name, p.step.kind)
+            outputs[p.step.name] = _done(folder)["outputs"]
+            continue
+        _prepare(folder, p.key)
+        log.info("step %s (%s): running", p.step.name, p.step.kind)
+        ctx = StepContext(experiment, folder, evaluation, outputs, out)
+        started = time.time()
+        try:
+            step_outputs = STEP_FUNCTIONS[p.step.kind](p.step, ctx)
+        except UserError as err:
+            raise StepFailedError(f"step {p.step.name!r} ({p.step.kind}) failed: {err}",
+                                  hint=(err.hint + "; " if err.hint else "") +
+                                  "finished steps are kept: fix it and run again") from err
+        except Exception as err:
+            log.error("step %s (%s) failed; the steps before it are finished and kept", p.step.name, p.step.kind)
+            err.add_note(f"safeunits: in step {p.step.name!r} ({p.step.kind}) of experiment {experiment.name!r}")
+            raise
+        p.seconds = round(time.time() - started, 1)
+        write_json(folder / DONE, {"key": p.key, "name": p.step.name, "kind": p.step.kind, "seconds": p.seconds,
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": step_outputs,
+                                   "settings": p.step.model_dump(mode="json")})
+        outputs[p.step.name] = step_outputs
+        result.ran.append(p.step.name)
+    if report:
+        from safeunits.experiments.report import write_report
+
+        result.report = write_report(experiment, out, plan, outputs, evaluation, ran=result.ran)
+    return result
+
+
+def _prepare(folder: Path, key: str) -> None:
+    """An unfinished folder with the same key is resumed; anything else there is stale and removed."""
+    started = folder / STARTED
+    if folder.exists() and not (started.is_file() and read_json(started).get("key") == key):
+        shutil.rmtree(folder)
+    if (folder / DONE).exists():
+        (folder / DONE).unlink()
+    write_json(started, {"key": key, "started": time.strftime("%Y-%m-%d %H:%M:%S")})

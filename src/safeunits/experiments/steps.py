@@ -1,0 +1,208 @@
+"""The step kinds: one small function per kind, each a call into the library (never a re-implementation).
+
+A step function receives its typed step (config.py) and a `StepContext` (its folder, the evaluation context, the
+outputs of the steps it consumes) and returns its outputs: paths relative to its folder under fixed keys that
+later steps consume (`model`, `unit_map`, `data`, `patch`, `best`), plus what the report shows (`evals`: row
+label -> evaluation folder, `figures`: [path, caption], `tables`: Markdown files, `notes`: lines of text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safeunits.eval.context import EvalContext
+from safeunits.experiments.config import (STEP_CLASSES, AlignStep, AttributeStep, DeriveStep, EvaluateStep,
+                                          Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
+                                          StepBase, SweepStep, TransferStep)
+from safeunits.models.loading import load_model
+
+Outputs = dict[str, Any]
+S = TypeVar("S", bound=StepBase)
+StepFunction = Callable[[Any, "StepContext"], Outputs]
+STEP_FUNCTIONS: dict[str, StepFunction] = {}
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a running step sees: the experiment, its own folder, the evaluation, earlier steps' outputs."""
+
+    experiment: Experiment
+    out: Path
+    evaluation: EvalContext
+    outputs: dict[str, Outputs]  # step name -> outputs (paths relative to that step's folder)
+    run_dir: Path
+
+    def path(self, step_name: str, key: str) -> Path:
+        """The output `key` of an earlier step, as a path."""
+        return self.run_dir / step_name / self.outputs[step_name][key]
+
+    def model_source(self, ref: str) -> str:
+        """A model reference as load_model takes it: an align/finetune step's model folder, or the reference itself."""
+        return str(self.path(ref, "model")) if ref in self.outputs else ref
+
+    def load(self, ref: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        return load_model(self.model_source(ref), dtype=self.experiment.dtype, device=self.experiment.device)
+
+    @property
+    def data_dir(self) -> Path | None:
+        return self.evaluation.data_dir
+
+
+def register_step(kind: str) -> Callable[[Callable[[S, StepContext], Outputs]], Callable[[S, StepContext], Outputs]]:
+    """Make a function the runner of step kind `kind` (a kind of config.STEP_CLASSES)."""
+    if kind not in STEP_CLASSES:
+        raise ValueError(f"no step model for kind {kind!r}; add one to experiments/config.py")
+
+    def decorate(fn: Callable[[S, StepContext], Outputs]) -> Callable[[S, StepContext], Outputs]:
+        STEP_FUNCTIONS[kind] = fn
+        return fn
+
+    return decorate
+
+
+def _rel(path: str | os.PathLike, folder: Path) -> str:
+    return os.path.relpath(path, folder)
+
+
+@register_step("evaluate")
+def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
+    from safeunits.patching import SparsePatch, apply_patch, undo_patch
+
+    model, tokenizer = ctx.load(step.model)
+    label = step.label or step.name
+    undo = apply_patch(model, SparsePatch.load(ctx.path(step.patch, "patch"))) if step.patch else None
+    try:
+        ctx.evaluation.evaluate(model, tokenizer, ctx.out / "eval", name=label)
+    finally:
+        if undo is not None:
+            undo_patch(model, undo)
+    return {"evals": {label: "eval"}}
+
+
+def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
+    from safeunits.train.recipes import run_recipe
+
+    unit_map = str(ctx.path(step.unit_map, "unit_map")) if step.unit_map else None
+    recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
+    report = run_recipe(recipe, ctx.out, dataclasses.replace(ctx.evaluation, suite=None))  # evaluate steps evaluate
+    train = report["train"]
+    return {"model": "model", "notes": [f"{train['steps']} optimizer steps, final loss {train['final_loss']:.3f}, "
+                                        f"{train['tokens_per_s']:.0f} tokens/s; data {report['data']}"]}
+
+
+register_step("align")(_train)
+register_step("finetune")(_train)
+
+
+@register_step("attribute")
+def attribute_step(step: AttributeStep, ctx: StepContext) -> Outputs:
+    from safeunits.units.attribution import MAP_FILE, attribute
+
+    model, tokenizer = ctx.load(step.model)
+    unit_map = attribute(model, tokenizer, step.settings, ctx.out, data_dir=ctx.data_dir,
+                         model_name=ctx.model_source(step.model), progress=ctx.evaluation.progress)
+    classes = unit_map.summary()["classes"]
+    figures = [["class_shares.png", f"unit classes per layer ({step.model})"],
+               ["unit_map.png", f"unit map of {step.model}"]] if step.settings.plots else []
+    shares = ", ".join(f"{name} {100 * c['param_share']:.1f} %" for name, c in classes.items())
+    return {"unit_map": MAP_FILE, "figures": figures, "notes": [f"{step.model}: unit parameters per class: {shares}"]}
+
+
+@register_step("prune")
+def prune_step(step: PruneStep, ctx: StepContext) -> Outputs:
+    from safeunits.units.pruning import pruning_table
+    from safeunits.units.unit_map import UnitMap
+
+    model, tokenizer = ctx.load(step.model)
+    rows = pruning_table(model, tokenizer, UnitMap.load(ctx.path(step.unit_map, "unit_map")), step.settings,
+                         ctx.evaluation, out_dir=ctx.out)
+    return {"evals": {f"{step.model} - pruned {row['pruned']}": _rel(row["run_dir"], ctx.out) for row in rows},
+            "tables": ["pruning.md"]}
+
+
+@register_step("probe")
+def probe_step(step: ProbeStep, ctx: StepContext) -> Outputs:
+    from safeunits.data.registry import load_dataset
+    from safeunits.units.probe import run_probe, write_probe
+
+    model, tokenizer = ctx.load(step.model)
+    records = load_dataset(step.prompts, data_dir=ctx.data_dir, limit=step.limit)
+    result = run_probe(model, tokenizer, [r.prompt for r in records], step.settings, progress=ctx.evaluation.progress)
+    write_probe(result, ctx.out)
+    return {"figures": [["probe.png", f"reasoning-direction probe of {step.model}"]],
+            "notes": [f"{step.model}: mean gap d(compliance) - d(refusal) = {result['mean_gap']:+.4f}, "
+                      f"{result['verdict']} ({result['n_prompts']} prompts)"]}
+
+
+@register_step("transfer")
+def transfer_step(step: TransferStep, ctx: StepContext) -> Outputs:
+    from safeunits.units.transfer import write_transfer
+    from safeunits.units.unit_map import UnitMap
+
+    result = write_transfer(UnitMap.load(ctx.path(step.before, "unit_map")),
+                            UnitMap.load(ctx.path(step.after, "unit_map")), ctx.out)
+    kept = ", ".join(f"{c} {100 * v:.0f} %" for c, v in result["kept_class_share"].items())
+    return {"figures": [["transfer.png", f"role transfer {step.before} -> {step.after}"]],
+            "notes": [f"share of each class's parameters that kept their class: {kept}"]}
+
+
+@register_step("harmful-data")
+def harmful_data_step(step: HarmfulDataStep, ctx: StepContext) -> Outputs:
+    from safeunits.patching import build_harmful_data
+
+    model, tokenizer = ctx.load(step.model)
+    splits = build_harmful_data(step.settings, ctx.out, model, tokenizer, data_dir=ctx.data_dir,
+                                model_name=ctx.model_source(step.model), progress=ctx.evaluation.progress)
+    return {"data": ".", "notes": [f"D_h: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} prompts with "
+                                   f"{step.settings.responses} answers"]}
+
+
+@register_step("derive")
+def derive_step(step: DeriveStep, ctx: StepContext) -> Outputs:
+    from safeunits.patching import derive_patch, load_harmful_data
+
+    model, tokenizer = ctx.load(step.model)
+    folder = ctx.path(step.data, "data")
+    records, _ = load_harmful_data(folder, "train")
+    patch = derive_patch(model, tokenizer, records, step.settings, ctx.out,
+                         data_info={"folder": str(folder), "n_records": len(records)}, progress=ctx.evaluation.progress)
+    m = patch.manifest
+    return {"patch": ".", "notes": [f"{m['kind']}: {m['steps']} steps ({m['stopped_reason']}), |δ| = {m['delta_norm']:.3f}"]}
+
+
+@register_step("sweep")
+def sweep_step(step: SweepStep, ctx: StepContext) -> Outputs:
+    from safeunits.patching.patches import DensePatch
+    from safeunits.patching.sweep import run_sweep
+
+    model, tokenizer = ctx.load(step.model)
+    result = run_sweep(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
+                       ctx.path(step.data, "data"), step.settings, ctx.out, ctx.evaluation)
+    best = result["best"]
+    return {"best": "best.json", "figures": [["pareto.png", "SafePatching sweep on held-out prompts (Pareto points ringed)"]],
+            "tables": ["sweep.md"], "notes": [f"chosen point: {best['key']}" if best else "no grid point evaluated"]}
+
+
+@register_step("merge")
+def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
+    from safeunits.io import read_json
+    from safeunits.patching import MergeConfig, controllable_merge
+    from safeunits.patching.patches import DensePatch
+
+    config = step.settings
+    if step.best:
+        best = read_json(ctx.path(step.best, "best"))["best"] or {}
+        point = {k: best[k] for k in ("a", "b", "alpha", "beta") if k in best}
+        config = MergeConfig(**{**config.model_dump(), **point, **config.model_dump(include=config.model_fields_set)})
+    patch = controllable_merge(DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")), config,
+                               progress=ctx.evaluation.progress)
+    patch.save(ctx.out / "patch")
+    return {"patch": "patch", "notes": [f"a={config.a:g} %, b={config.b:g} %, α={config.alpha:g}, β={config.beta:g}: "
+                                        f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}

@@ -1,0 +1,186 @@
+"""Experiments: schema checks, the cache and its plan, failures that keep finished steps, the CLI, the report
+(self-contained HTML) and its render in headless Chromium."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from safeunits.cli import app
+from safeunits.errors import ConfigError, UserFileNotFoundError
+from safeunits.experiments import runner, steps
+from safeunits.experiments.config import bundled_experiments, build_experiment, load_experiment
+from safeunits.experiments.report import markdown_to_html
+from test_demo import tiny_suite
+from tiny import tiny_model, tiny_tokenizer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def small(tmp_path, data_dir, **extra) -> dict:
+    """A three-step experiment on the tiny model: an evaluation, a unit map (two figures), a probe."""
+    return {"name": "small", "suite": tiny_suite(tmp_path / "tiny.yaml"), "data_dir": str(data_dir), **extra,
+            "steps": [{"name": "baseline", "kind": "evaluate"},
+                      {"name": "map", "kind": "attribute", "settings": {"limit": 4}},
+                      {"name": "probe", "kind": "probe", "limit": 2}]}
+
+
+@pytest.fixture()
+def tiny_load(monkeypatch):
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    monkeypatch.setattr(steps, "load_model", lambda name, **kw: (model, tokenizer))
+    return model
+
+
+@pytest.fixture()
+def small_run(tmp_path, data_dir, tiny_load):
+    experiment = build_experiment(small(tmp_path, data_dir), {})
+    result = runner.run_experiment(experiment, tmp_path / "run", progress=False)
+    return experiment, tmp_path / "run", result
+
+
+# --- schema ---------------------------------------------------------------------------------------------------
+
+def test_bundled_experiments_validate():
+    assert {"demo-quick", "demo-full", "gpu-template"} <= set(bundled_experiments())
+    for name in bundled_experiments():
+        assert load_experiment(name).steps
+
+
+@pytest.mark.parametrize("steps_, message", [
+    ([{"name": "p", "kind": "prune", "unit_map": "m"}], "unit_map='m' is not a step name"),
+    ([{"name": "p", "kind": "prune", "unit_map": "m"}, {"name": "m", "kind": "attribute"}], "comes later"),
+    ([{"name": "e", "kind": "evaluate"}, {"name": "p", "kind": "prune", "unit_map": "e"}], "is a evaluate step; expected a attribute"),
+    ([{"name": "a", "kind": "attribute", "settings": {"limt": 3}}], "AttributionConfig has no field settings.'limt'"),
+    ([{"name": "a", "kind": "align", "budget": "ru"}], "budget needs unit_map"),
+    ([{"name": "a", "kind": "align", "recipe": "finetune"}], "a align step needs one of kind align"),
+    ([{"name": "a", "kind": "evaluate"}, {"name": "a", "kind": "evaluate"}], "two steps are named 'a'"),
+    ([{"name": "a", "kind": "fly"}], "does not match any of the expected tags"),
+])
+def test_a_bad_experiment_fails_before_anything_runs_with_the_reason(steps_, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_experiment({"name": "x", "steps": steps_}, {})
+
+
+def test_overrides_reach_one_step_by_name_and_unknown_names_are_refused():
+    exp = load_experiment("demo-quick", {"steps": {"probe-base": {"limit": 3}}, "suite": "full"})
+    assert exp.step("probe-base").limit == 3 and exp.step("probe-aligned").limit == 16 and exp.suite == "full"
+    with pytest.raises(ConfigError, match="no step named 'probe'"):
+        load_experiment("demo-quick", {"steps": {"probe": {"limit": 3}}})
+    with pytest.raises(ConfigError, match="no experiment field sute"):
+        load_experiment("demo-quick", {"sute": "full"})
+    with pytest.raises(UserFileNotFoundError, match="neither a file nor a bundled experiment"):
+        load_experiment("demo-quik")
+
+
+# --- the cache --------------------------------------------------------------------------------------------------
+
+def test_keys_change_exactly_downstream_of_a_changed_setting(tmp_path, data_dir):
+    base = build_experiment(small(tmp_path, data_dir), {})
+    evaluation = runner.evaluation_context(base, progress=False)
+    keys = runner.step_keys(base, evaluation)
+    assert keys == runner.step_keys(build_experiment(small(tmp_path, data_dir), {}), evaluation)  # deterministic
+    changed = runner.step_keys(build_experiment(small(tmp_path, data_dir), {"steps": {"map": {"settings": {"limit": 5}}}}),
+                               evaluation)
+    assert [k for k in keys if keys[k] != changed[k]] == ["map"]
+    # a suite change reaches the steps that evaluate, not the unit map or the probe
+    other = runner.evaluation_context(build_experiment(small(tmp_path, data_dir), {"limit": 1}), progress=False)
+    suite_changed = runner.step_keys(base, other)
+    assert [k for k in keys if keys[k] != suite_changed[k]] == ["baseline"]
+
+
+def test_rerun_is_all_cached_and_a_failing_step_keeps_the_finished_ones(small_run, tmp_path, data_dir):
+    experiment, run_dir, result = small_run
+    assert result.ran == ["baseline", "map", "probe"]
+    done = {s: (run_dir / s / "done.json").read_bytes() for s in result.ran}
+    assert runner.run_experiment(experiment, run_dir, progress=False).ran == []
+    # a user error in the last step: the message names it, the finished steps stay as they were
+    broken = build_experiment(small(tmp_path, data_dir), {"steps": {"probe": {"prompts": "no-such-dataset"}}})
+    with pytest.raises(runner.StepFailedError, match=r"step 'probe' \(probe\) failed: .*no-such-dataset"):
+        runner.run_experiment(broken, run_dir, progress=False)
+    assert {s: (run_dir / s / "done.json").read_bytes() for s in ("baseline", "map")} == \
+        {s: done[s] for s in ("baseline", "map")}
+    assert not (run_dir / "probe" / "done.json").exists()
+    # a bug (any other exception) keeps its type and traceback, with a note naming the step
+    def crash(step, ctx):
+        raise RuntimeError("boom")
+    steps.STEP_FUNCTIONS["probe"], saved = crash, steps.STEP_FUNCTIONS["probe"]
+    try:
+        with pytest.raises(RuntimeError, match="boom") as info:
+            runner.run_experiment(experiment, run_dir, progress=False)
+    finally:
+        steps.STEP_FUNCTIONS["probe"] = saved
+    assert any("step 'probe' (probe)" in note for note in info.value.__notes__)
+    # fixed: only the failed step runs
+    assert runner.run_experiment(experiment, run_dir, progress=False).ran == ["probe"]
+
+
+def test_every_step_kind_has_a_function():
+    from safeunits.experiments.config import STEP_CLASSES
+
+    assert set(steps.STEP_FUNCTIONS) == set(STEP_CLASSES)
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------
+
+def test_dry_run_prints_the_plan_and_runs_nothing(small_run, tmp_path, data_dir):
+    experiment, run_dir, _ = small_run
+    path = tmp_path / "small.yaml"
+    before = (run_dir / "probe" / "done.json").read_bytes()
+    path.write_text(yaml.safe_dump(small(tmp_path, data_dir)))
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(run_dir), "--dry-run", "--set", "steps.probe.limit=3"])
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines()[1:-1]}
+    assert "cached" in lines["baseline"] and "cached" in lines["map"]
+    assert "run: settings changed" in lines["probe"]
+    assert res.output.rstrip().endswith("1 step(s) to run, 2 cached")
+    assert (run_dir / "probe" / "done.json").read_bytes() == before  # nothing ran
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "fresh"), "--dry-run"])
+    assert res.exit_code == 0 and "role-transfer" in res.output and "22 step(s) to run, 0 cached" in res.output
+    res = CliRunner().invoke(app, ["run", "demo-quick", "--dry-run", "--set", "steps.nope.limit=1"])
+    assert res.exit_code == 2 and "no step named 'nope'" in res.output
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+def test_report_html_is_self_contained_with_tables_and_inlined_figures(small_run):
+    _, run_dir, result = small_run
+    text = result.report["html"].read_text()
+    assert text.count("<table>") >= 2 and "<th>XSTest refusal</th>" in text
+    images = re.findall(r'<img [^>]*src="([^"]+)"', text)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)  # 2 map + probe
+    for attr in re.findall(r'(?:src|href)="([^"]*)"', text):
+        assert "http" not in attr
+    assert "<link" not in text and "<script" not in text
+    md = result.report["markdown"].read_text()
+    assert "| baseline |" in md and "## Software and machine" in md and "transformers" in md
+
+
+def test_markdown_to_html_escapes_and_aligns(tmp_path):
+    html = markdown_to_html("# T <x>\n\n| a | b |\n|---|---:|\n| `c` | 1 |\n\n```\n<raw>\n```\n- item\n", tmp_path, "t")
+    assert "<h1>T &lt;x&gt;</h1>" in html and '<td class="num">1</td>' in html and "<td><code>c</code></td>" in html
+    assert "<pre><code>&lt;raw&gt;</code></pre>" in html and "<li>item</li>" in html
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="headless Chromium (/usr/bin/chromium, Debian package "
+                                                   "`chromium`) is not installed: the render check needs it")
+def test_report_renders_offline_in_headless_chromium(small_run, tmp_path):
+    from PIL import Image
+
+    _, run_dir, result = small_run
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           "--window-size=1200,1600", f"--screenshot={shot}", result.report["html"].as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 10  # text, tables and figures, not a blank page
+    assert (pixels < 128).mean() > 0.005  # dark ink covers part of the page
+    shutil.rmtree(tmp_path / "profile", ignore_errors=True)
