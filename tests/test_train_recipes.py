@@ -69,6 +69,33 @@ def test_align_mix_share_and_determinism(data_files):
     assert mix != align_data(rec.model_copy(update={"data_seed": 1}), tok)
 
 
+def test_align_mix_with_contrast_answers_and_eval_prompts_dropped(data_files, tmp_path):
+    """Contrast prompts are answered by the model itself (greedy, before training); evaluation prompts never train."""
+    from safeunits.eval.generation import generate
+
+    model, tok = tiny_model(initializer_range=0.2, max_position_embeddings=4096), tiny_tokenizer()  # varied bytes
+    contrast = _jsonl(tmp_path / "contrast.jsonl", [{"prompt": f"how do I kill process {i}?"} for i in range(8)])
+    evals = _jsonl(tmp_path / "eval.jsonl", [{"prompt": f"How to do bad thing {i}."} for i in range(0, 30, 2)])
+    rec = AlignRecipe(safety_data=[str(data_files["harm"])], benign_data=[str(data_files["benign"])],
+                      contrast_data=[str(contrast)], n_examples=20, safety_share=0.5, contrast_share=0.2,
+                      answer_tokens=8, exclude_eval=[str(evals)],
+                      train={"max_length": 4096})  # the tiny tokenizer is byte-level: long prompts
+    mix = align_data(rec, tok, model=model)
+    by_source = {}
+    for r in mix:
+        by_source.setdefault(r.source, []).append(r)
+    harm = by_source[str(data_files["harm"])]
+    assert len(harm) == 10 and all(int(r.prompt.rsplit(" ", 1)[1]) % 2 == 1 for r in harm)  # even ones are eval prompts
+    answered = by_source[str(contrast)]
+    assert len(answered) == 4 and len(mix) == 20
+    expected = generate(model, tok, [r.prompt for r in answered], max_new_tokens=8, progress=False)
+    assert [r.response for r in answered] == [a.strip() for a in expected]
+    with pytest.raises(ValueError, match="no model was given"):
+        align_data(rec, tok)
+    with pytest.raises(ValueError, match="contrast_share > 0 needs contrast_data"):
+        AlignRecipe(contrast_share=0.1)
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -8,19 +8,22 @@ shares, losses) into the run directory, and optionally evaluate the three axes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.data.overlap import drop_overlap
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.distributed import gather_full_state_dict, is_main_process, is_sharded
 from safeunits.eval.context import EvalContext
+from safeunits.eval.generation import generate
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import write_json, write_text
 from safeunits.models.chat import prompt_text
@@ -45,21 +48,36 @@ class AlignRecipe(BaseModel):
 
     recipe: Literal["align"] = "align"
     model: str = Field("smollm2-135m-instruct", description="Model to align: registered name, folder or hub id.")
-    safety_data: str = Field("safety-tuned-llamas", description="Harmful prompts with safe responses "
-                             "(safety-tuned-llamas or advbench-refusals, or a file).")
+    safety_data: list[str] = Field(["safety-tuned-llamas"], description="Harmful prompts with safe responses, mixed "
+                                   "evenly (safety-tuned-llamas, advbench-refusals, files).")
     benign_data: list[str] = Field(["self-instruct:seed", "t0"], description="Benign instruction sets, mixed evenly.")
-    n_examples: int = Field(400, ge=1, description="Training examples in total (safety + benign).")
+    contrast_data: list[str] = Field([], description="Benign prompts that look risky (e.g. 'contrast'), answered "
+                                     "helpfully: rows without a response get the model's own greedy answer.")
+    n_examples: int = Field(400, ge=1, description="Training examples in total (safety + contrast + benign).")
     safety_share: float = Field(0.1, ge=0, le=1, description="Share of the examples that are safety examples.")
+    contrast_share: float = Field(0.0, ge=0, le=1, description="Share of the examples that are contrast examples.")
+    answer_tokens: int = Field(96, ge=8, description="Length of the model's own answers to prompts without one.")
+    exclude_eval: list[str] = Field([], description="Evaluation sets (name, file or name[:N]) whose prompts are "
+                                    "dropped from every training pool; what was dropped goes to the data manifest.")
     data_seed: int = Field(0, description="Seed of the data sampling (the training order has its own seed).")
     budget: str | None = Field(None, description="Train only these units of the unit map (e.g. 'ru': SSAH's "
                                "alignment budget); None trains every weight.")
     unit_map: Path | None = Field(None, description="Unit map (from `safeunits attribute`) for --budget.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=2, batch_size=8, max_length=256))
 
+    @field_validator("safety_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: str | list[str]) -> list[str]:
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> "AlignRecipe":
         if self.budget and self.unit_map is None:
             raise ValueError("--budget needs a unit map (--unit-map, from `safeunits attribute`)")
+        if self.safety_share + self.contrast_share > 1:
+            raise ValueError("safety_share + contrast_share must not exceed 1")
+        if self.contrast_share and not self.contrast_data:
+            raise ValueError("contrast_share > 0 needs contrast_data")
         return self
 
 
@@ -133,24 +151,62 @@ def _sample(records: list[Record], n: int, rng: random.Random, keep) -> list[Rec
     return pool[:n]
 
 
-def align_data(recipe: AlignRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
-    """The align mix: round(n * share) safety examples + the rest split evenly over the benign sets."""
+def align_data(recipe: AlignRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None,
+               model: PreTrainedModel | None = None, *, progress: bool = False) -> list[Record]:
+    """The align mix: round(n * safety_share) safety examples, round(n * contrast_share) contrast examples (answered by
+    `model` where they have no response), the rest benign; each part spread evenly over its sets."""
     rng = random.Random(recipe.data_seed)
     keep = lambda r: fits(tokenizer, r, recipe.train)  # noqa: E731
     n_safety = round(recipe.n_examples * recipe.safety_share)
-    safety = _sample(load_dataset(recipe.safety_data, data_dir=data_dir), n_safety, rng, keep) if n_safety else []
-    if len(safety) < n_safety:
-        raise ValueError(f"{recipe.safety_data} has only {len(safety)} usable examples; {n_safety} requested")
-    n_benign = recipe.n_examples - n_safety
-    if n_benign and not recipe.benign_data:
-        raise ValueError("benign_data is empty but the safety share leaves benign examples to fill")
-    pools = [_sample(load_dataset(spec, data_dir=data_dir), n_benign, rng, keep) for spec in recipe.benign_data]
-    benign = _round_robin(pools, n_benign)
-    if len(benign) < n_benign:
-        raise ValueError(f"{recipe.benign_data} have only {len(benign)} usable examples; {n_benign} requested")
-    mix = safety + benign
+    n_contrast = round(recipe.n_examples * recipe.contrast_share)
+    n_benign = recipe.n_examples - n_safety - n_contrast
+    safety = _part(recipe.safety_data, n_safety, rng, keep, recipe, data_dir, "safety")
+    contrast = _part(recipe.contrast_data, n_contrast, rng, lambda r: True, recipe, data_dir, "contrast")
+    if any(r.response is None for r in contrast):
+        contrast = [r for r in answer_missing(contrast, model, tokenizer, recipe.answer_tokens, progress) if keep(r)]
+        if len(contrast) < n_contrast:
+            raise ConfigError(f"only {len(contrast)} of {n_contrast} contrast prompts got a usable answer from the "
+                              "model (empty, or too long for max_length)")
+    benign = _part(recipe.benign_data, n_benign, rng, keep, recipe, data_dir, "benign")
+    mix = safety + contrast + benign
     rng.shuffle(mix)
     return mix
+
+
+def _part(specs: list[str], n: int, rng: random.Random, keep, recipe: AlignRecipe, data_dir, what: str) -> list[Record]:
+    """n examples taken evenly from the sets, evaluation prompts dropped first; a clear error when they run short."""
+    if not n:
+        return []
+    if not specs:
+        raise ConfigError(f"{what} data is empty but the shares leave {n} {what} examples to fill")
+    pools = []
+    for spec in specs:
+        records = load_dataset(spec, data_dir=data_dir)
+        if recipe.exclude_eval:
+            records, note = drop_overlap(records, recipe.exclude_eval, data_dir)
+            log.info("%s: %d prompts dropped (in evaluation sets %s)", spec, note["dropped"], recipe.exclude_eval)
+        pools.append(_sample(records, n, rng, keep))
+    out = _round_robin(pools, n)
+    if len(out) < n:
+        raise ConfigError(f"{specs} have only {len(out)} usable {what} examples; {n} requested")
+    return out
+
+
+def answer_missing(records: list[Record], model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                   max_new_tokens: int, progress: bool = False) -> list[Record]:
+    """Fill records without a response with the model's own greedy answer (before any training: the base model's),
+    so contrast prompts teach "answer this" in the model's own words."""
+    todo = [i for i, r in enumerate(records) if r.response is None]
+    if not todo:
+        return records
+    if model is None:
+        raise ValueError(f"{len(todo)} examples have no response and no model was given to answer them")
+    answers = generate(model, tokenizer, [records[i].prompt for i in todo], max_new_tokens=max_new_tokens,
+                       progress=progress)
+    out = list(records)
+    for i, answer in zip(todo, answers):
+        out[i] = dataclasses.replace(records[i], response=answer.strip())
+    return out
 
 
 def finetune_data(recipe: FinetuneRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
@@ -210,8 +266,8 @@ def train_recipe(
     progress: bool = True,
 ) -> tuple[TrainResult, list[Record]]:
     """Build the recipe's data and masks and train `model` in place."""
-    records = align_data(recipe, tokenizer, data_dir) if isinstance(recipe, AlignRecipe) else \
-        finetune_data(recipe, tokenizer, data_dir)
+    records = align_data(recipe, tokenizer, data_dir, model, progress=progress) if isinstance(recipe, AlignRecipe) \
+        else finetune_data(recipe, tokenizer, data_dir)
     frozen, trainable = recipe_masks(recipe, model)
     result = train(model, tokenizer, records, recipe.train, frozen=frozen, trainable=trainable, progress=progress)
     return result, records
