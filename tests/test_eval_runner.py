@@ -110,11 +110,12 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     # recompute the headline from the files on disk with the judges
     rows = read_generations(out / "generations/advbench__none.jsonl")
-    keyword = get_judge("keyword")
-    asr = sum(keyword.complied(r["prompt"], r["response"]) for r in rows) / len(rows)
+    asr_judge = get_judge(suite.asr_judge, data_dir=data_dir)  # the suite's own judge (learned, for quick)
+    asr = sum(asr_judge.complied(r["prompt"], r["response"]) for r in rows) / len(rows)
     assert result.headline.asr == pytest.approx(asr) and len(rows) == 3
     xs = read_generations(out / "generations/xstest_safe.jsonl")
-    refusal = sum(get_judge("xstest").is_refusal(r["prompt"], r["response"]) for r in xs) / len(xs)
+    refusal = sum(get_judge(suite.over_safety.judge, data_dir=data_dir).is_refusal(r["prompt"], r["response"])
+                  for r in xs) / len(xs)
     assert metrics["headline"]["xstest_refusal"] == pytest.approx(refusal)
     assert metrics["safety"]["sets"]["advbench"]["safety"]["n"] == 3
     lo, hi = metrics["over_safety"]["refusal"]["ci95"]

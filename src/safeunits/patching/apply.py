@@ -29,10 +29,31 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 def _patch_flat(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, scale: float = 1.0) -> None:
-    """flat[idx] = cast(float32(flat[idx]) + scale * values): arithmetic in float32 whatever the storage dtype."""
+    """flat[idx] = cast(flat[idx] + scale * values), rounded once to the storage dtype.
+
+    `scale * values` is taken in float32, as `merge.combine_parts` scales, so a sweep applies the bits a merge
+    saves. The sum is exact in float64 and then rounded once (`round_once`): a float32 sum rounded again to
+    bf16 can land on a bf16 tie and round the wrong way (1 + 2^-8 + 2^-30 -> 1 instead of 1 + 2^-7). For
+    float32 weights the result equals the float32 sum bit for bit (53 bits to 24 after an exact sum is innocuous).
+    """
     idx = indices.long()
     vals = values if scale == 1.0 else values * scale
-    flat[idx] = (flat[idx].to(torch.float32) + vals).to(flat.dtype)
+    flat[idx] = round_once(flat[idx].double() + vals.double(), flat.dtype)
+
+
+def round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 `x` rounded to nearest (ties to even) in `dtype` with a single rounding.
+
+    torch casts float64 to bf16/fp16 through float32, which rounds twice. Rounding to *odd* in float32 first
+    (truncate, set the last bit when inexact) and then to nearest is exact-once, because float32 keeps at least
+    two more bits than bf16 (8) or fp16 (11).
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return x.to(dtype)
+    bits = x.float().view(torch.int32)
+    bits = torch.where(bits.view(torch.float32).double().abs() > x.abs(), bits - 1, bits)  # truncate toward zero
+    bits = torch.where(bits.view(torch.float32).double() != x, bits | 1, bits)  # inexact: odd last bit
+    return bits.view(torch.float32).to(dtype)
 
 
 def apply_patch(model: PreTrainedModel, patch: SparsePatch, *, scale: float = 1.0, check: bool = True) -> Undo:

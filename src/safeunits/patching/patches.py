@@ -3,6 +3,15 @@
 A patch folder holds `delta.safetensors` (δ per parameter), `saliency.safetensors` (SNIP scores on the
 patched model θ_B + δ by default, or on the backbone) and `manifest.json` (backbone fingerprint, data,
 hyper-parameters, steps run, why training stopped). The backbone is restored bit-for-bit afterwards.
+
+δ is stored in float32 whatever the model's dtype (`weight_delta`). For a bf16 model, a difference taken in
+bf16 is rounded to 8 significant bits (a weight crossing zero, 0.0107 -> -0.0003, loses its low bits), and a
+bf16 δ could not be merged with α, β or added back without a second rounding. In float32 the difference of
+two bf16 values is exact whenever their magnitudes are within 2^15 of each other (or one is zero) -- every
+weight an optimizer step moves by less than 2^15 times its size -- so θ_B + δ gives back the trained bf16
+weights bit for bit (`apply.apply_patch` adds in float64 and rounds once). The file costs 4 bytes per
+parameter, twice the bf16 model; merged patches are sparse (`patching.sparse`). The backbone copy kept
+during training lives on the CPU, so a GPU holds only what training needs (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -109,7 +118,7 @@ def derive_patch(
     params = patchable_parameters(model, config.saliency.exclude)
     fingerprint = model_fingerprint(model)
     signature = architecture_description(model)
-    backbone = {n: p.detach().clone() for n, p in params.items()}
+    backbone = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
     sal_config = config.saliency.model_copy(update={"system_prompt": config.saliency.system_prompt or tconf.system_prompt})
     try:
         if config.saliency_on == "backbone":
@@ -118,7 +127,7 @@ def derive_patch(
         result = train(model, tokenizer, records, tconf, progress=progress)
         seconds = time.time() - started
         with torch.no_grad():
-            delta = {n: (p.detach() - backbone[n]).float() for n, p in params.items()}
+            delta = {n: weight_delta(p.detach().cpu(), backbone[n]) for n, p in params.items()}
         for n, d in delta.items():
             if not torch.isfinite(d).all():
                 raise FloatingPointError(f"{config.objective} produced non-finite weights in {n}: lower the lr "
@@ -148,6 +157,11 @@ def derive_patch(
         "signature": signature,
     }
     return save_dense_patch(out, delta, saliency, manifest)
+
+
+def weight_delta(trained: torch.Tensor, backbone: torch.Tensor) -> torch.Tensor:
+    """θ_trained − θ_B in float32, from the stored values (a float32 subtraction rounds the exact difference once)."""
+    return trained.float() - backbone.float()
 
 
 def save_dense_patch(out_dir: str | Path, delta: dict[str, torch.Tensor], saliency: dict[str, torch.Tensor] | None,

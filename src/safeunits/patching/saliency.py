@@ -2,6 +2,9 @@
 
 The gradient of the mean response NLL over all harmful examples is accumulated in the parameters'
 `.grad` buffers and turned into |θ ⊙ g| *in place*, so memory stays at one model plus one gradient.
+Low-precision (bf16/fp16) parameters would accumulate their gradient in their own dtype, losing ~3 digits
+per batch: their gradients are moved into float32 sums after each backward pass instead (the float32 sum
+becomes the score buffer, so the peak is the bf16 model + one bf16 gradient + the float32 scores).
 Global top-k thresholds are found by bisection on the float bit patterns (non-negative float32 values
 order like their int32 views): 31 counting passes over the tensors, each tensor read where it lives,
 instead of a concatenated copy of every score.
@@ -52,7 +55,7 @@ def snip_saliency(
     """|θ ⊙ ∇_θ L| for every patchable weight, L = mean response-token NLL of the records' responses.
 
     Returns float32 tensors that reuse the gradient buffers (the model's `.grad` is cleared); the
-    model's weights are not changed.
+    model's weights are not changed. Gradients are summed over batches in float32 whatever the weights' dtype.
     """
     config = config or SaliencyConfig()
     if not records or any(r.response is None for r in records):
@@ -71,6 +74,7 @@ def snip_saliency(
         raise ValueError("no response tokens to score (responses empty or cut by max_length)")
     device = next(model.parameters()).device
     batches = [pairs[i:i + config.batch_size] for i in range(0, len(pairs), config.batch_size)]
+    sums: dict[str, torch.Tensor] = {}  # float32 gradient sums of low-precision parameters
     try:
         for batch in tqdm(batches, desc="SNIP saliency", disable=not progress):
             inputs = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
@@ -83,10 +87,13 @@ def snip_saliency(
             if not torch.isfinite(loss):
                 raise FloatingPointError("the harmful-response loss is NaN/inf: the model's weights are broken")
             loss.backward()
+            _widen_gradients(params, sums)
         scores = {}
         with torch.no_grad():
             for n, p in params.items():
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                g = sums.pop(n, None)
+                if g is None:
+                    g = p.grad if p.grad is not None else torch.zeros_like(p)
                 scores[n] = g.mul_(p.detach()).abs_().float()
                 p.grad = None
     finally:
@@ -94,6 +101,19 @@ def snip_saliency(
             p.requires_grad_(requires[n])
         model.train(was_training)
     return scores
+
+
+@torch.no_grad()
+def _widen_gradients(params: Mapping[str, torch.nn.Parameter], sums: dict[str, torch.Tensor]) -> None:
+    """Move the gradients of bf16/fp16 parameters into float32 sums and free them (float32 ones keep `.grad`)."""
+    for n, p in params.items():
+        if p.grad is None or p.dtype not in (torch.bfloat16, torch.float16):
+            continue
+        if n in sums:
+            sums[n].add_(p.grad)
+        else:
+            sums[n] = p.grad.float()
+        p.grad = None
 
 
 # --- top-k masks ------------------------------------------------------------------------------------

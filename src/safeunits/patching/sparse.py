@@ -36,7 +36,7 @@ class SparseTensorDelta:
     """Additive change to one tensor: `tensor.view(-1)[indices] += values`."""
 
     indices: torch.Tensor  # int32/int64, sorted, unique
-    values: torch.Tensor  # float32 (added in float32, cast back to the tensor's dtype)
+    values: torch.Tensor  # float32 (added exactly, then rounded once to the tensor's dtype: patching.apply)
     shape: tuple[int, ...]
 
     @property

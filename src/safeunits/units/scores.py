@@ -12,7 +12,9 @@ activation scores; for snip it is the sum over all its weights by definition.
 Tokens: the activation statistics use the positions of the **response tokens** (``labels != -100``
 from :func:`safeunits.models.chat.encode_pair`) by default, or every non-padding token with
 ``tokens="all"``. Statistics are running sums in float64 merged batch by batch (Chan/Welford), so
-memory does not depend on the number of examples. Under Accelerate each process scores its shard
+memory does not depend on the number of examples. A model loaded in bfloat16 gives bf16 activations and
+gradients; they are widened before any arithmetic (moments and snip sums in float64), so only the forward pass
+itself runs in bf16. Under Accelerate each process scores its shard
 of the records and the sufficient statistics are summed with ``accelerator.reduce`` (two rounds for
 the variance: counts and sums first, then the centred second moments around the global mean). Launched
 with several processes (`torchrun`, `accelerate launch`) and no accelerator given, ``compute_scores`` makes
@@ -273,9 +275,11 @@ def _snip(model, adapter: ArchAdapter, pairs, tokenizer, config: ScoreConfig, ac
                             key = f"{s.name}/{s.dim}"
                             if key not in saliency:
                                 p = params[s.name]
-                                sal = (p.detach() * p.grad).abs()
+                                # float32 product: exact for bf16/fp16 weights and gradients (8/11-bit mantissas);
+                                # float64 sums: a bf16 sum over thousands of weights would lose whole digits
+                                sal = (p.detach().float() * p.grad.float()).abs_()
                                 dims = [d for d in range(sal.dim()) if d != s.dim]
-                                saliency[key] = (sal.sum(dim=dims) if dims else sal).double()
+                                saliency[key] = sal.sum(dim=dims, dtype=torch.float64) if dims else sal.double()
                             acc[kind][l] += saliency[key][s.index.to(device)].sum(1)
     finally:
         model.zero_grad(set_to_none=True)
