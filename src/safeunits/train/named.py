@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 ALIGNED = "smollm2-135m-aligned"
 OVERSAFE = "smollm2-135m-oversafe"
+ALIGNED_CONTRAST = "smollm2-135m-aligned-contrast"
 
 
 def recipe_builder(preset: str) -> Callable[[Path], None]:
@@ -47,3 +48,6 @@ register_named_model(ALIGNED, recipe_builder("aligned-default"),
                      "smollm2-135m-instruct after safety SFT with the aligned-default preset (built on CPU, cached)")
 register_named_model(OVERSAFE, recipe_builder("oversafe"),
                      "smollm2-135m-instruct after safety SFT with a safety-heavy mix: refuses benign-but-scary prompts")
+register_named_model(ALIGNED_CONTRAST, recipe_builder("aligned-contrast"),
+                     "candidate aligned default: safety SFT with more safety data, contrast prompts answered by the base "
+                     "model, evaluation prompts excluded (docs/train.md)")
