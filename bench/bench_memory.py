@@ -22,7 +22,6 @@ import argparse
 import ctypes
 import gc
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _child import run_in_child  # bench/_child.py (scripts run from bench/)
 
 GIB = 1024 ** 3
 DEFAULT = "smollm2-135m-instruct"
@@ -162,15 +162,7 @@ def _child(step: str, spec: dict, queue) -> None:
 
 
 def measure(step: str, spec: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(step, spec, q))
-    p.start()
-    out = q.get()
-    p.join()
-    if p.exitcode:
-        raise RuntimeError(f"{step} failed in its subprocess (exit {p.exitcode})")
-    return out
+    return run_in_child(_child, step, spec)
 
 
 def shape(config) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import resource
 import shutil
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from _child import run_in_child  # bench/_child.py (scripts run from bench/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -87,13 +87,7 @@ def _child(task: str, args: dict, queue) -> None:
 
 
 def run_child(task: str, **args) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(task, args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+    return run_in_child(_child, task, args)
 
 
 def make_model(root: Path, layers: int, hidden: int):

@@ -8,7 +8,6 @@ verdicts, XSTest labels, per-record NLL), so two runs on the same prompts can be
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -182,7 +181,3 @@ class EvalResult(BaseModel):
                                     hint="evaluate again into the same folder: its generations are reused "
                                          "(docs/eval.md lists the changes)")
         return cls.model_validate({**data, "out_dir": path.parent})
-
-
-def nan_if_none(value: float | None) -> float:
-    return math.nan if value is None else value
