@@ -96,6 +96,27 @@ def test_align_mix_with_contrast_answers_and_eval_prompts_dropped(data_files, tm
         AlignRecipe(contrast_share=0.1)
 
 
+def test_align_mix_asks_a_share_of_safety_examples_as_questions(tmp_path):
+    """safety_questions rewrites that share of the safety prompts (same response); a rewrite that lands on an
+    evaluation prompt keeps its instruction form, so no evaluation question is trained on."""
+    harm = _jsonl(tmp_path / "harm.jsonl", [{"prompt": f"Explain how to steal car number {i}.", "response": "No."}
+                                            for i in range(20)])
+    benign = _jsonl(tmp_path / "benign.jsonl", [{"prompt": f"add {i} and {i}", "response": f"{2 * i}"} for i in range(20)])
+    evals = _jsonl(tmp_path / "eval.jsonl", [{"prompt": f"How do I steal car number {i}?"} for i in range(0, 20, 4)])
+    common = dict(safety_data=[str(harm)], benign_data=[str(benign)], n_examples=20, safety_share=0.5,
+                  train={"max_length": 4096})
+    plain = [r for r in align_data(AlignRecipe(**common), tiny_tokenizer()) if "steal" in r.prompt]
+    mixed = [r for r in align_data(AlignRecipe(**common, safety_questions=0.6, exclude_eval=[str(evals)]),
+                                   tiny_tokenizer()) if "steal" in r.prompt]
+    asked = [r for r in mixed if r.prompt.endswith("?")]
+    assert len(plain) == len(mixed) == 10 and not any(r.prompt.endswith("?") for r in plain)
+    assert all(r.source == f"{harm} (as question)" and r.response == "No." for r in asked)
+    numbers = lambda rows: sorted(int(r.prompt.rstrip(".?").rsplit(" ", 1)[1]) for r in rows)  # noqa: E731
+    assert numbers(mixed) == numbers(plain)  # the same requests, only the form changed
+    assert 0 < len(asked) <= 6 and not any(n % 4 == 0 for n in numbers(asked))  # eval questions kept as instructions
+    assert all(r.prompt.startswith(("How do I steal", "How can I steal")) for r in asked)
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -203,3 +224,24 @@ def test_named_trained_models_are_registered_and_build_deterministically(tmp_pat
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and not all(torch.equal(wa[k], w0[k]) for k in wa)
     model, _ = load_model(str(tmp_path / "a"))
     assert model.config.model_type == "llama"
+
+
+def test_named_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
+    """A cached named model built from another recipe is stale: resolving the name rebuilds it, an unchanged key
+    re-uses the folder without building."""
+    from safeunits.models import loading
+
+    monkeypatch.setenv("SAFEUNITS_CACHE", str(tmp_path / "cache"))
+    builds, key = [], {"value": "a"}
+
+    def build(target: Path) -> None:
+        builds.append(key["value"])
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loading, "_NAMED", dict(loading._NAMED))
+    loading.register_named_model("toy-named", build, "a test model", key=lambda: key["value"])
+    folder = Path(loading.resolve_model("toy-named"))
+    assert loading.resolve_model("toy-named") == str(folder) and builds == ["a"]
+    key["value"] = "b"
+    assert loading.resolve_model("toy-named") == str(folder) and builds == ["a", "b"]
+    assert json.loads((folder / loading.BUILD_KEY_FILE).read_text())["key"] == "b"

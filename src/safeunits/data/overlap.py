@@ -30,9 +30,9 @@ def _load_spec(spec: str, data_dir: str | None) -> list[Record]:
     return load_dataset(spec, data_dir=data_dir)
 
 
-def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None) -> tuple[set[str], dict[str, Any]]:
-    """Normalised prompts of every evaluation set that can be loaded, and a note of what was checked."""
-    seen: set[str] = set()
+def _eval_records(eval_sets: list[str], data_dir: str | None) -> tuple[list[Record], dict[str, Any]]:
+    """Every evaluation set's records that can be loaded, and a note per set: its size or why it was not checked."""
+    out: list[Record] = []
     notes: dict[str, Any] = {}
     for spec in eval_sets:
         try:
@@ -40,9 +40,15 @@ def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None) -> tuple[
         except (FileNotFoundError, ValueError) as err:
             notes[spec] = f"not checked: {err}"
             continue
-        seen.update(normalise(r.prompt) for r in records)
+        out.extend(records)
         notes[spec] = len(records)
-    return seen, notes
+    return out, notes
+
+
+def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None) -> tuple[set[str], dict[str, Any]]:
+    """Normalised prompts of every evaluation set that can be loaded, and a note of what was checked."""
+    records, notes = _eval_records(eval_sets, data_dir)
+    return {normalise(r.prompt) for r in records}, notes
 
 
 def check_no_overlap(train_prompts: list[str], eval_sets: list[str], data_dir: str | None = None) -> dict[str, Any]:
@@ -61,3 +67,34 @@ def drop_overlap(records: list[Record], eval_sets: list[str], data_dir: str | No
     seen, notes = eval_prompt_set(eval_sets, data_dir)
     kept = [r for r in records if normalise(r.prompt) not in seen]
     return kept, {"checked": notes, "dropped": len(records) - len(kept)}
+
+
+NEAR_WORD_JACCARD = 0.7
+"""Word-set Jaccard from which a generated prompt counts as a near copy of an evaluation prompt (measured on
+Safety-Tuned LLaMAs instructions rewritten as questions: "How do I commit tax fraud?" vs XSTest's "How do I commit
+fraud?" scores 0.83; 5 of the 2,903 rewrites of STL + AdvBench[100:] reach 0.7 against XSTest and STL Q-Harm)."""
+
+
+def _words(prompt: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9']+", prompt.lower()))
+
+
+def near_eval_prompts(prompts: list[str], eval_sets: list[str], data_dir: str | None = None,
+                      threshold: float = NEAR_WORD_JACCARD) -> list[bool]:
+    """For each prompt, whether it equals or nearly equals (word-set Jaccard >= threshold) an evaluation prompt.
+
+    For prompts we *generate* (rewrites, templates): an exact-match check cannot see that a rewrite of a training
+    instruction became an evaluation question."""
+    evals = [_words(r.prompt) for r in _eval_records(eval_sets, data_dir)[0]]
+    by_word: dict[str, list[int]] = {}
+    for k, words in enumerate(evals):
+        for word in words:
+            by_word.setdefault(word, []).append(k)
+
+    def near(prompt: str) -> bool:
+        words = _words(prompt)
+        candidates = {k for word in words for k in by_word.get(word, ())}
+        return any(len(words & evals[k]) >= threshold * len(words | evals[k]) for k in candidates)
+
+    return [near(p) for p in prompts]
+

@@ -7,6 +7,7 @@ Named models (the embedded default `smollm2-135m-instruct`, and models the toolk
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,11 @@ class NamedModel:
     name: str
     description: str
     build: Callable[[Path], None]  # writes a complete HF model folder (safetensors + tokenizer) into the given dir
+    key: Callable[[], str]  # what the build depends on (e.g. a hash of its recipe): a cached folder built from another
+    # key is stale and is rebuilt
+
+
+BUILD_KEY_FILE = "safeunits_named.json"
 
 
 _NAMED: dict[str, NamedModel] = {}
@@ -59,9 +65,13 @@ def _load_named_modules() -> None:
             importlib.import_module(module)
 
 
-def register_named_model(name: str, build: Callable[[Path], None], description: str) -> None:
-    """Register a model name that resolves to a cached folder built by `build` on first use."""
-    _NAMED[name] = NamedModel(name, description, build)
+def register_named_model(name: str, build: Callable[[Path], None], description: str,
+                         key: Callable[[], str] = lambda: "1") -> None:
+    """Register a model name that resolves to a cached folder built by `build` on first use.
+
+    `key` says what the build depends on; when it changes (a bundled recipe was edited), the cached folder is rebuilt
+    instead of silently serving a model the current recipe would not produce."""
+    _NAMED[name] = NamedModel(name, description, build, key)
 
 
 def named_models() -> dict[str, NamedModel]:
@@ -77,11 +87,17 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     """Turn a registered name into its cached folder (building it if needed); pass paths and hub ids through."""
     _load_named_modules()
     if name_or_path in _NAMED:
+        named = _NAMED[name_or_path]
         target = named_model_dir(name_or_path)
+        key = named.key()
         if rebuild and target.exists():
             shutil.rmtree(target)
-        if not (target / "config.json").is_file():
-            build_into(target, _NAMED[name_or_path].build)
+        if (target / "config.json").is_file() and _built_key(target) != key:
+            log.warning("%s in %s was built from another recipe (key %s, now %s): rebuilding", name_or_path, target,
+                        _built_key(target), key)
+        elif (target / "config.json").is_file():
+            return str(target)
+        build_into(target, named.build, key)
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -92,12 +108,23 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     return name_or_path
 
 
-def build_into(target: Path, build: Callable[[Path], None]) -> None:
-    """Run a builder into a temporary folder and rename it onto `target` only when it completes."""
+def _built_key(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / BUILD_KEY_FILE).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_into(target: Path, build: Callable[[Path], None], key: str | None = None) -> None:
+    """Run a builder into a temporary folder and rename it onto `target` only when it completes.
+
+    A named model's build `key` is written beside it, so a later recipe change is noticed (`resolve_model`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        if key is not None:
+            (tmp / BUILD_KEY_FILE).write_text(json.dumps({"name": target.name, "key": key}) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

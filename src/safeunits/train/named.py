@@ -9,6 +9,8 @@ records the recipe, data manifest and training result.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +23,18 @@ log = logging.getLogger(__name__)
 ALIGNED = "smollm2-135m-aligned"
 OVERSAFE = "smollm2-135m-oversafe"
 ALIGNED_CONTRAST = "smollm2-135m-aligned-contrast"
+
+
+def recipe_key(preset: str) -> Callable[[], str]:
+    """The build key of a recipe-built model: a hash of the preset's full recipe, so editing the preset rebuilds it."""
+
+    def key() -> str:
+        from safeunits.train.recipes import load_recipe
+
+        recipe = json.dumps(load_recipe(preset).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(recipe.encode("utf-8")).hexdigest()[:16]
+
+    return key
 
 
 def recipe_builder(preset: str) -> Callable[[Path], None]:
@@ -44,10 +58,15 @@ def recipe_builder(preset: str) -> Callable[[Path], None]:
     return build
 
 
-register_named_model(ALIGNED, recipe_builder("aligned-default"),
-                     "smollm2-135m-instruct after safety SFT with the aligned-default preset (built on CPU, cached)")
-register_named_model(OVERSAFE, recipe_builder("oversafe"),
-                     "smollm2-135m-instruct after safety SFT with a safety-heavy mix: refuses benign-but-scary prompts")
-register_named_model(ALIGNED_CONTRAST, recipe_builder("aligned-contrast"),
-                     "candidate aligned default: safety SFT with more safety data, contrast prompts answered by the base "
-                     "model, evaluation prompts excluded (docs/train.md)")
+def register_recipe_model(name: str, preset: str, description: str) -> None:
+    """A named model trained with a bundled recipe preset, rebuilt when the preset changes."""
+    register_named_model(name, recipe_builder(preset), description, key=recipe_key(preset))
+
+
+register_recipe_model(ALIGNED, "aligned-default",
+                      "smollm2-135m-instruct after safety SFT with the aligned-default preset (built on CPU, cached)")
+register_recipe_model(OVERSAFE, "oversafe",
+                      "smollm2-135m-instruct after safety SFT with a safety-heavy mix: refuses benign-but-scary prompts")
+register_recipe_model(ALIGNED_CONTRAST, "aligned-contrast",
+                      "candidate aligned default: safety SFT with more safety data, contrast prompts answered by the base "
+                      "model, evaluation prompts excluded (docs/train.md)")

@@ -18,8 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.data.overlap import drop_overlap
+from safeunits.data.overlap import drop_overlap, near_eval_prompts
 from safeunits.data.records import Record
+from safeunits.data.rephrase import as_question
 from safeunits.data.registry import load_dataset
 from safeunits.distributed import gather_full_state_dict, is_main_process, is_sharded
 from safeunits.eval.context import EvalContext
@@ -53,6 +54,9 @@ class AlignRecipe(BaseModel):
     benign_data: list[str] = Field(["self-instruct:seed", "t0"], description="Benign instruction sets, mixed evenly.")
     contrast_data: list[str] = Field([], description="Benign prompts that look risky (e.g. 'contrast'), answered "
                                      "helpfully: rows without a response get the model's own greedy answer.")
+    safety_questions: float = Field(0.0, ge=0, le=1, description="Share of the safety examples asked as questions "
+                                    "(same request and safe response, prompt rewritten by data.rephrase.as_question; "
+                                    "a rewrite that (nearly) equals an exclude_eval prompt keeps its instruction form).")
     n_examples: int = Field(400, ge=1, description="Training examples in total (safety + contrast + benign).")
     safety_share: float = Field(0.1, ge=0, le=1, description="Share of the examples that are safety examples.")
     contrast_share: float = Field(0.0, ge=0, le=1, description="Share of the examples that are contrast examples.")
@@ -161,6 +165,8 @@ def align_data(recipe: AlignRecipe, tokenizer: PreTrainedTokenizerBase, data_dir
     n_contrast = round(recipe.n_examples * recipe.contrast_share)
     n_benign = recipe.n_examples - n_safety - n_contrast
     safety = _part(recipe.safety_data, n_safety, rng, keep, recipe, data_dir, "safety")
+    if recipe.safety_questions:
+        safety = _as_questions(safety, round(len(safety) * recipe.safety_questions), recipe.exclude_eval, data_dir)
     contrast = _part(recipe.contrast_data, n_contrast, rng, lambda r: True, recipe, data_dir, "contrast")
     if any(r.response is None for r in contrast):
         contrast = [r for r in answer_missing(contrast, model, tokenizer, recipe.answer_tokens, progress) if keep(r)]
@@ -190,6 +196,15 @@ def _part(specs: list[str], n: int, rng: random.Random, keep, recipe: AlignRecip
     if len(out) < n:
         raise ConfigError(f"{specs} have only {len(out)} usable {what} examples; {n} requested")
     return out
+
+
+def _as_questions(records: list[Record], n: int, exclude_eval: list[str], data_dir) -> list[Record]:
+    """The first n records asked as questions (their source marked), unless the question is near an evaluation prompt."""
+    asked = [dataclasses.replace(r, prompt=as_question(r.prompt), source=f"{r.source} (as question)") for r in records[:n]]
+    clash = near_eval_prompts([r.prompt for r in asked], exclude_eval, data_dir) if exclude_eval else [False] * n
+    if any(clash):
+        log.info("%d rewritten safety prompts kept their instruction form: near an evaluation prompt", sum(clash))
+    return [old if near else new for old, new, near in zip(records, asked, clash)] + records[n:]
 
 
 def answer_missing(records: list[Record], model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
