@@ -53,6 +53,9 @@ def test_random_target_same_size_different_units():
     rnd = resolve_target(um, "random:scu", seed=3)
     assert rnd.counts() == scu.counts() and rnd != scu
     assert rnd == resolve_target(um, "random:scu", seed=3)
+    assert resolve_target(um, "random:scu@3", seed=0) == rnd and resolve_target(um, "random:scu@4") != rnd
+    with pytest.raises(ValueError, match="random:<spec>@<seed>"):
+        resolve_target(um, "random:scu@x")
 
 
 def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):

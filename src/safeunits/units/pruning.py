@@ -3,7 +3,7 @@
 A target is a unit selection spec (``scu``, ``ru``, ``ucu``, ``scu+cu:top0.06``, see
 ``units.selection.select_units``) or ``random:<spec>``: a seeded random control with as many MLP
 channels and heads as ``<spec>`` (hence exactly as many parameters), drawn uniformly from all
-units of the model. Each target is applied to a copy of the affected weights, evaluated through the
+units of the model; ``random:<spec>@<seed>`` fixes the seed, so several controls can sit in one table. Each target is applied to a copy of the affected weights, evaluated through the
 experiment's ``EvalContext``, and the weights are restored, so one loaded model serves the whole table.
 """
 
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 class PruneConfig(BaseModel):
     """Which unit sets to zero, and how the controls are drawn."""
 
-    targets: list[str] = Field(["scu", "random:scu", "ru"], description="selection specs; 'random:<spec>' = random control of equal size")
+    targets: list[str] = Field(["scu", "random:scu", "ru"], description="selection specs; 'random:<spec>' = random control of equal size, "
+                               "'random:<spec>@<seed>' with its own seed (several seeds in one table)")
     baseline: bool = Field(True, description="also evaluate the unpruned model (first row)")
-    seed: int = Field(0, description="seed of the random controls")
+    seed: int = Field(0, description="seed of the random controls without '@<seed>' (plus the target's position)")
     shared_kv: SharedKV = Field("none", description="'group': also zero a grouped K/V row block when any head of its group is pruned")
 
 
@@ -39,8 +40,11 @@ def resolve_target(unit_map: UnitMap, target: str, seed: int = 0) -> UnitSelecti
     """The units a target names (a class spec, or a random control the size of one)."""
     target = target.strip()
     if target.lower().startswith("random:"):
-        like = select_units(unit_map, target.split(":", 1)[1])
-        return random_selection(like, unit_map.shapes, seed=seed)
+        spec, _, fixed_seed = target.split(":", 1)[1].partition("@")
+        if fixed_seed and not fixed_seed.isdigit():
+            raise ValueError(f"bad random control {target!r}: write random:<spec>@<seed>, e.g. random:scu@2")
+        like = select_units(unit_map, spec)
+        return random_selection(like, unit_map.shapes, seed=int(fixed_seed) if fixed_seed else seed)
     return select_units(unit_map, target)
 
 
