@@ -28,7 +28,8 @@ class AttributionConfig(BaseModel):
     """What a unit map is computed from: the two data sets, how many examples, the score and the class fractions."""
 
     safety_data: str = Field("advbench-refusals", description="harmful prompts paired with refusals (dataset name or file)")
-    utility_data: str = Field("self-instruct:user", description="benign instructions with answers (dataset name or file)")
+    utility_data: str = Field("self-instruct:seed", description="benign instructions with answers (dataset name or "
+                              "file); not self-instruct:user, which the evaluation's utility NLL scores")
     limit: int = Field(128, ge=1, description="examples taken from each dataset (the first N)")
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
