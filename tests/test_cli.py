@@ -266,7 +266,7 @@ def test_config_options_hand_only_given_values_to_the_command():
 
 def test_attribute_equals_the_steps_done_by_hand(tmp_path, data_dir, util_file):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    config = AttributionConfig(utility_data=str(util_file), limit=3, score=ScoreConfig(max_length=200))
+    config = AttributionConfig(utility_data=str(util_file), limit=3, sample_seed=None, score=ScoreConfig(max_length=200))
     unit_map = attribute(model, tok, config, tmp_path, data_dir=data_dir, model_name="tiny", progress=False)
     from safeunits.data.registry import load_dataset
 
@@ -281,6 +281,18 @@ def test_attribute_equals_the_steps_done_by_hand(tmp_path, data_dir, util_file):
         assert torch.allclose(saved.safety[kind], reference.safety[kind])
     assert saved.settings["model"] == "tiny" and saved.settings["utility"] == str(util_file)
     assert (tmp_path / "unit_map.png").is_file() and (tmp_path / "class_shares.png").is_file()
+
+
+def test_attribution_samples_rows_like_wei_et_al(data_dir):
+    """The default takes a seeded random sample (the first 128 rows of advbench-refusals repeat 53 prompts)."""
+    from safeunits.data.registry import load_dataset
+    from safeunits.units.attribution import _take
+
+    rows = load_dataset("advbench-refusals", data_dir=data_dir)
+    first, sampled = _take(rows, 128, None), _take(rows, 128, 0)
+    assert first == rows[:128] and len(sampled) == 128 and sampled == _take(rows, 128, 0) != _take(rows, 128, 1)
+    assert len({r.prompt for r in sampled}) > len({r.prompt for r in first})
+    assert [rows.index(r) for r in sampled] == sorted(rows.index(r) for r in sampled)
 
 
 def test_prune_and_save_zeroes_exactly_the_target(tmp_path, data_dir, util_file):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.distributed import is_main_process
 from safeunits.units.classes import ClassifyConfig, build_unit_map
@@ -30,10 +32,20 @@ class AttributionConfig(BaseModel):
     safety_data: str = Field("advbench-refusals", description="harmful prompts paired with refusals (dataset name or file)")
     utility_data: str = Field("self-instruct:seed", description="benign instructions with answers (dataset name or "
                               "file); not self-instruct:user, which the evaluation's utility NLL scores")
-    limit: int = Field(128, ge=1, description="examples taken from each dataset (the first N)")
+    limit: int = Field(128, ge=1, description="examples taken from each dataset")
+    sample_seed: int | None = Field(0, description="take a seeded random sample of `limit` rows, as Wei et al.'s "
+                                    "attribution code does (advbench-refusals' first 128 rows hold only 53 distinct "
+                                    "prompts); None: the first `limit` rows")
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     plots: bool = Field(True, description="also write class_shares.png and unit_map.png")
+
+
+def _take(records: list[Record], n: int, seed: int | None) -> list[Record]:
+    """The first n records, or a seeded random sample of n (in dataset order, so batches stay comparable)."""
+    if seed is None or n >= len(records):
+        return records[:n]
+    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
 
 
 def attribute(
@@ -51,13 +63,14 @@ def attribute(
     config = config or AttributionConfig()
     scores = {}
     for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data)):
-        records = load_dataset(spec, data_dir=data_dir, limit=config.limit)
+        records = _take(load_dataset(spec, data_dir=data_dir), config.limit, config.sample_seed)
         log.info("scoring units on %d %s examples (%s)", len(records), kind, spec)
         scores[kind] = compute_scores(model, tokenizer, records, config.score, progress=progress, desc=f"{kind} data")
         scores[kind].extra = {"dataset": spec, "seconds": scores[kind].seconds}
     unit_map = build_unit_map(model, scores["safety"], scores["utility"], config.classify,
                               settings={"model": model_name, "safety": config.safety_data, "utility": config.utility_data,
-                                        "limit": config.limit, "score": config.score.model_dump()})
+                                        "limit": config.limit, "sample_seed": config.sample_seed,
+                                        "score": config.score.model_dump()})
     if out_dir is not None and is_main_process():  # under a launcher every process scored its share; one writes
         out = Path(out_dir)
         unit_map.save(out / MAP_FILE)
