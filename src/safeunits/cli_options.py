@@ -47,7 +47,7 @@ def out_option(help: str, default: Any = ...) -> Any:
 def suite_option(default: str | None = "quick", extra_help: str = "") -> Any:
     """`--suite/-s`: the evaluation suite of every command that evaluates."""
     return typer.Option(default, "--suite", "-s",
-                        help=("Evaluation suite: quick, full, or a suite YAML file. " + extra_help).strip())
+                        help=("Evaluation suite: quick, standard, full, or a suite YAML file. " + extra_help).strip())
 
 
 def sets_option(example: str) -> Any:

@@ -219,7 +219,7 @@ class Experiment(BaseModel):
 
     name: str = Field(..., pattern=STEP_NAME, description="the experiment's name (default run folder runs/<name>)")
     description: str = Field("", description="what the experiment shows (the report's first paragraph)")
-    suite: str = Field("quick", description="evaluation suite of every evaluating step: quick, full, or a YAML")
+    suite: str = Field("quick", description="evaluation suite of every evaluating step: quick, standard, full, or a YAML")
     limit: int | None = Field(None, ge=1, description="cut every evaluation set to N items (smoke runs)")
     data_dir: str | None = Field(None, description="offline data folder (default $SAFEUNITS_DATA_DIR)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype models load in")
