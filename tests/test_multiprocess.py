@@ -178,3 +178,11 @@ def _record():
     from safeunits.data.records import Record
 
     return Record(prompt="What is 2 plus 2?", response="It is 4.")
+
+
+def test_frozen_lines_follow_dtensor_shards():
+    """Frozen rows/columns mapped to each process's DTensor shard (what `MaskedUpdate.shard` does under FSDP2) are
+    exactly the dense mask cut like the parameter: even and uneven sizes, rows and columns, either shard dim."""
+    proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
+                    str(ROOT / "tests" / "dist_parts_worker.py")])
+    assert proc.stdout.count("12 cases ok") == 2, proc.stdout

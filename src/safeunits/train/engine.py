@@ -38,7 +38,7 @@ from safeunits.distributed import (DistributedSetupError, Parallelism, check_mas
                                    make_accelerator, requested_parallelism)
 from safeunits.io import read_json, write_json
 from safeunits.models.chat import EncodedPair, collate, encode_pair
-from safeunits.train.masks import MaskedUpdate, MaskStats, update_masks
+from safeunits.train.masks import FrozenPart, MaskedUpdate, MaskStats, update_masks
 from safeunits.train.objectives import LossInputs, TrainingObjective, get_objective, objective_names
 
 log = logging.getLogger(__name__)
@@ -145,15 +145,15 @@ def train(
     from accelerate.utils import set_seed
 
     _check_records(records)
-    may_change = update_masks(model, frozen, trainable)
+    frozen_parts = update_masks(model, frozen, trainable)
     parallelism = requested_parallelism()
-    check_mask_support(parallelism, may_change is not None)
+    check_mask_support(parallelism, frozen_parts is not None)
     set_seed(config.seed)
     accelerator = _accelerator(config.mixed_precision)
     pairs = _encode(tokenizer, records, config)
     plan = _Plan.make(len(pairs), config, accelerator.num_processes, accelerator.process_index)
     self_sharded = _self_sharded(parallelism, accelerator, config)
-    run = _setup(model, tokenizer, pairs, config, plan, may_change, accelerator, self_sharded)
+    run = _setup(model, tokenizer, pairs, config, plan, frozen_parts, accelerator, self_sharded)
     state = {"step": 0, "losses": [], "nlls": [], "tokens": 0, "config": config.fingerprint(),
              "data": _data_fingerprint(pairs)}
     try:
@@ -272,7 +272,7 @@ class _Run:
 
 
 def _setup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: list[EncodedPair], config: TrainConfig,
-           plan: _Plan, may_change: dict[str, torch.Tensor] | None, accelerator, self_sharded: bool) -> _Run:
+           plan: _Plan, frozen_parts: dict[str, FrozenPart] | None, accelerator, self_sharded: bool) -> _Run:
     """Masks, the objective's reference, AdamW over the trainable weights, the LR schedule, then Accelerate.
 
     Under FSDP2 the parameters are replaced by DTensor shards, so the optimizer is built over the sharded ones
@@ -282,7 +282,7 @@ def _setup(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: li
     objective = get_objective(config.objective)(config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
-    masker = MaskedUpdate(model, may_change)
+    masker = MaskedUpdate(model, frozen_parts)
     ref_logps = _reference_logps(model, pairs, pad_id, config, accelerator) if objective.needs_reference else None
     if self_sharded:
         masker.shard(fsdp2_shard(model.to(accelerator.device), plan.world))

@@ -15,8 +15,10 @@ Why an optimizer post-hook rather than a Trainer event: `Trainer` calls `optimiz
 same point as `on_optimizer_step` for `Trainer`, and also for every other caller of `step()` (a subclass that
 overrides the training step, a plain loop), so one mechanism serves both.
 
-Limits: masks are dense bool tensors on the parameters' devices (one byte per weight of each partially frozen
-matrix); build the handle after the model is on its device; DDP and single-device runs are exact, sharded
+The masks are `train.masks.MaskedUpdate`'s, the engine's: frozen units are row/column indices (`index_fill` on
+gradients, `index_copy_` of only the frozen rows/columns' saved values), dense bool masks only for irregular masks.
+
+Limits: build the handle after the model is on its device; DDP and single-device runs are exact, sharded
 parameters (FSDP, DeepSpeed ZeRO) are not supported (see docs/train.md).
 """
 
