@@ -18,8 +18,11 @@ from tiny import tiny_model, tiny_tokenizer
 TINY_STEPS = {  # the bundled demo-quick, with every budget cut to seconds
     "map-base": {"settings": {"limit": 4}}, "map-aligned": {"settings": {"limit": 4}},
     "map-finetuned": {"settings": {"limit": 4}},
-    "align-full": {"settings": {"n_examples": 8, "train": {"max_steps": 1, "batch_size": 4}}},
-    "align-ru": {"settings": {"n_examples": 8, "train": {"max_steps": 1, "batch_size": 4}}},
+    # the tiny tokenizer is byte-level: prompts + the model's own contrast answers need a longer max_length
+    "align-full": {"settings": {"n_examples": 8, "answer_tokens": 8,
+                                "train": {"max_steps": 1, "batch_size": 4, "max_length": 1024}}},
+    "align-ru": {"settings": {"n_examples": 8, "answer_tokens": 8,
+                              "train": {"max_steps": 1, "batch_size": 4, "max_length": 1024}}},
     "finetune": {"settings": {"n_examples": 4, "train": {"max_steps": 1, "batch_size": 4}}},
     "finetune-frozen": {"settings": {"n_examples": 4, "train": {"max_steps": 1, "batch_size": 4}}},
     "probe-base": {"limit": 2}, "probe-aligned": {"limit": 2},
@@ -43,7 +46,8 @@ def tiny_suite(path) -> str:
 def demo_run(tmp_path_factory, data_dir):
     """The demo run once for the module: (experiment, run folder, the named model, its weights before)."""
     tmp = tmp_path_factory.mktemp("demo")
-    model, tokenizer = tiny_model(), tiny_tokenizer()
+    # varied weights, so the model's own answers to the contrast prompts are not empty
+    model, tokenizer = tiny_model(initializer_range=0.2, max_position_embeddings=4096), tiny_tokenizer()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     real_load = loading.load_model
 

@@ -1,7 +1,8 @@
 """Named models built by training: `smollm2-135m-aligned` (the aligned default) and `smollm2-135m-oversafe`.
 
 Each is the default model trained with a bundled align preset (`configs/recipes/aligned-default.yaml`,
-`oversafe.yaml`), built once on first `load_model(name)` (or `safeunits models --build NAME`) and cached.
+`oversafe.yaml`, `aligned-contrast.yaml`), built once on first `load_model(name)` (or `safeunits models --build
+NAME`) and cached; editing the preset changes its build key, and the next use rebuilds it.
 The build is deterministic: fixed data sample, data order and torch seeds (on the same hardware and thread
 count; floating-point reductions may differ across machines). `safeunits_build.json` in the model folder
 records the recipe, data manifest and training result.
@@ -64,9 +65,11 @@ def register_recipe_model(name: str, preset: str, description: str) -> None:
 
 
 register_recipe_model(ALIGNED, "aligned-default",
-                      "smollm2-135m-instruct after safety SFT with the aligned-default preset (built on CPU, cached)")
+                      "smollm2-135m-instruct after safety SFT with the aligned-default preset: safety data partly asked "
+                      "as questions, contrast prompts answered by the base model, evaluation prompts excluded (built "
+                      "on CPU, cached; docs/train.md)")
 register_recipe_model(OVERSAFE, "oversafe",
                       "smollm2-135m-instruct after safety SFT with a safety-heavy mix: refuses benign-but-scary prompts")
 register_recipe_model(ALIGNED_CONTRAST, "aligned-contrast",
-                      "candidate aligned default: safety SFT with more safety data, contrast prompts answered by the base "
-                      "model, evaluation prompts excluded (docs/train.md)")
+                      "the aligned default's recipe without safety questions: fewer over-refusals, answers harmful "
+                      "questions (a point of the trade-off curve in docs/train.md)")
