@@ -92,11 +92,12 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
         key = named.key()
         if rebuild and target.exists():
             shutil.rmtree(target)
-        if (target / "config.json").is_file() and _built_key(target) != key:
+        if (target / "config.json").is_file():
+            built = _built_key(target)
+            if built == key:
+                return str(target)
             log.warning("%s in %s was built from another recipe (key %s, now %s): rebuilding", name_or_path, target,
-                        _built_key(target), key)
-        elif (target / "config.json").is_file():
-            return str(target)
+                        built, key)
         build_into(target, named.build, key)
         return str(target)
     path = Path(name_or_path).expanduser()
