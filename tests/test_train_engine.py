@@ -205,6 +205,22 @@ def test_ascent_raises_nll_and_stops_at_bound():
         TrainConfig(stop_nll_above=3.0)
 
 
+def test_descent_stops_at_first_step_whose_windowed_loss_reaches_target():
+    """The stopped run is the exact prefix of the uncapped one, cut at the first full window at or below target."""
+    model, tok = tiny_model(), tiny_tokenizer()
+    ref = train(model, tok, RECORDS, _cfg(lr=2e-2, max_steps=30), progress=False)
+    window = 3
+    means = [sum(ref.losses[i - window:i]) / window for i in range(window, 31)]
+    target = (means[0] + min(means)) / 2  # reached strictly inside the run
+    stop_at = window + next(i for i, m in enumerate(means) if m <= target)
+    res = train(tiny_model(), tok, RECORDS, _cfg(lr=2e-2, max_steps=30, stop_loss_below=target, loss_window=window),
+                progress=False)
+    assert res.stopped_reason == "loss_below" and res.steps == stop_at < 30
+    assert res.losses == pytest.approx(ref.losses[:stop_at], rel=1e-6)
+    with pytest.raises(ValueError, match="stop_loss_below.*ascent"):
+        TrainConfig(objective="ascent", stop_loss_below=1.0)
+
+
 def test_npo_first_loss_and_direction():
     """At the start theta == reference, so every example's NPO loss is (2/beta) * log 2."""
     model, tok = tiny_model(), tiny_tokenizer()

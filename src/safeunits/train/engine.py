@@ -64,6 +64,10 @@ class TrainConfig(BaseModel):
     npo_beta: float = Field(0.1, gt=0, description="NPO inverse temperature beta (Zhang et al. 2024).")
     stop_nll_above: float | None = Field(None, description="Ascent bound: stop before a step whose training batch "
                                          "already has response NLL above this value.")
+    stop_loss_below: float | None = Field(None, description="Descent target: stop after the step at which the mean "
+                                          "loss of the last `loss_window` steps reaches this value (compare runs "
+                                          "at equal final loss; `max_steps`/`epochs` cap the run).")
+    loss_window: int = Field(25, ge=1, description="Steps averaged for `stop_loss_below` (one batch's loss is noisy).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on a GPU that supports it, else full precision (CPU).")
     checkpoint_dir: Path | None = Field(None, description="Where checkpoints go; a run resumes from the latest one here.")
@@ -89,6 +93,9 @@ class TrainConfig(BaseModel):
             bounded = [n for n in objective_names() if get_objective(n).raises_nll]
             raise ValueError(f"stop_nll_above bounds objectives that raise the response NLL ({', '.join(bounded)}); "
                              f"it makes no sense with objective={self.objective!r}")
+        if self.stop_loss_below is not None and get_objective(self.objective).raises_nll:
+            raise ValueError(f"stop_loss_below is a target for objectives that lower the loss; objective="
+                             f"{self.objective!r} raises the NLL (bound it with stop_nll_above)")
         return self
 
     def fingerprint(self) -> str:
@@ -105,7 +112,7 @@ class TrainResult:
     final_loss: float
     losses: list[float]
     tokens_per_s: float
-    stopped_reason: str  # "completed" | "nll_above"
+    stopped_reason: str  # "completed" | "nll_above" | "loss_below"
     nlls: list[float] = field(default_factory=list)
     tokens: int = 0
     wall_s: float = 0.0
@@ -387,7 +394,7 @@ class _LoopEnd:
 
 
 def _loop(run: _Run, plan: _Plan, state: dict, *, progress: bool, callback: CallbackFn | None) -> _LoopEnd:
-    """Optimizer steps until `plan.total_steps` or the NLL bound; updates `state` and checkpoints as it goes."""
+    """Optimizer steps until `plan.total_steps`, the NLL bound or the loss target; updates `state` and checkpoints."""
     config, accelerator = run.config, run.accelerator
     stopped = "completed"
     t0, tokens_run = time.perf_counter(), 0
@@ -414,12 +421,22 @@ def _loop(run: _Run, plan: _Plan, state: dict, *, progress: bool, callback: Call
                 run.checkpoints.save(state, run.ref_logps)
             if callback is not None:
                 callback(state["step"], stats.loss)
+            if _reached_loss_target(config, state["losses"]):
+                stopped = "loss_below"
+                break
     finally:
         bar.close()
     return _LoopEnd(stopped, tokens_run, time.perf_counter() - t0)
 
 
 # --- pieces -----------------------------------------------------------------------------------------
+
+
+def _reached_loss_target(config: TrainConfig, losses: list[float]) -> bool:
+    """Whether the mean loss of the last `loss_window` steps is at `stop_loss_below` (a full window only)."""
+    window = losses[-config.loss_window:]
+    return (config.stop_loss_below is not None and len(window) == config.loss_window
+            and sum(window) / len(window) <= config.stop_loss_below)
 
 
 def _accelerator(mixed_precision: str):
