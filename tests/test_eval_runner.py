@@ -166,6 +166,25 @@ def test_optional_missing_dataset_is_skipped_and_required_one_fails(eval_model, 
                  data_dir=data_dir, progress=False)
 
 
+def test_excluded_over_safety_prompts_are_not_scored(eval_model, tokenizer, data_dir, tmp_path):
+    """A sweep's held-out XSTest prompts (a sliced spec) are dropped from the test set, the rest kept in order."""
+    from safeunits.data.registry import load_dataset
+    from safeunits.eval.context import EvalContext
+
+    base = tiny_suite(2).model_copy(update={"harmful": [], "utility": []})
+    base = base.model_copy(update={"over_safety": base.over_safety.model_copy(update={"limit": 8})})
+    ctx = EvalContext(base, data_dir=data_dir, progress=False).excluding_over_safety(["xstest:safe[2:5]"])
+    assert ctx.excluding_over_safety(["xstest:safe[2:5]"]).suite == ctx.suite  # idempotent
+    assert EvalContext(None).excluding_over_safety(["xstest:safe[2:5]"]).suite is None
+    result = ctx.evaluate(eval_model, tokenizer, tmp_path / "run")
+    every = [r.prompt for r in load_dataset("xstest:safe", data_dir=data_dir, limit=8)]
+    scored = [r["prompt"] for r in read_generations(tmp_path / "run/generations/xstest_safe.jsonl")]
+    assert scored == every[:2] + every[5:] and result.over_safety.n == 5
+    bad = EvalContext(base, data_dir=data_dir, progress=False).excluding_over_safety([str(tmp_path / "none.jsonl")])
+    with pytest.raises(FileNotFoundError):
+        bad.evaluate(eval_model, tokenizer, None)
+
+
 def test_compare_table_lists_every_variant(eval_model, tokenizer, data_dir):
     from rich.console import Console
 

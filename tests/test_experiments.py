@@ -54,6 +54,14 @@ def test_bundled_experiments_validate():
         assert load_experiment(name).steps
 
 
+def test_every_evaluation_of_a_run_with_a_sweep_leaves_out_its_held_out_xstest_prompts():
+    experiment = load_experiment("demo-full")
+    sweeps = [s for s in experiment.steps if s.kind == "sweep"]
+    exclude = runner.evaluation_context(experiment, progress=False).suite.over_safety.exclude
+    assert sweeps and exclude == [s.settings.validation.xstest_prompts for s in sweeps]
+    assert exclude[0].startswith("xstest:safe[")
+
+
 @pytest.mark.parametrize("steps_, message", [
     ([{"name": "p", "kind": "prune", "unit_map": "m"}], "unit_map='m' is not a step name"),
     ([{"name": "p", "kind": "prune", "unit_map": "m"}, {"name": "m", "kind": "attribute"}], "comes later"),

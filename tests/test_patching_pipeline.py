@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from safeunits.data.overlap import load_spec
 from safeunits.data.records import Record
 from safeunits.models.loading import model_fingerprint, save_model
 from safeunits.patching.harmful_data import (HarmfulDataConfig, OverlapError, build_harmful_data, check_no_overlap,
@@ -156,6 +157,14 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every point undone exactly
     assert len(result["rows"]) == 3 + 4 and result["best"]["method"] == "safepatching"
     assert (tmp_path / "sweep/pareto.png").stat().st_size > 1000 and "Pareto" in (tmp_path / "sweep/sweep.md").read_text()
+    # what `--best` hands on: the chosen point and the XSTest prompts it was chosen on (left out of test scores)
+    from safeunits.patching.cli import _best_point
+
+    point, held_out = _best_point(tmp_path / "sweep/best.json")
+    assert point == {k: result["best"][k] for k in ("a", "b", "alpha", "beta")}
+    assert held_out == ["xstest:safe[200:203]"]
+    held = [json.loads(x)["prompt"] for x in (tmp_path / "sweep/xstest_val.jsonl").read_text().splitlines()]
+    assert held == [r.prompt for r in load_spec(held_out[0], data_dir)]
     # resume: nothing is evaluated again
     lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
     run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)

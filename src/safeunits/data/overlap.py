@@ -23,21 +23,27 @@ def normalise(prompt: str) -> str:
     return re.sub(r"\s+", " ", prompt.strip().lower()).strip(" .?!")
 
 
-def _load_spec(spec: str, data_dir: str | None) -> list[Record]:
-    match = re.fullmatch(r"(.+)\[:(\d+)\]", spec)
+def load_spec(spec: str, data_dir: str | None) -> list[Record]:
+    """A dataset name or file, optionally sliced: `advbench[:100]`, `xstest:safe[200:224]`."""
+    match = re.fullmatch(r"(.+)\[(\d*):(\d+)\]", spec)
     if match:
-        return load_dataset(match.group(1), data_dir=data_dir, limit=int(match.group(2)))
+        start = int(match.group(2) or 0)
+        return load_dataset(match.group(1), data_dir=data_dir, limit=int(match.group(3)))[start:]
     return load_dataset(spec, data_dir=data_dir)
 
 
-def _eval_records(eval_sets: list[str], data_dir: str | None) -> tuple[list[Record], dict[str, Any]]:
-    """Every evaluation set's records that can be loaded, and a note per set: its size or why it was not checked."""
+def _eval_records(eval_sets: list[str], data_dir: str | None,
+                  strict: bool = False) -> tuple[list[Record], dict[str, Any]]:
+    """Every evaluation set's records that can be loaded, and a note per set: its size or why it was not checked
+    (`strict`: a set that cannot be loaded is an error)."""
     out: list[Record] = []
     notes: dict[str, Any] = {}
     for spec in eval_sets:
         try:
-            records = _load_spec(spec, data_dir)
+            records = load_spec(spec, data_dir)
         except (FileNotFoundError, ValueError) as err:
+            if strict:
+                raise
             notes[spec] = f"not checked: {err}"
             continue
         out.extend(records)
@@ -45,9 +51,10 @@ def _eval_records(eval_sets: list[str], data_dir: str | None) -> tuple[list[Reco
     return out, notes
 
 
-def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None) -> tuple[set[str], dict[str, Any]]:
+def eval_prompt_set(eval_sets: list[str], data_dir: str | None = None,
+                    strict: bool = False) -> tuple[set[str], dict[str, Any]]:
     """Normalised prompts of every evaluation set that can be loaded, and a note of what was checked."""
-    records, notes = _eval_records(eval_sets, data_dir)
+    records, notes = _eval_records(eval_sets, data_dir, strict)
     return {normalise(r.prompt) for r in records}, notes
 
 
@@ -61,10 +68,10 @@ def check_no_overlap(train_prompts: list[str], eval_sets: list[str], data_dir: s
     return notes
 
 
-def drop_overlap(records: list[Record], eval_sets: list[str], data_dir: str | None = None
-                 ) -> tuple[list[Record], dict[str, Any]]:
+def drop_overlap(records: list[Record], eval_sets: list[str], data_dir: str | None = None, *,
+                 strict: bool = False) -> tuple[list[Record], dict[str, Any]]:
     """The records whose prompt is in no evaluation set, and a note: what was checked and how many were dropped."""
-    seen, notes = eval_prompt_set(eval_sets, data_dir)
+    seen, notes = eval_prompt_set(eval_sets, data_dir, strict)
     kept = [r for r in records if normalise(r.prompt) not in seen]
     return kept, {"checked": notes, "dropped": len(records) - len(kept)}
 

@@ -51,6 +51,16 @@ class EvalContext:
     def enabled(self) -> bool:
         return self.suite is not None
 
+    def excluding_over_safety(self, prompt_sets: list[str]) -> EvalContext:
+        """The same context with `prompt_sets` left out of the over-safety set: a selection's held-out prompts
+        must not be scored again as test prompts (every row of a table gets the same cut, so pairing holds)."""
+        over = self.suite.over_safety if self.suite is not None else None
+        new = [s for s in prompt_sets if over is not None and s not in over.exclude]
+        if not new:
+            return self
+        return self.with_suite(self.suite.model_copy(
+            update={"over_safety": over.model_copy(update={"exclude": [*over.exclude, *new]})}))
+
     def with_suite(self, suite: SuiteConfig) -> EvalContext:
         """The same data folder and progress setting, another suite (e.g. a sweep's held-out one)."""
         return replace(self, suite=suite)

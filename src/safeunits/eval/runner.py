@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.data.overlap import drop_overlap
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
 from safeunits.errors import UserValueError
@@ -129,6 +130,8 @@ class _Run:
         if cfg is None:
             return None
         records = self._load(cfg.dataset, cfg.limit, cfg.name, None)
+        if cfg.exclude:
+            records, _ = drop_overlap(records, cfg.exclude, self.data_dir, strict=True)
         prompts = [r.prompt for r in records]
         responses = self._generate(prompts, f"generations/{cfg.name}.jsonl", None)
         labels = get_judge(cfg.judge, data_dir=self.data_dir).classify_many(prompts, responses)

@@ -43,6 +43,9 @@ class OverSafetySet(BaseModel):
     dataset: str = "xstest:safe"
     limit: int | None = Field(None, ge=1)
     judge: str = Field("xstest", description="Three-class judge (see `safeunits judge-check`).")
+    exclude: list[str] = Field(default_factory=list, description=(
+        "Prompt sets left out of this one (dataset names or files, sliceable: 'xstest:safe[200:224]'): the "
+        "prompts a model selection saw, e.g. a SafePatching sweep's held-out XSTest prompts."))
 
 
 class UtilitySet(BaseModel):

@@ -24,7 +24,7 @@ import yaml
 import safeunits
 from safeunits.errors import UserError
 from safeunits.eval.context import EvalContext
-from safeunits.experiments.config import Experiment, StepBase
+from safeunits.experiments.config import Experiment, StepBase, SweepStep
 from safeunits.io import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -116,8 +116,12 @@ def format_plan(plan: list[PlannedStep], out_dir: str | Path) -> str:
 
 
 def evaluation_context(experiment: Experiment, *, progress: bool = True) -> EvalContext:
-    """The experiment's suite and data folder, resolved once (a typo fails here, before any step runs)."""
-    return EvalContext.create(experiment.suite, data_dir=experiment.data_dir, progress=progress, limit=experiment.limit)
+    """The experiment's suite and data folder, resolved once (a typo fails here, before any step runs); the
+    XSTest prompts a sweep step selects on are left out of every evaluation of the run (test != validation)."""
+    evaluation = EvalContext.create(experiment.suite, data_dir=experiment.data_dir, progress=progress,
+                                    limit=experiment.limit)
+    held_out = [step.settings.validation.xstest_prompts for step in experiment.steps if isinstance(step, SweepStep)]
+    return evaluation.excluding_over_safety(held_out)
 
 
 def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,

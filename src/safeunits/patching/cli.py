@@ -23,7 +23,8 @@ app = typer.Typer(name="patch", help="SafePatching: safety / over-safety patches
 
 MERGE_FIELDS = ["merge.a", "merge.b", "merge.alpha", "merge.beta"]
 BEST = typer.Option(None, "--best", help="best.json from `patch sweep`: a, b, α, β of its chosen point "
-                    "(options given on the command line still win).")
+                    "(options given on the command line still win); evaluations leave out the XSTest prompts "
+                    "the sweep selected on.")
 SE = typer.Option(..., "--se", help="Safety patch folder δ_SE (from `patch derive`).")
 OSM = typer.Option(..., "--osm", help="Over-safety patch folder δ_OSM (from `patch derive`).")
 DH = typer.Option(..., "--data", "-d", help="D_h folder from `patch build-data`.")
@@ -38,16 +39,18 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
         raise ConfigError(f"{flag} expects comma-separated numbers, got {text!r}", hint=f"e.g. {flag} 1,5,20") from err
 
 
-def _best_point(best: Path | None) -> dict:
-    """a, b, α, β of the point `patch sweep` chose (empty without --best)."""
+def _best_point(best: Path | None) -> tuple[dict, list[str]]:
+    """a, b, α, β of the point `patch sweep` chose, and the XSTest prompts it was chosen on (empty without --best)."""
     if best is None:
-        return {}
+        return {}, []
     from safeunits.io import read_json
 
-    chosen = read_json(best).get("best")
+    sweep = read_json(best)
+    chosen = sweep.get("best")
     if not chosen:
         raise ConfigError(f"{best} has no chosen point", hint="no sweep point met the utility tolerance; pass a, b, α, β")
-    return {k: chosen[k] for k in ("a", "b", "alpha", "beta")}
+    held_out = sweep.get("held_out_xstest")
+    return {k: chosen[k] for k in ("a", "b", "alpha", "beta")}, [held_out] if held_out else []
 
 
 def _context(suite: Optional[str], data_dir: Optional[Path], quiet: bool):
@@ -147,7 +150,7 @@ def merge(
     from safeunits.patching.merge import controllable_merge
     from safeunits.patching.patches import DensePatch
 
-    config = build_config(MergeConfig, _best_point(best), options or {}, parse_sets(sets))
+    config = build_config(MergeConfig, _best_point(best)[0], options or {}, parse_sets(sets))
     patch = controllable_merge(DensePatch(se), DensePatch(osm), config, progress=not quiet)
     patch.save(out)
     c = patch.manifest["counts"]
@@ -229,7 +232,8 @@ def continual(
 
     overrides = parse_sets(json_sets(se_train, "--se-train", "se.train") + json_sets(osm_train, "--osm-train", "osm.train")
                            + list(sets))
-    given: dict = {"merge": _best_point(best)}
+    point, held_out = _best_point(best)
+    given: dict = {"merge": point}
     if prompts:
         given.update(prompts=prompts, data={"prompts": prompts})
     if category:
@@ -237,7 +241,7 @@ def continual(
     if max_steps:
         given.update(se={"train": {"max_steps": max_steps}}, osm={"train": {"max_steps": max_steps}})
     config = build_config(ContinualConfig, given, options or {}, overrides)
-    evaluation = _context(suite or "quick", data_dir, quiet)
+    evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
     m, tok = _load(model)
     run_continual(m, tok, config, out, evaluation)
     typer.echo((out / "continual.md").read_text())
@@ -270,13 +274,14 @@ def baselines(
     if npo is None and any("npo" in get_patch_method(m).needs for m in chosen):
         typer.echo("no --npo patch given: skipping the methods that need it", err=True)
         chosen = [m for m in chosen if "npo" not in get_patch_method(m).needs]
-    given: dict = {"methods": chosen, "merge": _best_point(best)}
+    point, held_out = _best_point(best)
+    given: dict = {"methods": chosen, "merge": point}
     if lam is not None:
         given["task_arithmetic_lambda"] = lam
     if ties_density is not None:
         given["ties"] = {"density": ties_density}
     config = build_config(BaselinesConfig, given, options or {}, parse_sets(sets))
-    evaluation = _context(suite or "quick", data_dir, quiet)
+    evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
     m, tok = _load(model)
     run_baselines(m, tok, DensePatch(se), DensePatch(osm), config, out, evaluation,
                   npo=DensePatch(npo) if npo else None)

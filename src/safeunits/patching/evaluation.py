@@ -2,7 +2,9 @@
 
 Model selection (the sweep) must not see the test prompts, so `validation_suite` builds a suite from the
 held-out split of D_h (harmful), XSTest safe prompts *after* those the CPU `quick` suite uses (over-safety),
-and Self-Instruct seed tasks (utility; the suites use the user-oriented set).
+and Self-Instruct seed tasks (utility; the suites use the user-oriented set). The `standard` and `full` suites
+score all 250 XSTest safe prompts, so a test evaluation after a sweep leaves the sweep's ones out
+(`EvalContext.excluding_over_safety(config.xstest_prompts)`; `patch baselines --best` and experiments do).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.data.registry import load_dataset
+from safeunits.data.overlap import load_spec
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import headline_row
 from safeunits.eval.result import EvalResult
@@ -40,6 +42,11 @@ class ValidationConfig(BaseModel):
     asr_judge: str = Field("learned", description="judge of the held-out harmful answers (the suites' default)")
     xstest_judge: str = Field("learned", description="three-class judge of the held-out XSTest answers")
 
+    @property
+    def xstest_prompts(self) -> str:
+        """The held-out XSTest prompts as a sliced dataset spec: test evaluations leave exactly these out."""
+        return f"xstest:safe[{self.xstest_offset}:{self.xstest_offset + self.n_xstest}]"
+
 
 def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: ValidationConfig | None = None,
                      data_dir: str | Path | None = None) -> SuiteConfig:
@@ -48,7 +55,7 @@ def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: Validat
     val = Path(dh_folder) / "val.jsonl"
     if not val.is_file() or not val.read_text().strip():
         raise ValueError(f"{val} is missing or empty: build D_h with --n-val > 0 to sweep on held-out prompts")
-    safe = load_dataset("xstest:safe", data_dir=data_dir)[config.xstest_offset:config.xstest_offset + config.n_xstest]
+    safe = load_spec(config.xstest_prompts, data_dir)
     if not safe:
         raise ValueError(f"no XSTest safe prompts from index {config.xstest_offset}")
     xs_path = Path(out_dir) / "xstest_val.jsonl"

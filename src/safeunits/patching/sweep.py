@@ -116,7 +116,8 @@ def run_sweep(
             f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}). {SIGNIFICANCE_NOTE}\n\n"
             + rows_markdown(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
     write_text(out / "sweep.md", text)
-    write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json")})
+    write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json"),
+                                   "held_out_xstest": config.validation.xstest_prompts})
     plot_pareto(rows, out / "pareto.png", best)
     return {"rows": rows, "best": best, "baseline": baseline}
 
