@@ -199,6 +199,32 @@ def test_compare_table_lists_every_variant(eval_model, tokenizer, data_dir):
     assert md.count("\n") == 2 and f"{a.headline.utility_nll:.3f}" in md
 
 
+def test_by_source_table_gives_every_source_its_rate_interval_and_paired_mark(eval_model, tokenizer, data_dir):
+    from safeunits.eval.report import source_markdown
+    from safeunits.eval.result import HarmfulMetrics
+
+    suite = tiny_suite(8).model_copy(update={"over_safety": None})
+    run = evaluate(eval_model, tokenizer, suite, data_dir=data_dir, progress=False)
+
+    def judged(result, verdict):  # the same run with every advbench answer judged `verdict`
+        sets = {name: dict(modes) for name, modes in result.safety.sets.items()}
+        sets["advbench"]["none"] = HarmfulMetrics.from_verdicts("advbench", [verdict] * 8)
+        return result.model_copy(update={"safety": result.safety.model_copy(update={"sets": sets})})
+
+    base, worse = judged(run, "refused"), judged(run, "complied")
+    other_suite = evaluate(eval_model, tokenizer, tiny_suite(4).model_copy(update={"over_safety": None}),
+                           data_dir=data_dir, progress=False)
+    lines = source_markdown({"base": base, "worse": worse, "short": other_suite}).splitlines()
+    assert lines[0] == "| source | base | worse | short |"
+    row = next(line for line in lines if line.startswith("| advbench (8) |"))
+    assert row.split(" | ")[1:3] == ["0.0 [0, 32] (0)", "100.0* [68, 100] (0)"]  # McNemar 0/8: p = 0.008
+    safety_row = next(line for line in lines if line.startswith("| advbench (8) + safety"))
+    assert "*" not in safety_row  # unchanged answers: no mark
+    nll = f"{run.utility.nll:.3f}"
+    assert next(line for line in lines if line.startswith("| utility NLL")).split(" | ")[1:3] == [nll, nll]
+    assert "Not paired with the first column (other prompts): short" in lines[-1]
+
+
 def test_cli_eval_and_judge_check(eval_model, data_dir, tmp_path):
     from safeunits.cli import app
 

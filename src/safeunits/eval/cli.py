@@ -65,16 +65,26 @@ def eval_command(
 def eval_compare_command(
     runs: list[Path] = typer.Argument(..., help="Run directories written by `safeunits eval` (each holds "
                                       "metrics.json); the first is the baseline of the paired tests."),
+    by_source: bool = typer.Option(False, "--by-source", help="Print one Markdown table instead: a row per harmful "
+                                   "source and system-prompt mode (rate [CI] (incoherent)), XSTest, NLL; a column a run."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated column names, one per run "
+                                         "(default: the run paths)."),
 ) -> None:
     """Print the three-axis table of earlier runs side by side, and whether each difference from the first run
     is significant (paired tests on the same prompts: McNemar exact for rates, bootstrap for NLL)."""
     from rich.console import Console
 
-    from safeunits.eval.report import compare_table, delta_table
+    from safeunits.eval.report import compare_table, delta_table, source_markdown
     from safeunits.eval.result import EvalResult
     from safeunits.eval.significance import PairingError
 
-    results = {str(r): EvalResult.load(r) for r in runs}
+    names = [x.strip() for x in labels.split(",")] if labels else [str(r) for r in runs]
+    if len(names) != len(runs) or len(set(names)) != len(names):
+        raise typer.BadParameter(f"--labels needs {len(runs)} distinct names, one per run; got {len(names)}")
+    results = {name: EvalResult.load(r) for name, r in zip(names, runs)}
+    if by_source:
+        typer.echo(source_markdown(results))
+        return
     console = Console()
     compare_table(results, console=console)
     (base_name, base), *others = results.items()

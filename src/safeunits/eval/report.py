@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from safeunits.eval.result import EvalResult, Rate
-from safeunits.eval.significance import PairedDelta, PairingError, compare_results, headline_marks
+from safeunits.eval.significance import UTILITY_ALL, PairedDelta, PairingError, compare_results, headline_marks
 
 COLUMNS = (  # (headline key, header, kind)
     ("asr", "ASR", "rate"),
@@ -108,6 +108,53 @@ def markdown_table(results: dict[str, EvalResult], *, with_ci: bool = True) -> s
             for name, r in results.items()]
     note = "\n\n`*`: differs from the first row with p < 0.05 (paired test on the same prompts)." if len(results) > 1 else ""
     return "\n".join([head, sep, *rows]) + note
+
+
+def _significant_metrics(base: EvalResult, other: EvalResult) -> set[str] | None:
+    """Names of the paired metrics (`compare_results`) where `other` differs from `base`; None: not comparable."""
+    try:
+        return {d.metric for d in compare_results(base, other) if d.significant}
+    except PairingError:
+        return None
+
+
+def source_markdown(results: dict[str, EvalResult]) -> str:
+    """Every harmful source (and system-prompt mode) a row, one column per run: rate [95 % CI] (incoherent %),
+    then XSTest-safe refusal and utility NLL; `*` = differs from the first column in a paired test (p < 0.05).
+    The per-source view the story tables in docs/ are printed with (`safeunits eval-compare --by-source`)."""
+    names = list(results)
+    first = results[names[0]]
+    sig = {name: _significant_metrics(first, r) for name, r in results.items() if name != names[0]}
+
+    def mark(name: str, metric: str) -> str:
+        return SIGNIFICANT if metric in (sig.get(name) or ()) else ""
+
+    rows = []
+    for set_name, modes in first.safety.sets.items():
+        for mode, head in modes.items():
+            cells = []
+            for name, r in results.items():
+                m = r.safety.sets.get(set_name, {}).get(mode)
+                cells.append("-" if m is None else f"{100 * m.rate:.1f}{mark(name, f'asr {set_name}/{mode}')}"
+                             f"{_ci(m)} ({100 * m.incoherent.rate:.0f})")
+            label = f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else "")
+            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if first.over_safety:
+        cells = [f"{100 * r.over_safety.refusal.rate:.1f}{mark(name, 'xstest_refusal')}{_ci(r.over_safety.refusal)}"
+                 if r.over_safety else "-" for name, r in results.items()]
+        rows.append(f"| XSTest-safe refusal ({first.over_safety.n}) | " + " | ".join(cells) + " |")
+    n_util = sum(s.n for s in first.utility.sets.values())
+    if n_util:
+        all_sets = UTILITY_ALL if len(first.utility.sets) > 1 else f"nll {next(iter(first.utility.sets))}"
+        cells = [f"{r.utility.nll:.3f}{mark(name, all_sets)}" if r.utility.nll is not None else "-"
+                 for name, r in results.items()]
+        rows.append(f"| utility NLL ({n_util} refs) | " + " | ".join(cells) + " |")
+    unpaired = [name for name, marks in sig.items() if marks is None]
+    note = ("ASR % [95 % CI] (incoherent %) per source; `*` = differs from the first column with p < 0.05 (McNemar "
+            "exact for rates, paired bootstrap for NLL)." + (f" Not paired with the first column (other prompts): "
+                                                             f"{', '.join(unpaired)}." if unpaired else ""))
+    head = "| source | " + " | ".join(names) + " |"
+    return "\n".join([head, "|---|" + "---:|" * len(names), *rows]) + "\n\n" + note + "\n"
 
 
 def headline_row(result: EvalResult, baseline: EvalResult | None = None) -> dict[str, Any]:
