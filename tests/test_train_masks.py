@@ -82,6 +82,16 @@ def _train(model, parts, *, hooks: bool, steps: int = 4) -> None:
     masker.release()
 
 
+def test_a_random_control_freezes_as_many_weights_elsewhere():
+    """`--freeze random:scu+cu@1`: the frozen-set control of SSAH's setting (ii), same size, other units."""
+    model, umap = tiny_model(), tiny_unit_map(tiny_model())
+    real, control = unit_masks(model, umap, "scu+cu"), unit_masks(model, umap, "random:scu+cu@1")
+    count = lambda masks: sum(int(m.sum()) for m in masks.values())  # noqa: E731
+    assert count(real) == count(control) > 0
+    assert any(not torch.equal(real[n], control[n]) for n in real)
+    assert all(torch.equal(control[n], m) for n, m in unit_masks(model, umap, "random:scu+cu@1").items())
+
+
 @pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("mode", ["frozen", "trainable"])
 def test_compact_and_dense_paths_give_bit_identical_weights(hooks, mode):

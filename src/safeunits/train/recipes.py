@@ -95,7 +95,8 @@ class FinetuneRecipe(BaseModel):
     data: list[str] = Field(["t0"], description="Training data: dataset names or files with prompt/response.")
     n_examples: int | None = Field(200, ge=1, description="Examples sampled from the data (None: all).")
     data_seed: int = Field(0, description="Seed of the data sampling.")
-    freeze: str | None = Field(None, description="Units kept bit-identical, e.g. 'scu+cu:top0.06' or 'scu+cu'.")
+    freeze: str | None = Field(None, description="Units kept bit-identical, e.g. 'scu+cu:top0.06' or 'scu+cu' "
+                                "('random:scu+cu@1': a random set of the same size, as a control).")
     unit_map: Path | None = Field(None, description="Unit map for --freeze.")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=1, batch_size=8, max_length=256))
 

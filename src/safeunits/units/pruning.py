@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
-from safeunits.units.selection import UnitSelection, random_selection, select_units, unit_parameter_masks
+from safeunits.units.selection import UnitSelection, resolve_target, unit_parameter_masks
 from safeunits.units.unit_map import UnitMap
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,6 @@ class PruneConfig(BaseModel):
     baseline: bool = Field(True, description="also evaluate the unpruned model (first row)")
     seed: int = Field(0, description="seed of the random controls without '@<seed>' (plus the target's position)")
     shared_kv: SharedKV = Field("none", description="'group': also zero a grouped K/V row block when any head of its group is pruned")
-
-
-def resolve_target(unit_map: UnitMap, target: str, seed: int = 0) -> UnitSelection:
-    """The units a target names (a class spec, or a random control the size of one)."""
-    target = target.strip()
-    if target.lower().startswith("random:"):
-        spec, _, fixed_seed = target.split(":", 1)[1].partition("@")
-        if fixed_seed and not fixed_seed.isdigit():
-            raise ValueError(f"bad random control {target!r}: write random:<spec>@<seed>, e.g. random:scu@2")
-        like = select_units(unit_map, spec)
-        return random_selection(like, unit_map.shapes, seed=int(fixed_seed) if fixed_seed else seed)
-    return select_units(unit_map, target)
 
 
 @torch.no_grad()

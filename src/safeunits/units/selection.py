@@ -131,6 +131,19 @@ def random_selection(like: UnitSelection, shapes: dict[str, tuple[int, int]], se
     return UnitSelection.from_masks(out)
 
 
+def resolve_target(unit_map: UnitMap, target: str, seed: int = 0) -> UnitSelection:
+    """The units a target names: a class spec, or `random:<spec>[@<seed>]`, a seeded random control with as many
+    channels and heads (pruning controls, frozen-set controls)."""
+    target = target.strip()
+    if target.lower().startswith("random:"):
+        spec, _, fixed_seed = target.split(":", 1)[1].partition("@")
+        if fixed_seed and not fixed_seed.isdigit():
+            raise ValueError(f"bad random control {target!r}: write random:<spec>@<seed>, e.g. random:scu@2")
+        like = select_units(unit_map, spec)
+        return random_selection(like, unit_map.shapes, seed=int(fixed_seed) if fixed_seed else seed)
+    return select_units(unit_map, target)
+
+
 def unit_parameter_masks(model: PreTrainedModel, units: UnitSelection, *, shared_kv: SharedKV = "none") -> dict[str, torch.Tensor]:
     """Parameter name -> bool mask (same shape and device as the parameter), True = weight of a selected unit.
 
