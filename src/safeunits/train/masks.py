@@ -335,7 +335,8 @@ def unit_masks(model: nn.Module, unit_map: str | object, spec: str) -> dict[str,
     """Parameter masks (True = belongs to a selected unit) for a unit-map selection such as `scu+cu:top0.06`.
 
     `unit_map` is a path to a saved unit map or a loaded `UnitMap`; the selection grammar is the units
-    package's (`resolve_target`: also `random:scu+cu@1`, a random set of the same size, as a control). The returned dict can be passed as `frozen=` or `trainable=` to `train`.
+    package's (`resolve_target`: also `random:scu+cu@1`, a random set of the same size, as a control). The
+    returned dict can be passed as `frozen=` or `trainable=` to `train`.
     A map computed for another architecture is refused (`UnitMap.check_model`).
     """
     from safeunits.units.selection import resolve_target, unit_parameter_masks
