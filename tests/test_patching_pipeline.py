@@ -165,10 +165,20 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     assert held_out == ["xstest:safe[200:203]"]
     held = [json.loads(x)["prompt"] for x in (tmp_path / "sweep/xstest_val.jsonl").read_text().splitlines()]
     assert held == [r.prompt for r in load_spec(held_out[0], data_dir)]
+    saturated = result["baseline"]["asr"] == 0
+    assert json.loads((tmp_path / "sweep/best.json").read_text())["harmful_axis_saturated"] is saturated
+    assert ("**Warning:**" in (tmp_path / "sweep/sweep.md").read_text()) is saturated
     # resume: nothing is evaluated again
     lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
     run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)
     assert (tmp_path / "sweep/sweep.jsonl").read_text().count("\n") == lines
+
+
+def test_sweep_saturation_note_only_when_the_backbone_refuses_every_held_out_prompt():
+    from safeunits.patching.sweep import saturation_note
+
+    assert saturation_note({"asr": 1 / 64}) is None
+    assert "not aligned on" in saturation_note({"asr": 0.0})
 
 
 def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):

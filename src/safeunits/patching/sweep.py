@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_mode
                                            pareto_front, validation_suite)
 from safeunits.patching.merge import MergeConfig, merge_parts
 from safeunits.patching.patches import DensePatch
+
+log = logging.getLogger(__name__)
 
 
 class SweepConfig(BaseModel):
@@ -49,6 +52,18 @@ def select_default(rows: list[dict[str, Any]], baseline: dict[str, Any], toleran
     return min(ok, key=lambda r: (r["asr"] + r["xstest_refusal"], r["utility_nll"]))
 
 
+def saturation_note(baseline: dict[str, Any]) -> str | None:
+    """Why the sweep cannot rank safety when the backbone already refuses every held-out harmful prompt.
+
+    At 0 % held-out ASR no point can do better, so `select_default` ranks over-refusal and utility alone: the
+    usual cause is D_h drawn from the source family the backbone was aligned on (story (d), docs/patching.md)."""
+    if baseline["asr"] > 0:
+        return None
+    return ("the backbone complies with none of the held-out harmful prompts, so no point can lower the harmful "
+            "rate and the choice ranks over-refusal and utility only; build D_h from a source the backbone was not "
+            "aligned on (e.g. `patch build-data --prompts donotanswer --offset 0`)")
+
+
 def run_sweep(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -67,17 +82,17 @@ def run_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held_out = evaluation.with_suite(validation_suite(dh_folder, out, config.validation, evaluation.data_dir))
-    log = out / "sweep.jsonl"
+    rows_path = out / "sweep.jsonl"
     done = {}
-    if log.is_file():
-        for line in log.read_text().splitlines():
+    if rows_path.is_file():
+        for line in rows_path.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 done[row["key"]] = row
 
     def record(row: dict[str, Any]) -> dict[str, Any]:
         done[row["key"]] = row
-        with log.open("a", encoding="utf-8") as fh:
+        with rows_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         return row
 
@@ -109,15 +124,20 @@ def run_sweep(
     for i, r in enumerate(rows):
         r["pareto"] = i in front
     best = select_default(grid, baseline, config.utility_tolerance) if grid else None
+    saturated = saturation_note(baseline)
+    if saturated:
+        log.warning("sweep: %s", saturated)
     columns = [("key", "point", ""), ("asr", "harmful % (val)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("incoherent", "incoherent %", "%"),
                ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
     text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "
             f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}). {SIGNIFICANCE_NOTE}\n\n"
+            + (f"**Warning:** {saturated}.\n\n" if saturated else "")
             + rows_markdown(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
     write_text(out / "sweep.md", text)
     write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json"),
-                                   "held_out_xstest": config.validation.xstest_prompts})
+                                   "held_out_xstest": config.validation.xstest_prompts,
+                                   "harmful_axis_saturated": saturated is not None})
     plot_pareto(rows, out / "pareto.png", best)
     return {"rows": rows, "best": best, "baseline": baseline}
 
