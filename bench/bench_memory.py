@@ -14,6 +14,26 @@ load, scores (fluctuation), snip (SafePatching saliency), train_full / train_mas
 a=b=5 %), apply (streamed onto the checkpoint), generate (greedy, `--gen-new` tokens).
 Fit per step and model: peak(T) = c + s·T over the two batch sizes (T tokens); c / P = bytes per parameter.
 Per-token slopes are fitted across the two models as s = k_layer·L·(H + I) + k_vocab·V and extrapolated.
+
+Direct measurement of the 8B shape (no extrapolation; a GPU of ~100+ GiB such as an H200, since the steps that do
+not fit 80 GB must still run to be measured):
+
+    python bench/bench_memory.py --direct-8b --tokenizer DIR [--seq 256 --batches 2 8] [--derive-no-save]
+                                 [--direct-config num_hidden_layers=2,hidden_size=256,...] [--deadline-s 360]
+
+builds a randomly initialised Llama-3-8B-shaped model (LLAMA3_8B; `--direct-config` overrides fields, e.g. a
+2-layer narrow copy to check the code path on CPU) directly on `--device` in bf16 (no checkpoint written or
+read), and runs every step in ONE process on that model: each step's peak is separated by
+torch.cuda.reset_peak_memory_stats (CPU: /proc/self/clear_refs + the anonymous-RSS sampler) after the
+previous step's gradients and caches are freed; the host's anonymous RSS above the mark is recorded too.
+`--tokenizer` is any tokenizer folder whose ids fit in the vocabulary (the default model's by default).
+merge and apply are host steps on files (two dense float32 patches of 8B = 128 GB on disk): not run directly.
+`--derive-no-save` keeps derive's δ and saliency in memory and skips writing them; `--deadline-s` skips the
+runs that would start after that many seconds. `--json` is rewritten after every run. On a lent GPU machine
+without network: bench/mem8b_device.sh. Check the code path on CPU (seconds, a 2-layer narrow copy):
+
+    python bench/bench_memory.py --direct-8b --device cpu --seq 64 --batches 1 2 --gen-new 8 --derive-no-save \\
+        --direct-config num_hidden_layers=2,hidden_size=256,intermediate_size=896,num_attention_heads=4,num_key_value_heads=1
 """
 
 from __future__ import annotations
@@ -52,12 +72,11 @@ class PeakMeter:
     kernel can drop, so the anonymous peak is what a step really needs)."""
 
     def __init__(self, device: str) -> None:
+        import threading
+
         self.cuda = device.startswith("cuda")
         self.anon_peak = 0
-        if not self.cuda:
-            import threading
-
-            threading.Thread(target=self._sample, daemon=True).start()
+        threading.Thread(target=self._sample, daemon=True).start()  # host RSS, also on CUDA (host_peak)
 
     def _sample(self) -> None:
         while True:
@@ -76,11 +95,22 @@ class PeakMeter:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        else:
+        try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
-            self.anon_peak = _status_bytes("RssAnon")
+        except OSError:
+            if not self.cuda:
+                raise
+        self.anon_peak = _status_bytes("RssAnon")
         return self.current()
+
+    def host_peak(self) -> int:
+        """Peak anonymous host RSS since the last reset (on CPU and on CUDA)."""
+        return max(self.anon_peak, _status_bytes("RssAnon"))
+
+    def reserved_peak(self) -> int:
+        """The CUDA caching allocator's peak reservation since the last reset (0 on CPU)."""
+        return torch.cuda.max_memory_reserved() if self.cuda else 0
 
     def current_anon(self) -> int:
         return self.current() if self.cuda else _status_bytes("RssAnon")
@@ -99,9 +129,8 @@ def _records(n: int, seq: int):
     return [Record(f"Question {i}: explain the method.", response) for i in range(n)]
 
 
-def _child(step: str, spec: dict, queue) -> None:
-    """One step in a fresh process; puts {load_bytes, model_bytes, step_bytes, seconds} on the queue."""
-    from safeunits.models.loading import load_model
+def _run_step(step: str, model, tok, spec: dict) -> None:
+    """The work of one step (model and tokenizer already loaded, except for merge and apply)."""
     from safeunits.patching.apply import apply_patch_to_checkpoint
     from safeunits.patching.merge import MergeConfig, controllable_merge
     from safeunits.patching.patches import DensePatch, PatchConfig, derive_patch
@@ -111,22 +140,8 @@ def _child(step: str, spec: dict, queue) -> None:
     from safeunits.units.scores import ScoreConfig, compute_scores
     from safeunits.units.selection import UnitSelection, unit_parameter_masks
 
-    meter = PeakMeter(spec["device"])
-    base, base_anon = meter.reset(), meter.current_anon()
-    model = tok = None
-    if step not in ("merge", "apply"):
-        model, tok = load_model(spec["model"], dtype="bfloat16", device=spec["device"])
-        with torch.no_grad():  # own the weights: a bf16 checkpoint may stay memory-mapped (file pages, not anon)
-            for p in model.parameters():
-                p.data = p.data.clone()
-        gc.collect()
-        ctypes.CDLL(None).malloc_trim(0)  # glibc: the float32 -> bf16 conversion's freed buffers leave the heap
-    load_peak = meter.peak() - base
-    loaded = meter.reset()
-    loaded_anon = meter.current_anon()
     batch, seq = spec.get("batch", 1), spec["seq"]
     records = _records(batch, seq)
-    t0 = time.perf_counter()
     if step == "scores":
         compute_scores(model, tok, records, ScoreConfig(batch_size=batch, max_length=seq), progress=False)
     elif step == "snip":
@@ -142,10 +157,18 @@ def _child(step: str, spec: dict, queue) -> None:
         train(model, tok, records, TrainConfig(max_steps=1, batch_size=batch, max_length=seq, lr=1e-5, seed=0),
               frozen=frozen, progress=False)
     elif step == "derive":
+        import safeunits.patching.patches as patches
+
         config = PatchConfig(objective="ascent", train={"max_steps": 1, "batch_size": batch, "max_length": seq,
                                                         "stop_nll_above": None},
                              saliency=SaliencyConfig(batch_size=batch, max_length=seq))
-        derive_patch(model, tok, records, config, spec["out"], progress=False)
+        save = patches.save_dense_patch
+        if spec.get("derive_no_save"):  # δ and saliency computed and held, not written (8B: 64 GB of files)
+            patches.save_dense_patch = lambda out_dir, delta, saliency, manifest: None
+        try:
+            derive_patch(model, tok, records, config, spec["out"], progress=False)
+        finally:
+            patches.save_dense_patch = save
     elif step == "merge":
         controllable_merge(DensePatch(spec["se"]), DensePatch(spec["osm"]), MergeConfig(a=5, b=5),
                            progress=False).save(spec["out"])
@@ -156,6 +179,29 @@ def _child(step: str, spec: dict, queue) -> None:
         with torch.no_grad():
             model.generate(**{k: v.to(spec["device"]) for k, v in prompt.items()}, max_new_tokens=spec["gen_new"],
                            min_new_tokens=spec["gen_new"], do_sample=False, pad_token_id=tok.pad_token_id)
+
+
+def _child(step: str, spec: dict, queue) -> None:
+    """One step in a fresh process; puts {load_bytes, model_bytes, step_bytes, seconds} on the queue."""
+    from safeunits.models.loading import load_model
+
+    meter = PeakMeter(spec["device"])
+    base, base_anon = meter.reset(), meter.current_anon()
+    model = tok = None
+    if step not in ("merge", "apply"):
+        model, tok = load_model(spec["model"], dtype="bfloat16", device=spec["device"])
+        with torch.no_grad():  # own the weights: a bf16 checkpoint may stay memory-mapped (file pages, not anon)
+            for p in model.parameters():
+                p.data = p.data.clone()
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: the float32 -> bf16 conversion's freed buffers leave the heap
+    load_peak = meter.peak() - base
+    loaded = meter.reset()
+    loaded_anon = meter.current_anon()
+    t0 = time.perf_counter()
+    _run_step(step, model, tok, spec)
+    if meter.cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     queue.put({"load_bytes": load_peak, "model_bytes": loaded_anon - base_anon, "step_bytes": meter.anon() - loaded_anon,
                "step_hwm_bytes": meter.peak() - loaded, "seconds": seconds})
@@ -215,6 +261,133 @@ def bench_model(name: str, source: str, shp: dict, args, root: Path) -> dict:
                   flush=True)
         rows["steps"][step] = runs
     return rows
+
+
+def _parse_overrides(text: str) -> dict:
+    """"key=int,key=int" -> {key: int} (fields of LLAMA3_8B to change)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in LLAMA3_8B:
+            sys.exit(f"--direct-config: unknown field {key!r}; choose from {', '.join(LLAMA3_8B)}")
+        out[key] = int(value)
+    return out
+
+
+def _free(model) -> None:
+    """Drop what a step left behind (gradients, the allocator's cache, freed host heap) before the next mark."""
+    if model is not None:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    ctypes.CDLL(None).malloc_trim(0)
+
+
+def bench_direct(args, root: Path) -> dict:
+    """Every step on one randomly initialised model of the Llama-3-8B shape, built on the device, in one process.
+
+    Steps share the model (their weight changes do not matter: memory and time do not depend on the values);
+    `out` holds everything so far and is written to `--json` after each run, so a run cut short keeps its data.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from safeunits.models.loading import prepare_tokenizer, resolve_model
+
+    t_start = time.perf_counter()
+    device = args.device
+    meter = PeakMeter(device)
+    out: dict = {"mode": "direct", "device": device, "torch": torch.__version__, "steps": {}, "skipped": []}
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info()
+        out["gpu"] = {"name": torch.cuda.get_device_name(), "total_bytes": total, "free_bytes_at_start": free}
+    import transformers
+
+    out["transformers"] = transformers.__version__
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or str(resolve_model(DEFAULT)))
+    prepare_tokenizer(tok)
+    fields = {**LLAMA3_8B, **_parse_overrides(args.direct_config)}
+    config = LlamaConfig(**fields, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    if len(tok) > config.vocab_size:
+        sys.exit(f"the tokenizer has {len(tok)} ids, more than the vocabulary {config.vocab_size}")
+    shp = shape(config)
+    out["shape"], out["config"] = shp, fields
+    print(f"direct: {shp['params'] / 1e9:.3f} B params ({shp['params'] * 2 / GIB:.2f} GiB in bf16) on {device}",
+          flush=True)
+
+    meter.reset()
+    base, base_host = meter.current_anon(), meter.host_peak()  # on CPU both are the anonymous RSS
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval()
+    if meter.cuda:
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    build_peak, build_reserved = meter.anon() - base, meter.reserved_peak()
+    _free(model)
+    model_bytes = meter.current_anon() - base
+    out["steps"]["load"] = [{"batch": 0, "tokens": 0, "model_bytes": model_bytes, "step_bytes": build_peak - model_bytes,
+                             "peak_bytes": build_peak, "reserved_peak_bytes": build_reserved,
+                             "host_step_bytes": meter.host_peak() - base_host, "seconds": build_s,
+                             "note": "random init on the device (no checkpoint read)"}]
+    print(f"  {'load':>13}: model {model_bytes / GIB:6.2f} GiB, build peak {build_peak / GIB:6.2f} GiB, "
+          f"{build_s:.1f} s", flush=True)
+    save()
+    spec = {"device": device, "seq": args.seq, "gen_new": args.gen_new, "derive_no_save": args.derive_no_save}
+    for step in args.steps:
+        if step == "load":
+            continue
+        if step in ("merge", "apply"):
+            out["skipped"].append({"step": step, "why": "host step on patch/checkpoint files: not run in --direct-8b"})
+            print(f"  {step:>13}: skipped (host step on files)", flush=True)
+            continue
+        for i, batch in enumerate(args.batches if step in TOKEN_STEPS else [1]):
+            elapsed = time.perf_counter() - t_start
+            if args.deadline_s and elapsed > args.deadline_s:
+                out["skipped"].append({"step": step, "batch": batch, "why": f"deadline ({elapsed:.0f} s elapsed)"})
+                print(f"  {step:>13} batch {batch}: skipped (deadline, {elapsed:.0f} s)", flush=True)
+                save()
+                continue
+            extra = {"batch": batch, "out": str(root / f"direct-patch{i}")}
+            _free(model)
+            meter.reset()
+            loaded, host0 = meter.current_anon(), meter.host_peak()
+            t0 = time.perf_counter()
+            try:
+                _run_step(step, model, tok, {**spec, **extra})
+                error = None
+            except Exception as err:  # an OOM or a failure in one step: record it, go on with the next
+                error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
+            if meter.cuda:
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            peak, reserved, host = meter.anon(), meter.reserved_peak(), meter.host_peak()
+            _free(model)
+            tokens = batch * (args.seq + args.gen_new) if step == "generate" else batch * args.seq
+            run = {"batch": batch, "tokens": tokens, "model_bytes": loaded - base, "step_bytes": peak - loaded,
+                   "peak_bytes": peak - base, "reserved_peak_bytes": reserved, "host_step_bytes": host - host0,
+                   "left_bytes": meter.current_anon() - loaded, "seconds": seconds}
+            if error:
+                run["error"] = error
+            out["steps"].setdefault(step, []).append(run)
+            print(f"  {step:>13} batch {batch} ({tokens} tokens): model {run['model_bytes'] / GIB:6.2f} GiB, step "
+                  f"peak above model {run['step_bytes'] / GIB:6.2f} GiB, total {run['peak_bytes'] / GIB:6.2f} GiB "
+                  f"(reserved {reserved / GIB:6.2f}), host +{run['host_step_bytes'] / GIB:5.2f} GiB, {seconds:.1f} s"
+                  + (f"  FAILED {error}" if error else ""), flush=True)
+            save()
+    out["wall_s"] = time.perf_counter() - t_start
+    save()
+    return out
 
 
 def fit(results: dict) -> dict:
@@ -285,11 +458,28 @@ def main() -> None:
     ap.add_argument("--extrapolate-tokens", type=int, default=2048, help="tokens per step in the 8B extrapolation")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--direct-8b", action="store_true",
+                    help="measure the Llama-3-8B shape directly (random weights built on --device, one process)")
+    ap.add_argument("--direct-config", default="", help="overrides of LLAMA3_8B for --direct-8b, key=int,...")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for --direct-8b (default: the default model's)")
+    ap.add_argument("--derive-no-save", action="store_true", help="--direct-8b: derive holds δ/saliency, writes nothing")
+    ap.add_argument("--deadline-s", type=float, default=0.0, help="--direct-8b: start no run after this many seconds")
     args = ap.parse_args()
     args.steps = [s for s in args.steps.split(",") if s]
     unknown = set(args.steps) - set(STEPS)
     if unknown:
         sys.exit(f"unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}")
+    if args.direct_8b:
+        with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+            out = bench_direct(args, Path(tmp))
+        print(f"\ndirect ({out['shape']['params'] / 1e9:.2f} B params, {out['device']}), total = model + step peak:")
+        print("| step | tokens | total GiB | reserved GiB | host above mark GiB | seconds |")
+        print("|---|---|---|---|---|---|")
+        for step, runs in out["steps"].items():
+            for r in runs:
+                print(f"| {step} | {r['tokens']} | {r['peak_bytes'] / GIB:.2f} | {r['reserved_peak_bytes'] / GIB:.2f} | "
+                      f"{r['host_step_bytes'] / GIB:.2f} | {r['seconds']:.2f} |" + (" FAILED" if "error" in r else ""))
+        return
     from transformers import AutoConfig, LlamaConfig
 
     from safeunits.models.loading import resolve_model
