@@ -262,6 +262,19 @@ def test_config_options_hand_only_given_values_to_the_command():
     assert "how deep (default: 3)" in runner.invoke(sub, ["--help"], env={"COLUMNS": "200"}).output
 
 
+def test_set_on_a_nested_default_keeps_its_other_fields():
+    """`--set se.train.lr=...` on `patch continual` once replaced the default δ_SE config by a partial dict
+    (error: se.objective missing); `--prompts` replaced the default step data config (offset 100, 64 prompts)."""
+    from safeunits.patching.continual import ContinualConfig
+
+    config = build_config(ContinualConfig, {"data": {"prompts": "advbench"}},
+                          parse_sets(["se.train.lr=0.0001", "osm.train.max_steps=5"]))
+    default = ContinualConfig()
+    assert (config.se.objective, config.osm.objective) == (default.se.objective, default.osm.objective)
+    assert config.se.train == {"lr": 1e-4} and config.osm.train == {"max_steps": 5}
+    assert config.data == default.data.model_copy(update={"prompts": "advbench"})
+
+
 # --- library functions behind the commands -----------------------------------------------------------------
 
 def test_attribute_equals_the_steps_done_by_hand(tmp_path, data_dir, util_file):

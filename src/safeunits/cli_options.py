@@ -199,8 +199,11 @@ def check_keys(cls: type[BaseModel], overrides: Mapping, where: str = "") -> Non
 
 
 def build_config(cls: type[M], *layers: Mapping, base: BaseModel | Mapping | None = None) -> M:
-    """Validate `base` (a config or a dict) updated by each layer in turn (options, then --set), keys checked."""
-    data: dict = base.model_dump() if isinstance(base, BaseModel) else dict(base or {})
+    """Validate `base` (a config or a dict) updated by each layer in turn (options, then --set), keys checked.
+
+    Nested configs start from their defaults, so `--set se.train.lr=1e-4` changes one key of `se` and keeps the
+    rest (its objective, say) instead of replacing the whole default with a partial dict."""
+    data: dict = base.model_dump() if isinstance(base, BaseModel) else merge(_nested_defaults(cls), dict(base or {}))
     for layer in layers:
         check_keys(cls, layer)
         data = merge(data, layer)
@@ -208,6 +211,17 @@ def build_config(cls: type[M], *layers: Mapping, base: BaseModel | Mapping | Non
         return cls.model_validate(data)
     except ValidationError as err:
         raise ConfigError(validation_message(err), hint="check the option values (safeunits COMMAND --help)") from err
+
+
+def _nested_defaults(cls: type[BaseModel]) -> dict:
+    """The default values of `cls`'s fields that are configs themselves (e.g. ContinualConfig.se), dumped."""
+    out = {}
+    for name, field in cls.model_fields.items():
+        if not field.is_required():
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                out[name] = value.model_dump()
+    return out
 
 
 def validation_message(err: ValidationError) -> str:
