@@ -16,6 +16,7 @@ from safeunits.eval.metrics import wilson_interval
 from safeunits.eval.nll import response_nll, response_nll_stats
 from safeunits.eval.report import compare_table, markdown_table
 from safeunits.eval.result import HEADLINE_KEYS, EvalResult
+from safeunits.eval import runner
 from safeunits.eval.runner import RunDirMismatchError, evaluate
 from safeunits.eval.suites import SuiteConfig, load_suite
 from safeunits.models.chat import encode_pair
@@ -129,13 +130,15 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     assert EvalResult.load(out).headline.as_dict() == pytest.approx(result.headline.as_dict())
     assert "| tiny |" in (out / "summary.md").read_text()
 
-    # a rerun resumes: no generation at all, same numbers
+    # a rerun resumes: no generation and no NLL scoring at all, same numbers
     def fail(*a, **k):
-        raise AssertionError("generation should have been resumed from disk")
+        raise AssertionError("generation and NLL scores should have been resumed from disk")
 
     monkeypatch.setattr(eval_model, "generate", fail)
+    monkeypatch.setattr(runner, "response_nll_stats", fail)
     again = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
     assert again.headline.as_dict() == pytest.approx(result.headline.as_dict())
+    assert again.utility.sets["self_instruct"].per_record_nll == result.utility.sets["self_instruct"].per_record_nll
     assert again.timing.resumed_rows == 9
 
 

@@ -5,11 +5,13 @@ Run directory layout (documented in docs/eval.md):
   generations/<set>__<mode>.jsonl   harmful-prompt answers (mode: none | safety system prompt)
   generations/<set>.jsonl           XSTest safe answers;  answers/<set>.jsonl  MT-Bench answers
   judgements/<file>.jsonl           the judge's verdict per row, for auditing
+  nll/<set>.json                    utility NLL scores (summed, per record), reused on resume
   metrics.json                      every number, rates with Wilson 95% CIs;  summary.md  the short report
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +30,7 @@ from safeunits.data.registry import DatasetNotFoundError, load_dataset
 from safeunits.errors import UserValueError
 from safeunits.eval.generation import Backend, generate
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
-from safeunits.eval.nll import response_nll_stats
+from safeunits.eval.nll import NLLStats, response_nll_stats
 from safeunits.eval.report import summary_markdown
 from safeunits.eval.result import (AnswerSetInfo, EvalResult, HarmfulMetrics, ModelIdentity, OverSafetyMetrics, Rate,
                                    SafetyMetrics, SystemPromptMode, Timing, UtilityMetrics, UtilitySetMetrics)
@@ -155,8 +157,7 @@ class _Run:
             records = self._load(us.dataset, us.limit, us.name, metrics.skipped if us.optional else None)
             if records is None:
                 continue
-            stats = response_nll_stats(self.model, self.tokenizer, records, batch_size=self.config.nll_batch_size,
-                                       max_length=self.config.nll_max_length, progress=self.progress)
+            stats = self._nll_stats(us.name, records)
             metrics.sets[us.name] = UtilitySetMetrics(
                 dataset=us.dataset, n=len(records), tokens=stats.n_tokens, nll=stats.mean, perplexity=stats.perplexity,
                 per_record_nll=stats.per_record, per_record_tokens=stats.per_record_tokens)
@@ -166,6 +167,20 @@ class _Run:
             metrics.nll = total_nll / total_tokens
             metrics.perplexity = math.exp(metrics.nll)
         return metrics
+
+    def _nll_stats(self, name: str, records: list[Record]) -> NLLStats:
+        """Scores of a utility set, cached in the run folder (`nll/<set>.json`): a resumed run reuses them, as it
+        reuses generations (config.json has already checked that model and suite are the same)."""
+        path = self.out / "nll" / f"{name}.json" if self.out is not None else None
+        if path is not None and path.is_file():
+            cached = NLLStats(**read_json(path))
+            if len(cached.per_record) == len(records):
+                return cached
+        stats = response_nll_stats(self.model, self.tokenizer, records, batch_size=self.config.nll_batch_size,
+                                   max_length=self.config.nll_max_length, progress=self.progress)
+        if path is not None:
+            write_json(path, dataclasses.asdict(stats))
+        return stats
 
     def answers(self) -> dict[str, AnswerSetInfo]:
         answers = {}
