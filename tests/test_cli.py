@@ -275,6 +275,23 @@ def test_set_on_a_nested_default_keeps_its_other_fields():
     assert config.data == default.data.model_copy(update={"prompts": "advbench"})
 
 
+def test_set_values_and_config_files_read_exponents_as_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as the string "1e-4"; every documented command writes `lr=1e-4`, and a string
+    in a free-form dict (`se.train`) reached the run's recorded config as text."""
+    from safeunits.eval.suites import load_suite
+    from safeunits.train.recipes import RECIPE_DIR, load_recipe
+
+    assert parse_sets(["se.train.lr=1e-4", "x=-2E3", "y=[5e-5, 1]", "n=12", "s='1e-4'", "w=abc"]) == \
+        {"se": {"train": {"lr": 1e-4}}, "x": -2000.0, "y": [5e-5, 1], "n": 12, "s": "1e-4", "w": "abc"}
+    assert isinstance(parse_sets(["n=12"])["n"], int)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nmax_new_tokens: 8\nharmful: []\nutility: []\n")
+    assert load_suite(suite).max_new_tokens == 8
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((RECIPE_DIR / "finetune.yaml").read_text().replace("5.0e-5", "5e-5"))
+    assert load_recipe(recipe).train.lr == 5e-5
+
+
 # --- library functions behind the commands -----------------------------------------------------------------
 
 def test_attribute_equals_the_steps_done_by_hand(tmp_path, data_dir, util_file):

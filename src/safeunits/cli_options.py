@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from safeunits.errors import ConfigError
+from safeunits.io import load_yaml
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -160,7 +161,7 @@ def parse_sets(sets: Sequence[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}", hint="e.g. --set train.lr=1e-4")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({err})") from err
         set_dotted(out, key.strip(), parsed)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from safeunits.errors import ConfigError, UserFileNotFoundError
+from safeunits.io import load_yaml
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "configs" / "suites"
 
@@ -135,7 +136,7 @@ def load_suite(suite: str | Path | SuiteConfig) -> SuiteConfig:
         if not path.is_file():
             raise UserFileNotFoundError(f"unknown suite {suite!r}: not a YAML file and not one of {', '.join(available_suites())}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
         return SuiteConfig.model_validate(data)
     except (yaml.YAMLError, ValidationError) as err:
         raise ConfigError(f"{path}: invalid suite ({err})") from err

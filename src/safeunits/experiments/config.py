@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from safeunits.cli_options import DEFAULT_MODEL, check_keys, merge, validation_message
 from safeunits.errors import ConfigError, UserFileNotFoundError
+from safeunits.io import load_yaml
 from safeunits.patching.harmful_data import HarmfulDataConfig
 from safeunits.patching.merge import MergeConfig
 from safeunits.patching.patches import PatchConfig
@@ -278,7 +279,7 @@ def load_experiment(name_or_path: str | os.PathLike, overrides: dict | None = No
     """Read an experiment YAML and apply overrides; `steps.<name>.<field>` in the overrides reaches one step."""
     path = experiment_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from err
     if not isinstance(raw, dict):

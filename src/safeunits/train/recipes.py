@@ -26,7 +26,7 @@ from safeunits.distributed import gather_full_state_dict, is_main_process, is_sh
 from safeunits.eval.context import EvalContext
 from safeunits.eval.generation import generate
 from safeunits.errors import ConfigError, UserFileNotFoundError
-from safeunits.io import write_json, write_text
+from safeunits.io import load_yaml, write_json, write_text
 from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
 from safeunits.train.engine import TrainConfig, TrainResult, train
@@ -122,7 +122,7 @@ def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Reci
             known = ", ".join(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
             raise UserFileNotFoundError(f"recipe {path_or_name!r} is neither a file nor a bundled recipe ({known})")
         path = bundled
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe YAML must be a mapping")
     raw = _merge(raw, overrides or {})
