@@ -15,7 +15,7 @@ from safeunits.models.signature import architecture_signature
 from safeunits.units.classes import ClassifyConfig, classify
 from safeunits.units.probe import ProbeConfig, run_probe
 from safeunits.units.pruning import PruneConfig, prune_units, pruning_table, resolve_target
-from safeunits.units.selection import UnitSelection, select_units
+from safeunits.units.selection import select_units
 from safeunits.units.transfer import transition_matrix, write_transfer
 from safeunits.units.unit_map import CLASSES, UnitMap
 

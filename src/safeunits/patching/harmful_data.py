@@ -17,10 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.data.overlap import OverlapError, check_no_overlap, normalise
+from safeunits.data.overlap import OverlapError, check_no_overlap, normalise  # noqa: F401 - OverlapError re-exported
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
-from safeunits.errors import UserFileNotFoundError, UserValueError
+from safeunits.errors import UserFileNotFoundError
 from safeunits.io import read_json, write_json, write_text
 
 ResponseSource = Literal["dataset", "self", "prefill"]

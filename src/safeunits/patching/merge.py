@@ -11,8 +11,6 @@ memory-mapped patch folders, so memory stays near one tensor of each input plus 
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
-from typing import Any
 
 import torch
 from pydantic import BaseModel, Field

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
-from safeunits.patching.evaluation import (AXES, ValidationConfig, evaluate_model, evaluate_patched,
+from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
 from safeunits.patching.merge import MergeConfig, merge_parts
 from safeunits.patching.patches import DensePatch
