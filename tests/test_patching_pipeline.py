@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from safeunits.data.overlap import load_spec
 from safeunits.data.records import Record
+from safeunits.eval.runner import RunDirMismatchError
 from safeunits.models.loading import model_fingerprint, save_model
 from safeunits.patching.harmful_data import (HarmfulDataConfig, OverlapError, build_harmful_data, check_no_overlap,
                                              load_harmful_data, select_prompts)
@@ -216,6 +217,26 @@ def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
         apply_patch(fresh, p)
     assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
     assert {r.category for r in load_harmful_data(tmp_path / "c/step1_malicious_uses/data")[0]} == {"malicious_uses"}
+
+    # a rerun into the same folder resumes: no data, no derivation, no generation; same rows, same final model
+    import safeunits.patching.continual as continual
+
+    def fail(*a, **k):
+        raise AssertionError("a resumed continual run should reuse what the first run saved")
+
+    again = tiny_model()
+    for name in ("build_harmful_data", "derive_patch"):
+        monkeypatch.setattr(continual, name, fail)
+    monkeypatch.setattr(again, "generate", fail)
+    resumed = run_continual(again, tok, cconf, tmp_path / "c", ctx)
+    keys = ("step", "n_train", "nnz", "se_steps", "asr", "xstest_refusal", "utility_nll")
+    assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in crows]
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters()))
+    # another config into the same folder is refused; a saved step patch of another model is refused
+    with pytest.raises(RunDirMismatchError, match="another configuration"):
+        run_continual(tiny_model(), tok, cconf.model_copy(update={"categories": ["malicious_uses"]}), tmp_path / "c", ctx)
+    with pytest.raises(RunDirMismatchError, match="derived from another model"):
+        continual._saved_patch(tmp_path / "c/step2_information_hazard/patch", tiny_model())
 
 
 def test_cli_patch_baselines_with_data_dir_only(tmp_path, data_dir, monkeypatch):
