@@ -212,7 +212,8 @@ def sweep(
 @app.command("continual")
 @config_options(ContinualConfig, ["data.n_train", *MERGE_FIELDS])
 def continual(
-    out: Path = out_option("Run folder (per-step data, patches, evaluations, table)."),
+    out: Path = out_option("Run folder (per-step data, patches, evaluations, table); the same command rerun "
+                           "into it resumes."),
     model: str = model_option(),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Dataset whose categories are the steps (default: donotanswer)."),
     category: list[str] = typer.Option([], "--category", help="Harm categories in order (repeatable; default: "
