@@ -278,18 +278,16 @@ def test_set_on_a_nested_default_keeps_its_other_fields():
 def test_set_values_and_config_files_read_exponents_as_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads `1e-4` as the string "1e-4"; every documented command writes `lr=1e-4`, and a string
     in a free-form dict (`se.train`) reached the run's recorded config as text."""
-    from safeunits.eval.suites import load_suite
-    from safeunits.train.recipes import RECIPE_DIR, load_recipe
+    from safeunits.experiments.config import EXPERIMENT_DIR, load_experiment
 
     assert parse_sets(["se.train.lr=1e-4", "x=-2E3", "y=[5e-5, 1]", "n=12", "s='1e-4'", "w=abc"]) == \
         {"se": {"train": {"lr": 1e-4}}, "x": -2000.0, "y": [5e-5, 1], "n": 12, "s": "1e-4", "w": "abc"}
     assert isinstance(parse_sets(["n=12"])["n"], int)
-    suite = tmp_path / "s.yaml"
-    suite.write_text("name: s\nmax_new_tokens: 8\nharmful: []\nutility: []\n")
-    assert load_suite(suite).max_new_tokens == 8
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text((RECIPE_DIR / "finetune.yaml").read_text().replace("5.0e-5", "5e-5"))
-    assert load_recipe(recipe).train.lr == 5e-5
+    # a file: the derive step's `train` is a free-form dict, where pydantic coerces nothing
+    experiment = tmp_path / "e.yaml"
+    experiment.write_text((EXPERIMENT_DIR / "demo-quick.yaml").read_text().replace("lr: 1.0e-4", "lr: 1e-4"))
+    step = next(s for s in load_experiment(experiment).steps if s.name == "patch-se")
+    assert step.settings.train["lr"] == 1e-4
 
 
 # --- library functions behind the commands -----------------------------------------------------------------
