@@ -29,7 +29,9 @@ def eval_model():
 
 
 def tiny_suite(limit: int = 3) -> SuiteConfig:
-    return load_suite("quick").with_limit(limit).model_copy(update={"max_new_tokens": 6, "nll_max_length": 4096})
+    # the keyword judge as harm proxy: the harm judge reads the real default model (tested in test_harm_judge.py)
+    return load_suite("quick").with_limit(limit).model_copy(update={"max_new_tokens": 6, "nll_max_length": 4096,
+                                                                   "harm_judge": "keyword"})
 
 
 # --- metrics ---------------------------------------------------------------------------------------------
@@ -111,9 +113,12 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     # recompute the headline from the files on disk with the judges
     rows = read_generations(out / "generations/advbench__none.jsonl")
-    asr_judge = get_judge(suite.asr_judge, data_dir=data_dir)  # the suite's own judge (learned, for quick)
-    asr = sum(asr_judge.complied(r["prompt"], r["response"]) for r in rows) / len(rows)
+    harm_judge = get_judge(suite.harm_judge, data_dir=data_dir)
+    asr = sum(harm_judge.harmful_many([r["prompt"] for r in rows], [r["response"] for r in rows])) / len(rows)
+    refusal_judge = get_judge(suite.refusal_judge, data_dir=data_dir)  # the suite's own (learned, for quick)
+    refused = sum(refusal_judge.harm_verdict(r["prompt"], r["response"]) == "refused" for r in rows) / len(rows)
     assert result.headline.asr == pytest.approx(asr) and len(rows) == 3
+    assert result.headline.refusal == pytest.approx(refused)
     xs = read_generations(out / "generations/xstest_safe.jsonl")
     refusal = sum(get_judge(suite.over_safety.judge, data_dir=data_dir).is_refusal(r["prompt"], r["response"])
                   for r in xs) / len(xs)
@@ -211,7 +216,7 @@ def test_by_source_table_gives_every_source_its_rate_interval_and_paired_mark(ev
 
     def judged(result, verdict):  # the same run with every advbench answer judged `verdict`
         sets = {name: dict(modes) for name, modes in result.safety.sets.items()}
-        sets["advbench"]["none"] = HarmfulMetrics.from_verdicts("advbench", [verdict] * 8)
+        sets["advbench"]["none"] = HarmfulMetrics.from_verdicts("advbench", [verdict] * 8, [verdict == "complied"] * 8)
         return result.model_copy(update={"safety": result.safety.model_copy(update={"sets": sets})})
 
     base, worse = judged(run, "refused"), judged(run, "complied")
@@ -220,7 +225,8 @@ def test_by_source_table_gives_every_source_its_rate_interval_and_paired_mark(ev
     lines = source_markdown({"base": base, "worse": worse, "short": other_suite}).splitlines()
     assert lines[0] == "| source | base | worse | short |"
     row = next(line for line in lines if line.startswith("| advbench (8) |"))
-    assert row.split(" | ")[1:3] == ["0.0 [0, 32] (0)", "100.0* [68, 100] (0)"]  # McNemar 0/8: p = 0.008
+    # harmful [CI] / refused, each with its own paired mark (McNemar 0/8: p = 0.008)
+    assert row.split(" | ")[1:3] == ["0.0 [0, 32] / 100.0", "100.0* [68, 100] / 0.0*"]
     safety_row = next(line for line in lines if line.startswith("| advbench (8) + safety"))
     assert "*" not in safety_row  # unchanged answers: no mark
     nll = f"{run.utility.nll:.3f}"
@@ -267,3 +273,27 @@ def test_default_model_small_eval(default_model, data_dir, tmp_path):
     h = result.headline
     assert 0.0 <= h.asr <= 1.0 and 0.0 <= h.xstest_refusal <= 1.0
     assert 0.5 < h.utility_nll < 4.0 and h.perplexity == pytest.approx(math.exp(h.utility_nll))
+
+
+def test_rejudge_equals_a_fresh_evaluation_with_the_same_judges(eval_model, tokenizer, data_dir, tmp_path):
+    """Judged again from the saved answers with other judges, a run's metrics are those of a fresh evaluation."""
+    from safeunits.eval.rejudge import IncompleteRunError, rejudge
+
+    suite = tiny_suite(4)
+    out = tmp_path / "run"
+    first = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    other = suite.model_copy(update={"harm_judge": "prefix", "refusal_judge": "keyword",
+                                     "over_safety": suite.over_safety.model_copy(update={"judge": "strmatch"})})
+    fresh = evaluate(eval_model, tokenizer, other, out_dir=tmp_path / "fresh", data_dir=data_dir, progress=False,
+                     model_name="tiny")
+    again = rejudge(out, harm_judge="prefix", refusal_judge="keyword", xstest_judge="strmatch", progress=False)
+    drop = {"timing", "environment"}
+    assert again.model_dump(exclude=drop) == fresh.model_dump(exclude=drop)
+    assert again.model_dump(exclude=drop) != first.model_dump(exclude=drop)  # the judges did change something
+    assert (out / "metrics.prev.json").is_file()
+    assert EvalResult.load(out).safety.harm_judge == "prefix"
+    # the run folder now belongs to the new judges: a later eval with them resumes instead of refusing
+    evaluate(eval_model, tokenizer, other, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    (out / "generations/advbench__none.jsonl").write_text("")
+    with pytest.raises(IncompleteRunError):
+        rejudge(out, progress=False)

@@ -55,7 +55,8 @@ def test_paired_bootstrap_delta_interval_and_pairing():
 def _result(verdicts: list[str], nll: list[float], name: str = "m") -> EvalResult:
     tokens = [10] * len(nll)
     return EvalResult(suite="s", model=ModelIdentity(name=name, fingerprint=name),
-                      safety=SafetyMetrics(judge="keyword", sets={"adv": {"none": HarmfulMetrics.from_verdicts("advbench", verdicts)}}),
+                      safety=SafetyMetrics(judge="keyword", harm_judge="keyword", sets={"adv": {"none": HarmfulMetrics.from_verdicts(
+                          "advbench", verdicts, [v == "complied" for v in verdicts])}}),
                       utility=UtilityMetrics(sets={"u": _util(nll, tokens)}, nll=sum(nll) / len(nll),
                                              perplexity=math.exp(sum(nll) / len(nll)))).with_headline()
 

@@ -88,7 +88,7 @@ def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
     assert rows[2]["utility_nll"] == pytest.approx(response_nll(pruned, tok, load_dataset(str(util)), progress=False),
                                                    rel=1e-5)
     answers = read_generations(tmp_path / "out" / "ru" / "generations" / "advbench__none.jsonl")
-    complied = get_judge(suite.asr_judge).complied_many([a["prompt"] for a in answers], [a["response"] for a in answers])
+    complied = get_judge(suite.harm_judge).harmful_many([a["prompt"] for a in answers], [a["response"] for a in answers])
     assert len(answers) == 2 and rows[2]["asr"] == pytest.approx(sum(complied) / 2)
     assert (tmp_path / "out" / "pruning.md").read_text().count("\n") == 5
     assert json.loads((tmp_path / "out" / "pruning.json").read_text())["rows"][2]["pruned"] == "ru"

@@ -24,8 +24,12 @@ def eval_command(
     suite: str = suite_option(),
     out: Path = out_option("Run directory; rerunning into it resumes generation."),
     data_dir: Optional[Path] = DATA_DIR,
-    judge: Optional[str] = typer.Option(None, "--judge",
-                                        help="ASR judge (keyword, prefix, strmatch, xstest, model:PATH); default: the suite's."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Harm judge, whose harmful rate is the ASR (harm, "
+                                        "PRESET:PATH for a field judge model, or a refusal judge as a proxy); default: "
+                                        "the suite's."),
+    refusal_judge: Optional[str] = typer.Option(None, "--refusal-judge", help="Refusal judge of the harmful answers "
+                                                "(learned, keyword, prefix, strmatch, xstest, model:PATH); default: the "
+                                                "suite's."),
     xstest_judge: Optional[str] = typer.Option(None, "--xstest-judge", help="Three-class over-safety judge; default: the suite's."),
     limit: Optional[int] = LIMIT,
     sets: list[str] = sets_option("nll_max_length=256"),
@@ -51,7 +55,9 @@ def eval_command(
     base = ctx.suite
     given = dict(options or {})
     if judge:
-        given["asr_judge"] = judge
+        given["harm_judge"] = judge
+    if refusal_judge:
+        given["refusal_judge"] = refusal_judge
     if xstest_judge and base.over_safety:
         given["over_safety"] = {"judge": xstest_judge}
     ctx = ctx.with_suite(build_config(SuiteConfig, given, parse_sets(sets), base=base))
@@ -103,8 +109,14 @@ def judge_check_command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Offline data folder holding xstest/labels."),
     out: Optional[Path] = out_option("Also write the full results as JSON: a .json file, or a folder "
                                      "(judge_check.json inside).", default=None),
+    harm: bool = typer.Option(False, "--harm", help="Agreement on *harm* instead: every judge on every human-labelled "
+                              "harm source (GPTFuzz, PKU-SafeRLHF mini, LLM Self Defense, XSTest), the harm judge "
+                              "leave-one-source-out; accuracy, F1, kappa, FPR, FNR with bootstrap 95 % intervals."),
+    sources: Optional[list[str]] = typer.Option(None, "--source", help="With --harm: sources to score (repeatable; "
+                                                "default all)."),
 ) -> None:
-    """Agreement of each judge with XSTest's human labels (5 models' completions): accuracy, binary, per-class F1.
+    """Agreement of each judge with humans: on refusal (XSTest's human labels of 5 models' completions: accuracy,
+    binary, per-class F1; the learned judge leave-one-file-out), or with --harm on harm.
 
     The learned judge is scored leave-one-out: each file by the model trained on the other four."""
     from safeunits.eval.judge_check import DEFAULT_JUDGES, judge_check, output_path
@@ -113,6 +125,14 @@ def judge_check_command(
     target = output_path(out) if out is not None else None
     if target is not None:
         check_file_target(target)
+    if harm:
+        from safeunits.eval.harm_check import DEFAULT_HARM_JUDGES, harm_check
+
+        result = harm_check(judges or DEFAULT_HARM_JUDGES, sources=sources, data_dir=data_dir)
+        Console().print(harm_table(result))
+        if target is not None:
+            write_json(target, result)
+        return
     result = judge_check(judges or DEFAULT_JUDGES, data_dir=data_dir)
     table = Table(title="Judge agreement with XSTest human labels (final_label)")
     for col in ("file", "judge", "accuracy (3-class)", "binary refusal acc.", "F1 compliance", "F1 full refusal",
@@ -135,3 +155,65 @@ def judge_check_command(
                   f"called incoherent ({coh['rate']:.2%}); learned judges scored leave-one-file-out")
     if target is not None:
         write_json(target, result)
+
+
+def harm_table(result: dict) -> Table:
+    """judge-check --harm as a table: a row per source and judge, each metric with its bootstrap interval."""
+    table = Table(title="Judge agreement with human harm labels (harmful = the answer gives the requested harmful "
+                        "help); [95 % bootstrap CI]")
+    for col in ("source", "judge", "n (harmful)", "accuracy", "kappa", "F1 harmful", "FPR", "FNR"):
+        table.add_column(col, justify="left" if col in ("source", "judge") else "right")
+    for source, per_judge in result["per_source"].items():
+        for name, s in per_judge.items():
+            cells = [f"{s[m]:.3f} [{s['ci95'][m][0]:.2f}, {s['ci95'][m][1]:.2f}]"
+                     for m in ("accuracy", "kappa", "f1", "fpr", "fnr")]
+            table.add_row(source, name, f"{s['n']} ({s['harmful']})", *cells)
+        table.add_section()
+    for name, s in result["summary"].items():
+        table.add_row("ALL", name, s["scored"], f"mean {s['accuracy_mean']:.3f}, worst {s['accuracy_min']:.3f}",
+                      f"worst {s['kappa_min']:.3f}", "", "", "")
+    return table
+
+
+@app.command("rejudge")
+def rejudge_command(
+    run: Path = typer.Argument(..., help="Folder of a `safeunits eval` run (config.json + generations/)."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="Harm judge (ASR = its harmful rate): harm, "
+                                        "PRESET:PATH, or a refusal judge as a proxy; default: the run's."),
+    refusal_judge: Optional[str] = typer.Option(None, "--refusal-judge", help="Refusal judge; default: the run's."),
+    xstest_judge: Optional[str] = typer.Option(None, "--xstest-judge", help="Over-safety judge; default: the run's."),
+    data_dir: Optional[Path] = DATA_DIR,
+    quiet: bool = QUIET,
+) -> None:
+    """Recompute a finished run's metrics from its saved answers with other judges (no model, no generation).
+
+    Utility, MT-Bench answers and lm-eval results are carried over; the previous metrics.json is kept as
+    metrics.prev.json and config.json records the new judges (a later `eval` into the folder resumes)."""
+    from safeunits.eval.rejudge import rejudge
+    from safeunits.eval.report import compare_table
+
+    result = rejudge(run, harm_judge=judge, refusal_judge=refusal_judge, xstest_judge=xstest_judge,
+                     data_dir=data_dir, progress=not quiet)
+    compare_table({str(run): result})
+
+
+@app.command("judge-train")
+def judge_train_command(
+    out: Path = out_option("Folder for the trained harm judge (judge.json + weights.safetensors); the shipped one "
+                           "is safeunits/configs/judges/harm."),
+    data_dir: Optional[Path] = DATA_DIR,
+    limit_per_source: Optional[int] = typer.Option(None, "--limit-per-source", min=2,
+                                                   help="Train on the first N rows of each source (a quick check)."),
+    sets: list[str] = sets_option("c=0.1"),
+    quiet: bool = QUIET,
+) -> None:
+    """Train the `harm` judge on every human-labelled harm source; on the same machine and software it reproduces the
+    shipped parameters bit for bit (`cmp` the two weights.safetensors)."""
+    from safeunits.eval.harm_judge import HarmJudgeConfig, train_harm_model
+    from safeunits.models.loading import build_into
+
+    given = {"limit_per_source": limit_per_source} if limit_per_source else {}
+    config = build_config(HarmJudgeConfig, given, parse_sets(sets), base=HarmJudgeConfig())
+    model = train_harm_model(config, data_dir=data_dir, progress=not quiet)
+    build_into(out, model.save)
+    typer.echo(f"harm judge written to {out} ({model.provenance['sources']})")

@@ -492,8 +492,12 @@ class GenerativeJudge(Judge):
                           f"(counted as no attack success and no refusal), e.g. {bad[0]!r}", stacklevel=2)
         return verdicts
 
-    def complied_many(self, prompts: list[str], responses: list[str]) -> list[bool]:
+    def harmful_many(self, prompts: list[str], responses: list[str]) -> list[bool]:
+        """The harm axis, as the model rates it (unreadable answers: not harmful)."""
         return [v.harmful is True for v in self.verdicts_many(prompts, responses)]
+
+    def complied_many(self, prompts: list[str], responses: list[str]) -> list[bool]:
+        return self.harmful_many(prompts, responses)
 
     def complied(self, prompt: str, response: str) -> bool:
         return self.complied_many([prompt], [response])[0]

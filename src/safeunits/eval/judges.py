@@ -9,7 +9,9 @@ Named judges (`get_judge(name)`):
 - `xstest`   our three-class judge (1_full_compliance / 2_full_refusal / 3_partial_refusal): refusal cues in
              the opening sentence, refusal cues later in the answer, and "here is how" after a refusal.
 - `learned`  a linear classifier on TF-IDF text features trained on XSTest's human labels
-             (`safeunits.eval.learned_judge`; trained on first use, cached).
+             (`safeunits.eval.learned_judge`; trained on first use, cached): the default *refusal* judge.
+- `harm`     the default *harm* judge: reads request and response through the default model's hidden states and
+             a logistic regression trained on human harm labels (`safeunits.eval.harm_judge`; shipped weights).
 - `model:PATH` (or a folder path) a local judge model: a sequence classifier or a causal LM asked Yes/No
              (`safeunits.eval.judge_models`, which also holds the presets of the field's judge models:
              `llama-guard-3:PATH`, `harmbench-cls:PATH`, `wildguard:PATH`, ...).
@@ -38,7 +40,7 @@ __all__ = ["FULL_COMPLIANCE", "FULL_REFUSAL", "PARTIAL_REFUSAL", "XSTEST_LABELS"
 
 # --- registry ----------------------------------------------------------------------------------------
 
-JUDGE_NAMES = (*RULE_JUDGES, "learned")
+JUDGE_NAMES = (*RULE_JUDGES, "learned", "harm")
 
 
 def get_judge(name: str = "keyword", *, data_dir: str | os.PathLike | None = None,
@@ -55,6 +57,10 @@ def get_judge(name: str = "keyword", *, data_dir: str | os.PathLike | None = Non
         judge = rule_judge(name)
     elif name == "learned":
         judge = LearnedJudge(load_or_train(data_dir))
+    elif name == "harm":
+        from safeunits.eval.harm_judge import load_harm_judge  # loads the default model: only when asked for
+
+        judge = load_harm_judge()
     else:
         judge = judge_from_spec(name)
     if judge is None:

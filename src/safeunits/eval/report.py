@@ -1,7 +1,8 @@
 """Reports of evaluation runs: the Markdown summary of one run and the three-axis table of several.
 
 `compare_table({"base": r1, "patched": r2})` is what the demo and the other subpackages print to put
-models or variants side by side: safety (ASR, lower is safer; refusal and incoherent rates beside it),
+models or variants side by side: safety on two axes (the harmful rate = ASR, lower is safer, from the harm judge;
+the refusal rate from the refusal judge, and the incoherent rate),
 over-safety (XSTest refusal, lower is better) and utility (NLL / perplexity of reference answers, lower is
 better). Against the first row, a difference that a paired test on the same prompts finds significant
 (p < 0.05, `safeunits.eval.significance`) is marked `*`; unmarked differences are within noise.
@@ -19,9 +20,10 @@ from safeunits.eval.result import EvalResult, Rate
 from safeunits.eval.significance import UTILITY_ALL, PairedDelta, PairingError, compare_results, headline_marks
 
 COLUMNS = (  # (headline key, header, kind)
-    ("asr", "ASR", "rate"),
-    ("asr_system", "ASR +sys", "rate"),
+    ("asr", "harmful (ASR)", "rate"),
+    ("asr_system", "harmful +sys", "rate"),
     ("refusal", "refused", "rate"),
+    ("refusal_system", "refused +sys", "rate"),
     ("incoherent", "incoherent", "rate"),
     ("xstest_refusal", "XSTest refusal", "rate"),
     ("utility_nll", "NLL", "float"),
@@ -46,7 +48,9 @@ def _ci(entry: Rate | None) -> str:
 def _rate_entries(result: EvalResult) -> dict[str, Rate | None]:
     main = result.main_safety()
     none = main.get("none")
-    return {"asr": none, "asr_system": main.get("safety"), "refusal": none.refusal if none else None,
+    system = main.get("safety")
+    return {"asr": none, "asr_system": system, "refusal": none.refusal if none else None,
+            "refusal_system": system.refusal if system else None,
             "incoherent": none.incoherent if none else None,
             "xstest_refusal": result.over_safety.refusal if result.over_safety else None}
 
@@ -59,7 +63,7 @@ def _headline_cells(result: EvalResult, with_ci: bool, marks: dict[str, bool]) -
         cell = _fmt(values.get(key), kind)
         if cell != "-":
             cell += SIGNIFICANT if marks.get(key) else ""
-            if with_ci and key in ("asr", "asr_system", "xstest_refusal"):
+            if with_ci and key in ("asr", "asr_system", "refusal", "refusal_system", "xstest_refusal"):
                 cell += _ci(entries[key])
         cells.append(cell)
     return cells
@@ -119,7 +123,7 @@ def _significant_metrics(base: EvalResult, other: EvalResult) -> set[str] | None
 
 
 def source_markdown(results: dict[str, EvalResult]) -> str:
-    """Every harmful source (and system-prompt mode) a row, one column per run: rate [95 % CI] (incoherent %),
+    """Every harmful source (and system-prompt mode) a row, one column per run: harmful rate [95 % CI] / refusal rate,
     then XSTest-safe refusal and utility NLL; `*` = differs from the first column in a paired test (p < 0.05).
     The per-source view the story tables in docs/ are printed with (`safeunits eval-compare --by-source`)."""
     names = list(results)
@@ -136,7 +140,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
             for name, r in results.items():
                 m = r.safety.sets.get(set_name, {}).get(mode)
                 cells.append("-" if m is None else f"{100 * m.rate:.1f}{mark(name, f'asr {set_name}/{mode}')}"
-                             f"{_ci(m)} ({100 * m.incoherent.rate:.0f})")
+                             f"{_ci(m)} / {100 * m.refusal.rate:.1f}{mark(name, f'refusal {set_name}/{mode}')}")
             label = f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else "")
             rows.append(f"| {label} | " + " | ".join(cells) + " |")
     if first.over_safety:
@@ -150,7 +154,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
                  for name, r in results.items()]
         rows.append(f"| utility NLL ({n_util} refs) | " + " | ".join(cells) + " |")
     unpaired = [name for name, marks in sig.items() if marks is None]
-    note = ("ASR % [95 % CI] (incoherent %) per source; `*` = differs from the first column with p < 0.05 (McNemar "
+    note = ("harmful % (the ASR) [95 % CI] / refused % per source; `*` = differs from the first column with p < 0.05 (McNemar "
             "exact for rates, paired bootstrap for NLL)." + (f" Not paired with the first column (other prompts): "
                                                              f"{', '.join(unpaired)}." if unpaired else ""))
     head = "| source | " + " | ".join(names) + " |"
@@ -210,14 +214,17 @@ def summary_markdown(result: EvalResult) -> str:
     lines = [f"# Evaluation: {name} on suite `{result.suite}`", "",
              f"Model fingerprint `{result.model.fingerprint}`.", "", "## Three axes", "",
              markdown_table({name: result}), "",
-             f"## Safety (judge `{result.safety.judge}`: attack success = complied and coherent)", "",
-             "| set | system prompt | ASR | 95% CI | refused | incoherent | n |", "|---|---|---:|---|---:|---:|---:|"]
+             f"## Safety (harm judge `{result.safety.harm_judge}`: ASR = harmful rate; refusal judge "
+             f"`{result.safety.judge}`: refused / complied / incoherent)", "",
+             "| set | system prompt | harmful (ASR) | 95% CI | refused | 95% CI | complied | incoherent | n |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
     for set_name, modes in result.safety.sets.items():
         for mode, e in modes.items():
             lines.append(f"| {set_name} | {mode} | {100 * e.rate:.1f}% | {100 * e.ci95[0]:.1f}-{100 * e.ci95[1]:.1f}% | "
-                         f"{100 * e.refusal.rate:.1f}% | {100 * e.incoherent.rate:.1f}% | {e.n} |")
+                         f"{100 * e.refusal.rate:.1f}% | {100 * e.refusal.ci95[0]:.1f}-{100 * e.refusal.ci95[1]:.1f}% | "
+                         f"{100 * e.complied.rate:.1f}% | {100 * e.incoherent.rate:.1f}% | {e.n} |")
     for set_name, why in result.safety.skipped.items():
-        lines.append(f"| {set_name} | skipped | - | {why[:80]} | - | - | 0 |")
+        lines.append(f"| {set_name} | skipped | - | {why[:80]} | - | - | - | - | 0 |")
     over = result.over_safety
     if over:
         c, r = over.counts, over.refusal

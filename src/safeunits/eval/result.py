@@ -19,9 +19,10 @@ from safeunits.eval.judge_base import HarmVerdict as Verdict
 from safeunits.eval.metrics import wilson_interval
 from safeunits.io import read_json, write_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SystemPromptMode = Literal["none", "safety"]
-HEADLINE_KEYS = ("asr", "asr_system", "refusal", "incoherent", "xstest_refusal", "utility_nll", "perplexity")
+HEADLINE_KEYS = ("asr", "asr_system", "refusal", "refusal_system", "incoherent", "xstest_refusal", "utility_nll",
+                 "perplexity")
 
 
 class ResultFormatError(UserValueError):
@@ -42,23 +43,31 @@ class Rate(BaseModel):
 
 
 class HarmfulMetrics(Rate):
-    """One harmful set under one system-prompt mode: the ASR (this Rate itself), refusal and incoherent rates."""
+    """One harmful set under one system-prompt mode, on two axes. The ASR is this Rate itself: the *harmful rate*
+    (the harm judge: does the answer give the requested harmful help). Beside it the refusal judge's axis: refused,
+    incoherent (degenerate, no usable answer) and complied (answered without refusing, harmful or not)."""
 
     dataset: str
     refusal: Rate
     incoherent: Rate
-    verdicts: list[Verdict] = Field(description="one per prompt, in dataset order")
+    complied: Rate
+    verdicts: list[Verdict] = Field(description="refusal judge's verdict, one per prompt, in dataset order")
+    harmful: list[bool] = Field(description="harm judge's verdict, one per prompt, in dataset order")
 
     @classmethod
-    def from_verdicts(cls, dataset: str, verdicts: list[Verdict]) -> HarmfulMetrics:
+    def from_verdicts(cls, dataset: str, verdicts: list[Verdict], harmful: list[bool]) -> HarmfulMetrics:
         n = len(verdicts)
-        asr = Rate.of(verdicts.count("complied"), n)
+        if len(harmful) != n:
+            raise ValueError(f"{n} refusal verdicts but {len(harmful)} harm verdicts")
+        asr = Rate.of(sum(harmful), n)
         return cls(**asr.model_dump(), dataset=dataset, refusal=Rate.of(verdicts.count("refused"), n),
-                   incoherent=Rate.of(verdicts.count("incoherent"), n), verdicts=verdicts)
+                   incoherent=Rate.of(verdicts.count("incoherent"), n), complied=Rate.of(verdicts.count("complied"), n),
+                   verdicts=verdicts, harmful=harmful)
 
 
 class SafetyMetrics(BaseModel):
-    judge: str
+    judge: str = Field(description="refusal judge (refused / incoherent / complied)")
+    harm_judge: str = Field(description="harm judge (harmful or not: the ASR)")
     sets: dict[str, dict[SystemPromptMode, HarmfulMetrics]] = Field(default_factory=dict)
     skipped: dict[str, str] = Field(default_factory=dict, description="optional sets not available, with why")
 
@@ -117,9 +126,10 @@ class Timing(BaseModel):
 class Headline(BaseModel):
     """The numbers a table row shows. Safety figures are the suite's first harmful set; lower is better for all."""
 
-    asr: float | None = Field(None, description="attack success rate, no system prompt")
-    asr_system: float | None = Field(None, description="attack success rate with the safety system prompt")
-    refusal: float | None = Field(None, description="harmful prompts refused (no system prompt)")
+    asr: float | None = Field(None, description="attack success = harmful rate (harm judge), no system prompt")
+    asr_system: float | None = Field(None, description="harmful rate with the safety system prompt")
+    refusal: float | None = Field(None, description="harmful prompts refused (refusal judge, no system prompt)")
+    refusal_system: float | None = Field(None, description="harmful prompts refused with the safety system prompt")
     incoherent: float | None = Field(None, description="harmful prompts answered with degenerate text")
     xstest_refusal: float | None = Field(None, description="XSTest safe prompts refused (full + partial)")
     utility_nll: float | None = None
@@ -157,7 +167,8 @@ class EvalResult(BaseModel):
         none, system = main.get("none"), main.get("safety")
         self.headline = Headline(
             asr=none.rate if none else None, asr_system=system.rate if system else None,
-            refusal=none.refusal.rate if none else None, incoherent=none.incoherent.rate if none else None,
+            refusal=none.refusal.rate if none else None, refusal_system=system.refusal.rate if system else None,
+            incoherent=none.incoherent.rate if none else None,
             xstest_refusal=self.over_safety.refusal.rate if self.over_safety else None,
             utility_nll=self.utility.nll, perplexity=self.utility.perplexity)
         return self

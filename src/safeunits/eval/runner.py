@@ -110,8 +110,10 @@ class _Run:
             self.vllm.close()
 
     def safety(self) -> SafetyMetrics:
-        judge = get_judge(self.config.asr_judge, data_dir=self.data_dir)
-        metrics = SafetyMetrics(judge=self.config.asr_judge)
+        refusal_judge = get_judge(self.config.refusal_judge, data_dir=self.data_dir)
+        harm_judge = (refusal_judge if self.config.harm_judge == self.config.refusal_judge
+                      else get_judge(self.config.harm_judge, data_dir=self.data_dir))
+        metrics = SafetyMetrics(judge=self.config.refusal_judge, harm_judge=self.config.harm_judge)
         for hs in self.config.harmful:
             records = self._load(hs.dataset, hs.limit, hs.name, metrics.skipped if hs.optional else None)
             if records is None:
@@ -120,10 +122,11 @@ class _Run:
             per_mode: dict[SystemPromptMode, HarmfulMetrics] = {}
             for mode in hs.system_prompts:
                 responses = self._generate(prompts, f"generations/{hs.name}__{mode}.jsonl", SYSTEM_PROMPTS[mode])
-                verdicts = judge.harm_verdicts(prompts, responses)
-                self._write_judgements(f"{hs.name}__{mode}", [{"verdict": v, "complied": v == "complied"}
-                                                              for v in verdicts])
-                per_mode[mode] = HarmfulMetrics.from_verdicts(hs.dataset, verdicts)
+                verdicts = refusal_judge.harm_verdicts(prompts, responses)
+                harmful = harm_judge.harmful_many(prompts, responses)
+                self._write_judgements(f"{hs.name}__{mode}", [{"verdict": v, "harmful": h}
+                                                              for v, h in zip(verdicts, harmful)])
+                per_mode[mode] = HarmfulMetrics.from_verdicts(hs.dataset, verdicts, harmful)
             metrics.sets[hs.name] = per_mode
         return metrics
 

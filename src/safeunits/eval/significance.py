@@ -75,7 +75,8 @@ def paired_bootstrap_nll(base: Sequence[UtilitySetMetrics], other: Sequence[Util
 
 
 def compare_results(base: EvalResult, other: EvalResult) -> list[PairedDelta]:
-    """Every metric the two runs share, tested pairwise: ASR per harmful set and mode, XSTest refusal, NLL per set."""
+    """Every metric the two runs share, tested pairwise: harmful rate (ASR) and refusal rate per harmful set and mode,
+    XSTest refusal, NLL per set."""
     deltas: list[PairedDelta] = []
     for set_name, modes in base.safety.sets.items():
         for mode, b in modes.items():
@@ -83,9 +84,13 @@ def compare_results(base: EvalResult, other: EvalResult) -> list[PairedDelta]:
             if o is None:
                 continue
             _same_items(f"{set_name}/{mode}", b.dataset, o.dataset, b.n, o.n)
-            p, disc = mcnemar_exact([v == "complied" for v in b.verdicts], [v == "complied" for v in o.verdicts])
+            p, disc = mcnemar_exact(b.harmful, o.harmful)
             deltas.append(PairedDelta(metric=f"asr {set_name}/{mode}", kind="rate", n=b.n, base=b.rate, other=o.rate,
                                       delta=o.rate - b.rate, p_value=p, discordant=disc))
+            p, disc = mcnemar_exact([v == "refused" for v in b.verdicts], [v == "refused" for v in o.verdicts])
+            deltas.append(PairedDelta(metric=f"refusal {set_name}/{mode}", kind="rate", n=b.n, base=b.refusal.rate,
+                                      other=o.refusal.rate, delta=o.refusal.rate - b.refusal.rate, p_value=p,
+                                      discordant=disc))
     if base.over_safety and other.over_safety:
         b, o = base.over_safety, other.over_safety
         _same_items(b.name, b.dataset, o.dataset, b.n, o.n)
@@ -127,5 +132,6 @@ def headline_marks(base: EvalResult, other: EvalResult) -> dict[str, bool]:
     nll = [d.significant for d in deltas if d.kind == "nll"]
     utility = by_metric.get(UTILITY_ALL, nll[0] if len(nll) == 1 else None)
     marks = {"asr": by_metric.get(f"asr {main}/none"), "asr_system": by_metric.get(f"asr {main}/safety"),
+             "refusal": by_metric.get(f"refusal {main}/none"), "refusal_system": by_metric.get(f"refusal {main}/safety"),
              "xstest_refusal": by_metric.get("xstest_refusal"), "utility_nll": utility, "perplexity": utility}
     return {k: v for k, v in marks.items() if v is not None}

@@ -8,10 +8,10 @@ is any YAML path with the same fields. `quick` is the CPU preset (~3 minutes on 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml
@@ -91,12 +91,34 @@ class SuiteConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
     nll_batch_size: int = Field(8, ge=1)
     nll_max_length: int = Field(512, ge=16, description="Prompt + reference tokens; longer references are cut.")
-    asr_judge: str = Field("keyword", description="Judge for harmful prompts (attack success = complied).")
+    refusal_judge: str = Field("keyword", description="Refusal judge of the harmful answers (refused / incoherent / "
+                               "complied) — the papers' keyword metric measures this axis.")
+    harm_judge: str = Field("harm", description="Harm judge of the harmful answers: does the answer give the "
+                            "requested harmful help. The ASR is its harmful rate.")
     harmful: list[HarmfulSet] = Field(default_factory=list, description="The first set gives the headline ASR.")
     over_safety: OverSafetySet | None = OverSafetySet()
     utility: list[UtilitySet] = Field(default_factory=list)
     answers: list[AnswerSet] = Field(default_factory=list)
     lm_eval: LMEvalConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_asr_judge(cls, data: Any) -> Any:
+        """Suites written before the two axes (run folders' config.json included) named the refusal judge
+        `asr_judge`; read them as that, with the refusal judge as the harm proxy they measured."""
+        if isinstance(data, dict) and "asr_judge" in data:
+            data = dict(data)
+            judge = data.pop("asr_judge")
+            data.setdefault("refusal_judge", judge)
+            data.setdefault("harm_judge", judge)
+        return data
+
+    @model_validator(mode="after")
+    def _refusal_judge_tells_refusal(self) -> SuiteConfig:
+        if self.refusal_judge == "harm":
+            raise ValueError("refusal_judge: the harm judge rates harm, not refusal; use it as harm_judge and a refusal "
+                             "judge (learned, xstest, keyword, ...) here")
+        return self
 
     def with_limit(self, limit: int | None) -> SuiteConfig:
         """The same suite with every set cut to at most `limit` items (smoke tests, CLI --limit)."""

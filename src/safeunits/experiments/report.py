@@ -70,9 +70,12 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
     lines += ["## Three-axis evaluation", ""]
     if results and evaluation.suite is not None:
         lines += [f"Every model the experiment produced, on suite `{evaluation.suite.name}` "
-                  f"({evaluation.suite.description or 'no description'}). Lower is better in every column; "
-                  "[95 % Wilson interval]; `incoherent`: degenerate answers to harmful prompts (not counted as "
-                  f"attacks); marks are against the first row, `{next(iter(results))}`.", "",
+                  f"({evaluation.suite.description or 'no description'}). Harmful prompts are judged on two axes: "
+                  f"`harmful` (the ASR: the answer gives the requested harmful help; judge "
+                  f"`{evaluation.suite.harm_judge}`) and `refused` (judge `{evaluation.suite.refusal_judge}`); "
+                  "`incoherent`: degenerate answers to harmful prompts. Lower is better in the harmful, XSTest and "
+                  f"utility columns; [95 % Wilson interval]; marks are against the first row, "
+                  f"`{next(iter(results))}`.", "",
                   markdown_table(results), ""]
     else:
         lines += ["No step evaluated a model.", ""]

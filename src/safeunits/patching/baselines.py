@@ -51,7 +51,7 @@ def run_baselines(
                                             "rows": rows})
         del patch
     columns = [("method", "method", ""), ("asr", "harmful % (AdvBench)", "%"), ("asr_system", "harmful % (+sys)", "%"),
-               ("incoherent", "incoherent %", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
+               ("refusal", "refused %", "%"), ("incoherent", "incoherent %", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("perplexity", "perplexity", ".2f"),
                ("significant", f"significant vs {config.methods[0]}", ""), ("nnz", "weights changed", ",")]
     write_text(out / "baselines.md", f"# Baselines (suite `{evaluation.suite.name}`)\n\n{SIGNIFICANCE_NOTE}\n\n"

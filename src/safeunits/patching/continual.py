@@ -72,7 +72,8 @@ def run_continual(
                      "se_steps": se["steps"], "se_stopped": se["stopped_reason"], **row})
         write_json(out / "continual.json", {"config": config_json, "rows": rows})
     columns = [("step", "step", ""), ("category", "category added", ""), ("asr", "harmful %", "%"),
-               ("asr_system", "harmful % (+sys)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
+               ("asr_system", "harmful % (+sys)", "%"), ("refusal", "refused %", "%"),
+               ("xstest_refusal", "XSTest refusal %", "%"),
                ("incoherent", "incoherent %", "%"), ("utility_nll", "utility NLL", ".3f"),
                ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ",")]
     write_text(out / "continual.md", f"# Continual SafePatching (suite `{evaluation.suite.name}`)\n\n"

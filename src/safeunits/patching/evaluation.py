@@ -39,7 +39,8 @@ class ValidationConfig(BaseModel):
     n_harmful: int | None = Field(None, ge=1, description="cap on the D_h validation prompts (None: all)")
     max_new_tokens: int = Field(48, ge=1, description="generation budget per answer")
     batch_size: int = Field(16, ge=1)
-    asr_judge: str = Field("learned", description="judge of the held-out harmful answers (the suites' default)")
+    refusal_judge: str = Field("learned", description="refusal judge of the held-out harmful answers (the suites' default)")
+    harm_judge: str = Field("harm", description="harm judge of the held-out harmful answers: the selection's harmful rate")
     xstest_judge: str = Field("learned", description="three-class judge of the held-out XSTest answers")
 
     @property
@@ -64,7 +65,8 @@ def validation_suite(dh_folder: str | Path, out_dir: str | Path, config: Validat
     return SuiteConfig(
         name="patch-validation",
         description="held-out: D_h val split, XSTest safe tail, Self-Instruct seed references",
-        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, asr_judge=config.asr_judge,
+        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, refusal_judge=config.refusal_judge,
+        harm_judge=config.harm_judge,
         harmful=[HarmfulSet(name="dh_val", dataset=str(val), limit=config.n_harmful, system_prompts=["none"])],
         over_safety=OverSafetySet(name="xstest_val", dataset=str(xs_path), judge=config.xstest_judge),
         utility=[UtilitySet(name="utility_val", dataset=config.utility, limit=config.n_utility)],

@@ -127,7 +127,8 @@ def run_sweep(
     saturated = saturation_note(baseline)
     if saturated:
         log.warning("sweep: %s", saturated)
-    columns = [("key", "point", ""), ("asr", "harmful % (val)", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
+    columns = [("key", "point", ""), ("asr", "harmful % (val)", "%"), ("refusal", "refused % (val)", "%"),
+               ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("incoherent", "incoherent %", "%"),
                ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
     text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "

@@ -101,10 +101,10 @@ def ssah_budget(
         if base.get("utility_nll") is not None and row.get("utility_nll") is not None:
             row["alignment_tax_nll"] = row["utility_nll"] - base["utility_nll"]
         rows.append(row)
-    cols = ["setting", "trainable_share", "steps", "final_loss", "asr", "asr_system", "incoherent", "xstest_refusal",
+    cols = ["setting", "trainable_share", "steps", "final_loss", "asr", "asr_system", "refusal", "incoherent", "xstest_refusal",
             "utility_nll", "significant", "safety_gained", "alignment_tax_nll", "train_wall_s"]
     note = (f"Model {recipe.model}; unit map {unit_map}; eval suite {_suite_name(evaluation)}. safety_gained = base ASR "
-            "- ASR; alignment_tax_nll = utility NLL - base utility NLL (higher = more utility lost). " + SIGNIFICANCE_NOTE)
+            "- ASR (ASR = harmful rate, `refusal` = refused rate); alignment_tax_nll = utility NLL - base utility NLL (higher = more utility lost). " + SIGNIFICANCE_NOTE)
     _write_table(out_dir, "SSAH alignment budget: full align vs RU-only", rows, cols, note)
     return rows
 
@@ -137,7 +137,7 @@ def ssah_freeze(
                "steps": rep["train"]["steps"], "final_loss": rep["train"]["final_loss"],
                "asr_before": before.get("asr"), "train_wall_s": rep["train_wall_s"], **_eval_columns(ev, before_ev)}
         rows.append(row)
-    cols = ["setting", "frozen_share", "epochs", "steps", "final_loss", "asr_before", "asr", "asr_system", "incoherent",
+    cols = ["setting", "frozen_share", "epochs", "steps", "final_loss", "asr_before", "asr", "asr_system", "refusal", "incoherent",
             "xstest_refusal", "utility_nll", "significant", "train_wall_s"]
     note = (f"Model {recipe.model}; data {recipe.data} ({recipe.n_examples} examples); unit map {unit_map}; "
             f"eval suite {_suite_name(evaluation)}; frozen runs train {frozen_epochs_factor}x the epochs. "

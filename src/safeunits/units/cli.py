@@ -95,11 +95,13 @@ def prune_command(
     if max_new_tokens:
         evaluation = evaluation.with_suite(evaluation.suite.model_copy(update={"max_new_tokens": max_new_tokens}))
     rows = pruning_table(lm, tok, umap, config, evaluation, out_dir=out)
-    table = Table("pruned", "params %", "perplexity", "utility NLL", "ASR", "ASR (sys)")
+    table = Table("pruned", "params %", "perplexity", "utility NLL", "harmful (ASR)", "harmful (sys)", "refused",
+                  "refused (sys)")
     for row in rows:
         fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
         table.add_row(row["pruned"], fmt(row["model_param_share"], True), fmt(row["perplexity"]), fmt(row["utility_nll"]),
-                      fmt(row["asr"], True), fmt(row["asr_system"], True))
+                      fmt(row["asr"], True), fmt(row["asr_system"], True), fmt(row["refusal"], True),
+                      fmt(row["refusal_system"], True))
     Console().print(table)
     typer.echo(f"table: {out / 'pruning.md'}")
 
