@@ -292,8 +292,9 @@ def test_rejudge_equals_a_fresh_evaluation_with_the_same_judges(eval_model, toke
     assert again.model_dump(exclude=drop) != first.model_dump(exclude=drop)  # the judges did change something
     assert (out / "metrics.prev.json").is_file()
     assert EvalResult.load(out).safety.harm_judge == "prefix"
-    # the run folder now belongs to the new judges: a later eval with them resumes instead of refusing
-    evaluate(eval_model, tokenizer, other, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    # another judge resumes a run folder instead of refusing it: answers reused, judged again
+    back = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    assert back.model_dump(exclude=drop) == first.model_dump(exclude=drop) and back.timing.generated_tokens == 0
     (out / "generations/advbench__none.jsonl").write_text("")
     with pytest.raises(IncompleteRunError):
         rejudge(out, progress=False)

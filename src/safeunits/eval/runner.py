@@ -239,10 +239,23 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
         if previous.get("model", {}).get("fingerprint") != identity.fingerprint:
             raise RunDirMismatchError(f"{out} holds a run of another model ({previous.get('model', {}).get('name')}); "
                                       f"choose another --out or delete it")
-        if previous.get("suite") != resolved["suite"]:
+        if _without_judges(previous.get("suite")) != _without_judges(resolved["suite"]):
             raise RunDirMismatchError(f"{out} holds a run of a different suite configuration; choose another --out")
         if previous.get("backend", "transformers") != backend:  # greedy answers may differ between backends
             raise RunDirMismatchError(f"{out} holds generations of the {previous.get('backend', 'transformers')} "
                                       f"backend; resume with that --backend or choose another --out")
-        return
+        if previous.get("suite") == resolved["suite"]:
+            return  # other judges: the answers are reused and judged again (as `safeunits rejudge` does)
     write_json(path, resolved)
+
+
+def _without_judges(suite: dict | None) -> dict | None:
+    """A suite's settings that decide the answers: judges only read them, so another judge may resume a run."""
+    if not isinstance(suite, dict):
+        return suite
+    suite = SuiteConfig.model_validate(suite).model_dump(mode="json")  # old spellings (asr_judge) read alike
+    suite.pop("refusal_judge")
+    suite.pop("harm_judge")
+    if suite.get("over_safety"):
+        suite["over_safety"].pop("judge")
+    return suite
