@@ -105,7 +105,7 @@ def derive(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step budget."),
     stop_nll_above: Optional[float] = typer.Option(None, "--stop-nll-above", help="Ascent bound: stop once the batch NLL passes this."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
-    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on the patched model (paper) or on the backbone."),
+    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on each patched model ('patched', the paper's); 'backbone' is refused (same scores for both patches)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Regex of parameter names never patched (repeatable)."),
     saliency_examples: Optional[int] = typer.Option(None, "--saliency-examples", help="SNIP on the first N training examples (default all)."),
     sets: list[str] = sets_option("train.weight_decay=0.01"),

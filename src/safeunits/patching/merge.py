@@ -10,6 +10,7 @@ memory-mapped patch folders, so memory stays near one tensor of each input plus 
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
@@ -33,6 +34,25 @@ class MergeConfig(BaseModel):
                                                                  "None = no random retention")
     seed: int = Field(0, description="seed of the DARE retention (per tensor: seed + crc32(name))")
     scope: Scope = Field("per_tensor", description="rank saliency within each tensor or over the whole model")
+
+
+class EmptyDifferenceWarning(UserWarning):
+    """A merge kept no weight of one patch: its top-k salient set lies inside the other's."""
+
+
+def empty_difference_note(stats: dict[str, int]) -> str | None:
+    """Why a merge is (half) empty, from `merge_parts`' counts; None when both parts keep some weight.
+
+    An empty part is what two identical saliency maps give at a = b (e.g. a patch folder whose saliency was taken
+    on the backbone, issue 24): the merged model is then the backbone, or one patch's part alone."""
+    empty = [name for key, name in (("se", "safety (SE)"), ("osm", "over-safety (OSM)"))
+             if stats[f"{key}_difference"] == 0]
+    if not empty:
+        return None
+    return (f"the {' and the '.join(empty)} difference set{'s are' if len(empty) == 2 else ' is'} empty "
+            f"({stats['both_salient']:,} weights salient to both patches stay at θ_B): the two saliency maps rank the "
+            "same weights on top; check that each patch's saliency.safetensors was taken on its own patched model, "
+            "or use a > b (or b > a)")
 
 
 def difference_masks(sal_se: torch.Tensor, sal_osm: torch.Tensor, a: float, b: float, *,
@@ -70,13 +90,16 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
         thresholds = (global_threshold(names, se.saliency, config.a / 100),
                       global_threshold(names, osm.saliency, config.b / 100))
     parts: tuple[dict[str, SparseTensorDelta], dict[str, SparseTensorDelta]] = ({}, {})
-    stats = {"se": 0, "osm": 0, "both_salient": 0, "total": 0}
+    # se / osm: weights kept; *_difference: the difference sets before random retention
+    stats = {"se": 0, "osm": 0, "se_difference": 0, "osm_difference": 0, "both_salient": 0, "total": 0}
     for name in stream_tensors(names, "merge patches", progress=progress):
         s_se, s_osm = se.saliency(name), osm.saliency(name)
         top_se, top_osm = topk_or(s_se, config.a, thresholds, 0), topk_or(s_osm, config.b, thresholds, 1)
         m_se, m_osm = top_se & ~top_osm, top_osm & ~top_se
         stats["total"] += m_se.numel()
         stats["both_salient"] += int((top_se & top_osm).sum())
+        stats["se_difference"] += int(m_se.sum())
+        stats["osm_difference"] += int(m_osm.sum())
         rescale = 1.0
         if config.dare_p is not None:
             keep = dare_mask(m_se.shape, config.dare_p, config.seed, name)
@@ -115,6 +138,9 @@ def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, bet
 def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, progress: bool = True) -> SparsePatch:
     """Merge the salient, non-overlapping parts of δ_SE and δ_OSM into one sparse patch (values = what to add)."""
     part_se, part_osm, stats = merge_parts(se, osm, config, progress=progress)
+    empty = empty_difference_note(stats)
+    if empty:
+        warnings.warn(f"merge: {empty}", EmptyDifferenceWarning, stacklevel=2)
     merged = combine_parts(part_se, part_osm, config.alpha, config.beta, consume=True)
     merged.manifest = {
         "method": "safepatching",
@@ -125,6 +151,7 @@ def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, 
         "se_manifest": {k: se.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
         "osm_manifest": {k: osm.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
         "counts": stats,
+        **({"warning": empty} if empty else {}),
     }
     return merged
 

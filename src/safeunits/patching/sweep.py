@@ -21,7 +21,8 @@ from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
-from safeunits.patching.merge import MergeConfig, merge_parts
+from safeunits.errors import UserValueError
+from safeunits.patching.merge import MergeConfig, empty_difference_note, merge_parts
 from safeunits.patching.patches import DensePatch
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,10 @@ def run_sweep(
             continue
         merge = MergeConfig(a=a, b=b, dare_p=config.dare_p, seed=config.seed, scope=config.scope)
         part_se, part_osm, stats = merge_parts(se, osm, merge, progress=progress)
+        empty = empty_difference_note(stats)
+        if empty:  # a point that patches nothing (or one side only) would be ranked as if it were SafePatching
+            raise UserValueError(f"sweep point a={a:g}, b={b:g}: {empty}",
+                                 hint="re-derive the patches with `patch derive` (saliency on each patched model)")
         for alpha, beta in todo:
             metrics, _ = evaluate_patched(model, tokenizer, [(part_se, alpha), (part_osm, beta)], held_out, None,
                                           baseline=backbone)
