@@ -186,7 +186,8 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.patching.cli import _best_point
 
     point, held_out = _best_point(tmp_path / "sweep/best.json")
-    assert point == {k: result["best"][k] for k in ("a", "b", "alpha", "beta")}
+    assert point == {**{k: result["best"][k] for k in ("a", "b", "alpha", "beta")}, "dare_p": 0.5}
+    assert result["best"]["key"].endswith(",p=0.5")  # the DARE keep-rate is a grid dimension (issue 24, U4)
     assert held_out == ["xstest:safe[200:203]"]
     held = [json.loads(x)["prompt"] for x in (tmp_path / "sweep/xstest_val.jsonl").read_text().splitlines()]
     assert held == [r.prompt for r in load_spec(held_out[0], data_dir)]
@@ -328,3 +329,20 @@ def test_sweep_refuses_a_point_whose_difference_sets_are_empty(tmp_path, monkeyp
     # a > b leaves the safety part non-empty (its top-a is larger than the other's top-b) but the over-safety part empty
     with pytest.raises(UserValueError, match="a=20, b=5: the over-safety \\(OSM\\) difference set is empty"):
         sweep.run_sweep(model, None, se, osm, tmp_path, sweep.SweepConfig(a=[20], b=[5], alpha=[1]), tmp_path / "s2", ctx)
+
+
+def test_dare_keep_rate_is_a_sweep_dimension_and_old_best_files_keep_their_point():
+    from pydantic import ValidationError
+
+    from safeunits.patching.sweep import SweepConfig, _key, chosen_point
+
+    assert SweepConfig().dare_p == [0.5] and SweepConfig(dare_p=None).dare_p == [1.0]
+    assert SweepConfig(dare_p=[0.3, 1]).dare_p == [0.3, 1.0]
+    with pytest.raises(ValidationError, match="keep-rates"):
+        SweepConfig(dare_p=[0.0])
+    assert _key(5, 5, 1, 1, 1.0) == "a=5,b=5,alpha=1,beta=1" and _key(5, 5, 1, 1, 0.3) == "a=5,b=5,alpha=1,beta=1,p=0.3"
+    point = {"a": 5.0, "b": 1.0, "alpha": 2.0, "beta": 1.0}
+    assert chosen_point({"best": {**point, "dare_p": 0.3}}) == {**point, "dare_p": 0.3}
+    # a best.json written before the grid: no p per point, the sweep's one keep-rate (None: no retention) in its config
+    assert chosen_point({"best": point, "config": {"dare_p": None}}) == {**point, "dare_p": None}
+    assert chosen_point({"best": None}) == {}

@@ -198,8 +198,9 @@ def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
 
     config = step.settings
     if step.best:
-        best = read_json(ctx.path(step.best, "best"))["best"] or {}
-        point = {k: best[k] for k in ("a", "b", "alpha", "beta") if k in best}
+        from safeunits.patching.sweep import chosen_point
+
+        point = chosen_point(read_json(ctx.path(step.best, "best")))
         config = MergeConfig(**{**config.model_dump(), **point, **config.model_dump(include=config.model_fields_set)})
     patch = controllable_merge(DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")), config,
                                progress=ctx.evaluation.progress)
