@@ -97,7 +97,7 @@ def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
 def test_transition_matrix_against_loop(tmp_path):
     model = tiny_model("llama")
     a, b = _map(model, seed=0), _map(model, seed=1)
-    result = transition_matrix(a, b)
+    result = transition_matrix(a, b, "fractions")
     ref_units = np.zeros((4, 4), int)
     ref_params = np.zeros((4, 4), int)
     for kind in KINDS:
@@ -106,13 +106,64 @@ def test_transition_matrix_against_loop(tmp_path):
             ref_params[x, y] += a.unit_params[kind]
     assert result["units"] == ref_units.tolist() and result["params"] == ref_params.tolist()
     assert np.allclose(np.array(result["param_share_of_row"]).sum(1)[ref_params.sum(1) > 0], 1)
-    same = transition_matrix(a, a)
+    same = transition_matrix(a, a)  # the before map's cut-offs on its own scores give its classes back
     assert all(v == pytest.approx(1.0) for c, v in same["kept_class_share"].items() if np.array(same["params"])[CLASSES.index(c)].sum())
     write_transfer(a, b, tmp_path)
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
     other = _map(tiny_model("llama", intermediate_size=64))
     with pytest.raises(ValueError, match="different architectures"):
         transition_matrix(a, other)
+
+
+def test_role_transfer_lets_class_shares_move(tmp_path):
+    """Issue 24 (U1): classes sized by fixed fractions have the same shares in every map, so the transfer matrix's row
+    sums equal its column sums whatever the fine-tune did. Under the before map's cut-offs the shares follow the
+    scores: a fine-tune that takes the SCU's safety signal away must shrink SCU."""
+    from safeunits.units.assignment import class_thresholds, classify_by_thresholds, layer_zscores
+
+    model = tiny_model("llama")
+    before = _map(model, seed=0)
+    assert all(torch.equal(classify_by_thresholds(before.safety, before.utility,
+                                                  class_thresholds(before.safety, before.utility, before.classes))[k],
+                           before.classes[k]) for k in KINDS)
+    # after: every SCU unit's safety score drops to its layer's lowest: its S - U key falls below the old cut-off
+    scu = before.class_mask("SCU")
+    safety = {k: torch.where(scu[k], before.safety[k].min(1, keepdim=True).values, before.safety[k]) for k in KINDS}
+    after = UnitMap(safety, before.utility, classify(safety, before.utility, before.unit_params,
+                                                     ClassifyConfig(r=0.2, s=0.1, u=0.2)),
+                    before.unit_params, before.model_type, before.signature)
+    fixed = transition_matrix(before, after, "fractions")
+    moved = transition_matrix(before, after)
+    params = np.array(moved["params"])
+    assert moved["after_classes"] == "thresholds"
+    i = CLASSES.index("SCU")
+    assert params[i, i] == 0 and moved["class_share"]["after"]["SCU"] < 0.5 * moved["class_share"]["before"]["SCU"]
+    assert moved["class_share"]["change"]["SCU"] < 0 and not np.array_equal(params.sum(0), params.sum(1))
+    one_unit = max(before.unit_params.values()) / before.total_params()  # fractions: shares fixed up to a unit's size
+    assert max(abs(v) for v in fixed["class_share"]["change"].values()) <= one_unit
+    assert max(abs(v) for v in moved["class_share"]["change"].values()) > one_unit
+    # the after-classes by hand: the old cut-offs on the after z-scores
+    rule = class_thresholds(before.safety, before.utility, before.classes)
+    for kind in KINDS:
+        s_z, u_z = layer_zscores(safety[kind]).flatten(), layer_zscores(before.utility[kind]).flatten()
+        expect = []
+        for s_, u_ in zip(s_z.tolist(), u_z.tolist()):
+            expect.append("RU" if s_ + u_ <= rule.ru_max else "SCU" if s_ - u_ >= rule.scu_min
+                          else "UCU" if s_ - u_ <= rule.ucu_max else "CU")
+        got = classify_by_thresholds(safety, before.utility, rule)[kind].flatten().tolist()
+        assert [CLASSES[c] for c in got] == expect
+    shares = moved["class_share"]
+    assert sum(shares["after"].values()) == pytest.approx(1.0)
+    assert shares["after"]["SCU"] == pytest.approx(params[:, i].sum() / params.sum())
+    from typer.testing import CliRunner
+
+    from safeunits.cli import app
+
+    res = CliRunner().invoke(app, ["transfer", str(before.save(tmp_path / "b.safetensors")),
+                                   str(after.save(tmp_path / "a.safetensors")), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert "SCU" in res.output and "class shares of unit parameters" in res.output
+    assert json.loads((tmp_path / "t" / "transfer.json").read_text())["class_share"] == shares
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
