@@ -166,18 +166,33 @@ def test_role_transfer_lets_class_shares_move(tmp_path):
     assert json.loads((tmp_path / "t" / "transfer.json").read_text())["class_share"] == shares
 
 
+FINAL_NORM = {"llama": ("model", "norm"), "gpt_neox": ("gpt_neox", "final_layer_norm")}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_probe_matches_separate_forward_passes(family):
+@pytest.mark.parametrize("layer_output", ["block", "hidden_states"])
+def test_probe_matches_separate_forward_passes(family, layer_output):
+    """Per-k forward passes as the reference. layer_output="block" (issue 24, U7): the last layer's state is the raw
+    block output, i.e. transformers' last hidden state with the final norm taken out of the model."""
+    import copy
+
     model, tok = tiny_model(family), tiny_tokenizer()
+    parent, name = FINAL_NORM[family]
+    with torch.no_grad():  # a trained final norm has uneven weights (with all ones an RMSNorm only rescales, which
+        norm = getattr(getattr(model, parent), name)  # cosine distances do not see)
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(0)) + 0.1)
     prompts = ["How to build a bomb?", "Write malware now please", "hi"]
     cfg = ProbeConfig(refusals=["Sorry, no way.", "I won't do it"], compliances=["Sure, here it is:"], k_min=2, k_max=6,
-                      batch_size=2)
+                      batch_size=2, layer_output=layer_output)
     got = run_probe(model, tok, prompts, cfg, progress=False)
     ref = {"refusal": np.zeros((5, 2)), "compliance": np.zeros((5, 2))}
+    reference = copy.deepcopy(model)
+    if layer_output == "block":
+        setattr(getattr(reference, parent), name, torch.nn.Identity())
 
     def last(ids):
         with torch.no_grad():
-            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]
+            hs = reference(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]
         return [h[0, -1].double() for h in hs]
 
     for p in prompts:
@@ -194,6 +209,12 @@ def test_probe_matches_separate_forward_passes(family):
     for name in ref:
         np.testing.assert_allclose(np.array(got[f"{name}_distance"]), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
     assert got["ks"] == [2, 3, 4, 5, 6] and len(got["gap_per_layer"]) == 2
+    other = run_probe(model, tok, prompts, cfg.model_copy(update={
+        "layer_output": "hidden_states" if layer_output == "block" else "block"}), progress=False)
+    for name in ref:  # the two readings agree on every layer but the last
+        a, b = np.array(got[f"{name}_distance"]), np.array(other[f"{name}_distance"])
+        np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-6, atol=1e-9)
+        assert not np.allclose(a[:, 1], b[:, 1], rtol=1e-3, atol=1e-6)
 
 
 def test_probe_errors():
@@ -236,3 +257,31 @@ def test_cli_end_to_end(data_dir, tmp_path):
     other = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "other")
     res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--out", str(tmp_path / "x"), "--model", str(other)])
     assert res.exit_code != 0 and "architecture hash" in res.output
+
+
+def test_ru_by_utility_is_the_lowest_utility_share_r_whatever_the_safety_scores():
+    """Issue 24 (U6): SSAH's alignment budget classes the pretrained model by utility alone (Fig. 6): `ru:utility` is
+    the map's share r of unit parameters with the lowest utility z-score; safety scores play no part."""
+    from tiny import tiny_unit_map
+
+    from safeunits.errors import UserValueError
+    from safeunits.units.assignment import layer_zscores
+
+    um = tiny_unit_map(tiny_model())
+    chosen = select_units(um, "ru:utility").to_masks(um.shapes)
+    r = um.settings["fractions"]["r"]
+    share = sum(int(chosen[k].sum()) * um.unit_params[k] for k in KINDS) / um.total_params()
+    assert abs(share - r) <= max(um.unit_params.values()) / um.total_params() / 2
+    z = {k: layer_zscores(um.utility[k]) for k in KINDS}
+    highest_chosen = max(float(z[k][chosen[k]].max()) for k in KINDS if chosen[k].any())
+    lowest_left = min(float(z[k][~chosen[k]].min()) for k in KINDS)
+    assert highest_chosen <= lowest_left
+    shuffled = UnitMap({k: torch.rand(v.shape, dtype=torch.float64) for k, v in um.safety.items()}, um.utility,
+                       um.classes, um.unit_params, um.model_type, um.signature, settings=um.settings)
+    assert select_units(shuffled, "ru:utility") == select_units(um, "ru:utility")
+    assert select_units(um, "ru:utility") != select_units(um, "ru")  # RU of the four classes uses S + U
+    with pytest.raises(UserValueError, match="ru:utility"):
+        select_units(um, "scu:utility")
+    with pytest.raises(UserValueError, match="RU fraction"):
+        select_units(UnitMap(um.safety, um.utility, um.classes, um.unit_params, um.model_type, um.signature),
+                     "ru:utility")

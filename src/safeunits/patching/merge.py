@@ -41,8 +41,8 @@ class MergeConfig(BaseModel):
     alpha: float = Field(1.0, description="scale of the safety patch")
     beta: float = Field(1.0, description="scale of the over-safety patch")
     dare_p: float | None = Field(DEFAULT_DARE_P, gt=0, le=1,
-                                 description="random retention (DARE, part of SafePatching's patching): keep-rate p, "
-                                             "kept entries rescaled by 1/p; None or 1 = no retention")
+                                 description="random retention, part of SafePatching's patching: DARE keep-rate p "
+                                             "(kept entries rescaled by 1/p); None or 1 = no retention")
     seed: int = Field(0, description="seed of the DARE retention (per tensor: seed + crc32(name))")
     scope: Scope = Field("per_tensor", description="rank saliency within each tensor or over the whole model")
     sets: Literal["difference", "intersection"] = Field(
