@@ -40,7 +40,8 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def _best_point(best: Path | None) -> tuple[dict, list[str]]:
-    """a, b, α, β, DARE p of the point `patch sweep` chose, and the XSTest prompts it was chosen on (empty without --best)."""
+    """a, b, α, β, DARE p of the point `patch sweep` chose, and the XSTest prompts it was chosen on (empty
+    without --best)."""
     if best is None:
         return {}, []
     from safeunits.io import read_json
@@ -107,7 +108,8 @@ def derive(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step budget."),
     stop_nll_above: Optional[float] = typer.Option(None, "--stop-nll-above", help="Ascent bound: stop once the batch NLL passes this."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
-    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on each patched model ('patched', the paper's); 'backbone' is refused (same scores for both patches)."),
+    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on each patched model ('patched', "
+                                              "the paper's); 'backbone' is refused (same scores for both patches)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Regex of parameter names never patched (repeatable)."),
     saliency_examples: Optional[int] = typer.Option(None, "--saliency-examples", help="SNIP on the first N training examples (default all)."),
     sets: list[str] = sets_option("train.weight_decay=0.01"),

@@ -4,15 +4,14 @@
     θ = θ_B + α · (M_SE ⊙ δ_SE) + β · (M_OSM ⊙ δ_OSM)
 
 Weights salient to both patches stay at θ_B. Random retention (DARE, on by default as in SafePatching): each
-kept entry survives with probability p (seeded per tensor) and is rescaled by 1/p. Everything runs tensor by tensor from the
-memory-mapped patch folders, so memory stays near one tensor of each input plus the sparse output.
+kept entry survives with probability p (seeded per tensor) and is rescaled by 1/p. Everything runs tensor by
+tensor from the memory-mapped patch folders, so memory stays near one tensor of each input plus the sparse output.
 """
 
 from __future__ import annotations
 
 import warnings
 import zlib
-
 from typing import Literal
 
 import torch
@@ -25,7 +24,7 @@ from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
 
 
-DEFAULT_DARE_P = 0.5  # SafePatching retains at random before the difference sets; its p is not known to us (docs/fidelity.md)
+DEFAULT_DARE_P = 0.5  # SafePatching retains at random; its p could not be checked (docs/fidelity.md)
 
 
 def retains(dare_p: float | None) -> bool:
@@ -147,7 +146,7 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
 def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, beta: float, *,
                   consume: bool = False) -> SparsePatch:
     """α·part_SE + β·part_OSM: one sorted index list per tensor, values scaled like apply does (disjoint parts,
-    SafePatching's); an index in both parts (the intersection ablation) gets the sum, taken in float64 and rounded once.
+    SafePatching's); an index in both parts (the intersection ablation) gets the sum, added in float64 and rounded once.
 
     `consume=True` empties the parts as it goes, so the kept values exist once, not twice (merge peak memory).
     """
