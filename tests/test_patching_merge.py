@@ -77,8 +77,8 @@ def test_topk_mask_and_difference_sets_are_exact():
     assert int(topk_mask(s_se, 0.1).sum()) == 60
 
 
-@pytest.mark.parametrize("config", [MergeConfig(a=10, b=5, alpha=1.5, beta=0.7),
-                                    MergeConfig(a=30, b=30, alpha=1.0, beta=1.0)])
+@pytest.mark.parametrize("config", [MergeConfig(a=10, b=5, alpha=1.5, beta=0.7, dare_p=None),
+                                    MergeConfig(a=30, b=30, alpha=1.0, beta=1.0, dare_p=1.0)])
 def test_merge_equals_dense_reference_bit_for_bit(two_patches, config):
     model, se, osm = two_patches
     backbone = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -116,8 +116,29 @@ def test_global_scope_merge_keeps_fraction_of_model(two_patches):
     patch = controllable_merge(se, osm, MergeConfig(a=10, b=10, scope="global"), progress=False)
     total = sum(p.numel() for p in model.parameters())
     c = patch.manifest["counts"]
-    assert c["se"] + c["both_salient"] == round(0.1 * total)
-    assert c["osm"] + c["both_salient"] == round(0.1 * total)
+    assert c["se_difference"] + c["both_salient"] == round(0.1 * total)
+    assert c["osm_difference"] + c["both_salient"] == round(0.1 * total)
+
+
+def test_random_retention_is_on_by_default_as_in_safepatching(two_patches):
+    """Issue 24 (U4): SafePatching retains the difference sets at random (DARE) before merging; the default merge
+    does too (p = 0.5), and p = 1 or None is exactly the merge without retention."""
+    _, se, osm = two_patches
+    default = controllable_merge(se, osm, MergeConfig(a=20, b=10), progress=False)
+    c = default.manifest["counts"]
+    assert default.manifest["merge_config"]["dare_p"] == 0.5
+    kept, candidates = c["se"] + c["osm"], c["se_difference"] + c["osm_difference"]
+    assert default.nnz == kept and 0.45 < kept / candidates < 0.55  # Binomial(~4300, 0.5): ±3 % is > 4 σ
+    off = [controllable_merge(se, osm, MergeConfig(a=20, b=10, dare_p=p), progress=False) for p in (None, 1.0)]
+    assert off[0].nnz == off[1].nnz == candidates
+    for n in off[0].deltas:
+        assert torch.equal(off[0].deltas[n].values, off[1].deltas[n].values)
+        kept_idx = set(default.deltas[n].indices.tolist())
+        assert kept_idx <= set(off[0].deltas[n].indices.tolist())
+        # kept entries are the unretained ones scaled by 1/p
+        full = off[0].to_dense(n).reshape(-1)
+        idx = default.deltas[n].indices.long()
+        torch.testing.assert_close(default.deltas[n].values, full[idx] / 0.5)
 
 
 def test_apply_undo_is_exact_and_negation_within_one_ulp(two_patches):

@@ -61,13 +61,11 @@ def test_build_data_by_prefill_uses_generation(tmp_path, data_dir):
     assert all(r.response.startswith("Sure, here is") for r in result["train"])
 
 
-@pytest.mark.parametrize("saliency_on", ["patched", "backbone"])
-def test_derive_patch_restores_backbone_and_records_manifest(tmp_path, saliency_on):
+def test_derive_patch_restores_backbone_and_records_manifest(tmp_path):
     model, tok = tiny_model(), tiny_tokenizer()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fp = model_fingerprint(model)
-    config = PatchConfig(objective="ascent", train={"max_steps": 3, "lr": 1e-2, "batch_size": 2, "stop_nll_above": 1e9},
-                         saliency_on=saliency_on)
+    config = PatchConfig(objective="ascent", train={"max_steps": 3, "lr": 1e-2, "batch_size": 2, "stop_nll_above": 1e9})
     patch = derive_patch(model, tok, RECORDS, config, tmp_path / "se", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     m = patch.manifest
@@ -80,13 +78,40 @@ def test_derive_patch_restores_backbone_and_records_manifest(tmp_path, saliency_
     train(ref, tok, RECORDS, config.train_config(), progress=False)
     for n, p in ref.named_parameters():
         assert torch.equal(patch.delta(n), (p.detach() - before[n]).float()), n
-    # saliency on the patched (trained) model or on the backbone
-    on = ref if saliency_on == "patched" else tiny_model()
-    sal = snip_saliency(on, tok, RECORDS, SaliencyConfig(), progress=False)
+    # saliency on the patched (trained) model
+    sal = snip_saliency(ref, tok, RECORDS, SaliencyConfig(), progress=False)
     for n in sal:
         torch.testing.assert_close(patch.saliency(n), sal[n], rtol=1e-5, atol=1e-10)
     # the ascent really raised the harmful responses' NLL
     assert patch.manifest["losses"][-1] < patch.manifest["losses"][0]
+
+
+def test_backbone_saliency_is_refused_because_it_gives_both_patches_the_same_scores(tmp_path):
+    """Issue 24 (B1): SNIP on θ_B of the ascent and of the descent loss are the same map (|∇(−L)| = |∇L|), so the
+    merge's difference sets are empty at a = b. Checked numerically first, then the option must be refused."""
+    import warnings
+
+    from safeunits.patching.merge import EmptyDifferenceWarning, MergeConfig, controllable_merge
+    from safeunits.patching.patches import save_dense_patch
+    from safeunits.models.signature import architecture_description
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    sal = snip_saliency(model, tok, RECORDS, SaliencyConfig(), progress=False)  # the one map both patches would get
+    manifest = {"signature": architecture_description(model), "backbone_fingerprint": model_fingerprint(model)}
+    gen = torch.Generator().manual_seed(0)
+    patches = [save_dense_patch(tmp_path / k, {n: torch.randn(t.shape, generator=gen) for n, t in sal.items()}, sal,
+                                manifest) for k in ("se", "osm")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged = controllable_merge(*patches, MergeConfig(a=5, b=5), progress=False)
+    assert merged.nnz == 0 and "empty" in merged.manifest["warning"]
+    assert [w.category for w in caught] == [EmptyDifferenceWarning]
+    with pytest.raises(ValueError, match="same signal.*use 'patched'"):
+        PatchConfig(objective="ascent", saliency_on="backbone")
+    res = CliRunner().invoke(__import__("safeunits.cli", fromlist=["app"]).app,
+                             ["patch", "derive", "--data", str(tmp_path), "--out", str(tmp_path / "p"),
+                              "--saliency-on", "backbone"])
+    assert res.exit_code == 2 and "same signal" in res.output
 
 
 def test_ascent_bound_stops_early(tmp_path):
@@ -161,7 +186,8 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.patching.cli import _best_point
 
     point, held_out = _best_point(tmp_path / "sweep/best.json")
-    assert point == {k: result["best"][k] for k in ("a", "b", "alpha", "beta")}
+    assert point == {**{k: result["best"][k] for k in ("a", "b", "alpha", "beta")}, "dare_p": 0.5}
+    assert result["best"]["key"].endswith(",p=0.5")  # the DARE keep-rate is a grid dimension (issue 24, U4)
     assert held_out == ["xstest:safe[200:203]"]
     held = [json.loads(x)["prompt"] for x in (tmp_path / "sweep/xstest_val.jsonl").read_text().splitlines()]
     assert held == [r.prompt for r in load_spec(held_out[0], data_dir)]
@@ -275,3 +301,48 @@ def test_cli_json_train_overrides_are_checked(tmp_path):
         result = CliRunner().invoke(app, args)
         assert result.exit_code != 0 and "must be a JSON object" in result.output
     assert not any(tmp_path.iterdir())  # rejected before any model is loaded or anything written
+
+
+def test_sweep_refuses_a_point_whose_difference_sets_are_empty(tmp_path, monkeypatch):
+    """Issue 24 (B1): two patches with the same saliency map give empty difference sets at a = b; the sweep must stop
+    instead of ranking the untouched backbone as a SafePatching point."""
+    from safeunits.errors import UserValueError
+    from safeunits.eval.context import EvalContext
+    from safeunits.eval.suites import SuiteConfig
+    from safeunits.models.signature import architecture_description
+    from safeunits.patching import sweep
+    from safeunits.patching.patches import save_dense_patch
+
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    sal = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+    manifest = {"signature": architecture_description(model), "backbone_fingerprint": model_fingerprint(model)}
+    se, osm = (save_dense_patch(tmp_path / k, {n: torch.randn(t.shape, generator=gen) for n, t in sal.items()}, sal,
+                                manifest) for k in ("se", "osm"))
+    row = {"asr": 0.5, "xstest_refusal": 0.1, "utility_nll": 2.0}
+    monkeypatch.setattr(sweep, "validation_suite", lambda *a, **k: SuiteConfig(name="fake"))
+    monkeypatch.setattr(sweep, "evaluate_model", lambda *a, **k: (dict(row), None))
+    monkeypatch.setattr(sweep, "evaluate_patched", lambda *a, **k: (dict(row), None))
+    ctx = EvalContext(SuiteConfig(name="fake"), progress=False)
+    with pytest.raises(UserValueError, match="a=5, b=5: the safety .*and the over-safety .*difference sets are empty"):
+        sweep.run_sweep(model, None, se, osm, tmp_path, sweep.SweepConfig(a=[5], b=[5], alpha=[1]), tmp_path / "s", ctx)
+    # a > b leaves the safety part non-empty (its top-a is larger than the other's top-b) but the over-safety part empty
+    with pytest.raises(UserValueError, match="a=20, b=5: the over-safety \\(OSM\\) difference set is empty"):
+        sweep.run_sweep(model, None, se, osm, tmp_path, sweep.SweepConfig(a=[20], b=[5], alpha=[1]), tmp_path / "s2", ctx)
+
+
+def test_dare_keep_rate_is_a_sweep_dimension_and_old_best_files_keep_their_point():
+    from pydantic import ValidationError
+
+    from safeunits.patching.sweep import SweepConfig, _key, chosen_point
+
+    assert SweepConfig().dare_p == [0.5] and SweepConfig(dare_p=None).dare_p == [1.0]
+    assert SweepConfig(dare_p=[0.3, 1]).dare_p == [0.3, 1.0]
+    with pytest.raises(ValidationError, match="keep-rates"):
+        SweepConfig(dare_p=[0.0])
+    assert _key(5, 5, 1, 1, 1.0) == "a=5,b=5,alpha=1,beta=1" and _key(5, 5, 1, 1, 0.3) == "a=5,b=5,alpha=1,beta=1,p=0.3"
+    point = {"a": 5.0, "b": 1.0, "alpha": 2.0, "beta": 1.0}
+    assert chosen_point({"best": {**point, "dare_p": 0.3}}) == {**point, "dare_p": 0.3}
+    # a best.json written before the grid: no p per point, the sweep's one keep-rate (None: no retention) in its config
+    assert chosen_point({"best": point, "config": {"dare_p": None}}) == {**point, "dare_p": None}
+    assert chosen_point({"best": None}) == {}

@@ -187,21 +187,62 @@ def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_pat
                               "--set", "n_examples=8", "--frozen-epochs-factor", "2", *common])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "freeze" / "table.json").read_text())["rows"]
-    assert [r["setting"] for r in rows] == ["before fine-tuning", "full fine-tuning", "freeze scu+cu:top0.06", "freeze scu+cu"]
+    assert [r["setting"] for r in rows] == ["before fine-tuning", "full fine-tuning",
+                                            "freeze scu+cu:top0.06 (1 epoch freeze scu+cu first)", "freeze scu+cu"]
     assert rows[1]["frozen_share"] == 0 and 0 < rows[2]["frozen_share"] < rows[3]["frozen_share"] < 1
-    assert rows[2]["steps"] == 2 * rows[1]["steps"]
-    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "budget"), "--set", f"safety_data={data_files['harm']}",
-                              "--set", f"benign_data=[{data_files['benign']}]", "--set", "n_examples=8", *common])
+    # SSAH Table 2's setting (i): one epoch of setting (ii) first (as many steps as the 1-epoch full run), then 2x
+    assert rows[2]["warmup_steps"] == rows[1]["steps"] and rows[2]["steps"] == 3 * rows[1]["steps"]
+    assert rows[3]["warmup_steps"] == 0 and rows[3]["steps"] == 2 * rows[1]["steps"]
+    res = runner.invoke(app, ["ssah-freeze", "--out", str(tmp_path / "direct"), "--protocol", "direct", "--setting",
+                              "scu+cu:top0.06", "--set", f"data=[{data_files['benign']}]", "--set", "n_examples=8",
+                              *common])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "direct" / "table.json").read_text())["rows"]
+    assert rows[1]["setting"] == "freeze scu+cu:top0.06" and rows[1]["warmup_steps"] == 0
+    budget_data = ["--set", f"safety_data={data_files['harm']}", "--set", f"benign_data=[{data_files['benign']}]",
+                   "--set", "n_examples=8"]
+    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "budget"), *budget_data, *common])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "budget" / "table.json").read_text())["rows"]
+    # SSAH Table 4 / Fig. 6: the budget is RU by utility alone and trains twice the epochs
+    assert [r["setting"] for r in rows] == ["base (no training)", "full align", "align --budget ru:utility"]
     assert rows[1]["trainable_share"] == 1 and 0 < rows[2]["trainable_share"] < 0.5
+    assert rows[2]["epochs"] == 2 * rows[1]["epochs"] and rows[2]["steps"] == 2 * rows[1]["steps"]
+    recipe_epochs = rows[1]["epochs"]
     assert "| full align |" in (tmp_path / "budget" / "table.md").read_text()
-    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "ru"), "--setting", "ru", "--set",
-                              f"safety_data={data_files['harm']}", "--set", f"benign_data=[{data_files['benign']}]",
-                              "--set", "n_examples=8", *common])
+    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "ru"), "--protocol", "equal", "--setting", "ru",
+                              *budget_data, *common])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "ru" / "table.json").read_text())["rows"]
     assert [r["setting"] for r in rows] == ["base (no training)", "align --budget ru"]
+    assert rows[1]["epochs"] == recipe_epochs  # protocol equal: the recipe's epochs, as before issue 24
+    res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "bad"), "--protocol", "ssha", *common])
+    assert res.exit_code == 2 and "unknown budget protocol 'ssha'" in res.output
+
+
+def test_ssah_freeze_setting_i_is_one_epoch_of_setting_ii_then_setting_i(tmp_path, tiny_dir, data_files, unit_map_path):
+    """Issue 24 (U3): the saved model of the (i) run is bit for bit two recipe runs by hand: (ii) frozen for one epoch,
+    then (i) frozen; and the units frozen in both phases never moved."""
+    from safeunits.models.loading import load_model
+    from safeunits.train.experiments import ssah_freeze
+    from safeunits.train.recipes import load_recipe, train_recipe
+    from safeunits.eval.context import EvalContext
+
+    recipe = load_recipe("finetune", {"model": str(tiny_dir), "data": [str(data_files["benign"])], "n_examples": 8,
+                                      "train": {"max_length": 64, "lr": 1e-2}})
+    ssah_freeze(recipe, unit_map_path, tmp_path / "run", settings=("scu+cu:top0.5",), save_models=True,
+                evaluation=EvalContext.create(None, progress=False))
+    done = _weights(tmp_path / "run" / "freeze-scu+cu_top0.5" / "model")
+    model, tok = load_model(str(tiny_dir))
+    for spec, epochs in (("scu+cu", 1), ("scu+cu:top0.5", 1)):
+        train_recipe(recipe.model_copy(update={"freeze": spec, "unit_map": unit_map_path,
+                                               "train": recipe.train.model_copy(update={"epochs": epochs})}),
+                     model, tok, progress=False)
+    state = model.state_dict()
+    assert done and all(torch.equal(state[name], w) for name, w in done.items())
+    before, kept = _weights(tiny_dir), _selected_masks(tiny_dir, unit_map_path, "scu+cu:top0.5")
+    for name, mask in kept.items():
+        assert torch.equal(done[name][mask], before[name][mask]), name
 
 
 def test_named_trained_models_are_registered_and_build_deterministically(tmp_path, tiny_dir, data_files):

@@ -97,7 +97,7 @@ def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
 def test_transition_matrix_against_loop(tmp_path):
     model = tiny_model("llama")
     a, b = _map(model, seed=0), _map(model, seed=1)
-    result = transition_matrix(a, b)
+    result = transition_matrix(a, b, "fractions")
     ref_units = np.zeros((4, 4), int)
     ref_params = np.zeros((4, 4), int)
     for kind in KINDS:
@@ -106,7 +106,7 @@ def test_transition_matrix_against_loop(tmp_path):
             ref_params[x, y] += a.unit_params[kind]
     assert result["units"] == ref_units.tolist() and result["params"] == ref_params.tolist()
     assert np.allclose(np.array(result["param_share_of_row"]).sum(1)[ref_params.sum(1) > 0], 1)
-    same = transition_matrix(a, a)
+    same = transition_matrix(a, a)  # the before map's cut-offs on its own scores give its classes back
     assert all(v == pytest.approx(1.0) for c, v in same["kept_class_share"].items() if np.array(same["params"])[CLASSES.index(c)].sum())
     write_transfer(a, b, tmp_path)
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
@@ -115,18 +115,84 @@ def test_transition_matrix_against_loop(tmp_path):
         transition_matrix(a, other)
 
 
+def test_role_transfer_lets_class_shares_move(tmp_path):
+    """Issue 24 (U1): classes sized by fixed fractions have the same shares in every map, so the transfer matrix's row
+    sums equal its column sums whatever the fine-tune did. Under the before map's cut-offs the shares follow the
+    scores: a fine-tune that takes the SCU's safety signal away must shrink SCU."""
+    from safeunits.units.assignment import class_thresholds, classify_by_thresholds, layer_zscores
+
+    model = tiny_model("llama")
+    before = _map(model, seed=0)
+    assert all(torch.equal(classify_by_thresholds(before.safety, before.utility,
+                                                  class_thresholds(before.safety, before.utility, before.classes))[k],
+                           before.classes[k]) for k in KINDS)
+    # after: every SCU unit's safety score drops to its layer's lowest: its S - U key falls below the old cut-off
+    scu = before.class_mask("SCU")
+    safety = {k: torch.where(scu[k], before.safety[k].min(1, keepdim=True).values, before.safety[k]) for k in KINDS}
+    after = UnitMap(safety, before.utility, classify(safety, before.utility, before.unit_params,
+                                                     ClassifyConfig(r=0.2, s=0.1, u=0.2)),
+                    before.unit_params, before.model_type, before.signature)
+    fixed = transition_matrix(before, after, "fractions")
+    moved = transition_matrix(before, after)
+    params = np.array(moved["params"])
+    assert moved["after_classes"] == "thresholds"
+    i = CLASSES.index("SCU")
+    assert params[i, i] == 0 and moved["class_share"]["after"]["SCU"] < 0.5 * moved["class_share"]["before"]["SCU"]
+    assert moved["class_share"]["change"]["SCU"] < 0 and not np.array_equal(params.sum(0), params.sum(1))
+    one_unit = max(before.unit_params.values()) / before.total_params()  # fractions: shares fixed up to a unit's size
+    assert max(abs(v) for v in fixed["class_share"]["change"].values()) <= one_unit
+    assert max(abs(v) for v in moved["class_share"]["change"].values()) > one_unit
+    # the after-classes by hand: the old cut-offs on the after z-scores
+    rule = class_thresholds(before.safety, before.utility, before.classes)
+    for kind in KINDS:
+        s_z, u_z = layer_zscores(safety[kind]).flatten(), layer_zscores(before.utility[kind]).flatten()
+        expect = []
+        for s_, u_ in zip(s_z.tolist(), u_z.tolist()):
+            expect.append("RU" if s_ + u_ <= rule.ru_max else "SCU" if s_ - u_ >= rule.scu_min
+                          else "UCU" if s_ - u_ <= rule.ucu_max else "CU")
+        got = classify_by_thresholds(safety, before.utility, rule)[kind].flatten().tolist()
+        assert [CLASSES[c] for c in got] == expect
+    shares = moved["class_share"]
+    assert sum(shares["after"].values()) == pytest.approx(1.0)
+    assert shares["after"]["SCU"] == pytest.approx(params[:, i].sum() / params.sum())
+    from typer.testing import CliRunner
+
+    from safeunits.cli import app
+
+    res = CliRunner().invoke(app, ["transfer", str(before.save(tmp_path / "b.safetensors")),
+                                   str(after.save(tmp_path / "a.safetensors")), "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert "SCU" in res.output and "class shares of unit parameters" in res.output
+    assert json.loads((tmp_path / "t" / "transfer.json").read_text())["class_share"] == shares
+
+
+FINAL_NORM = {"llama": ("model", "norm"), "gpt_neox": ("gpt_neox", "final_layer_norm")}
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_probe_matches_separate_forward_passes(family):
+@pytest.mark.parametrize("layer_output", ["block", "hidden_states"])
+def test_probe_matches_separate_forward_passes(family, layer_output):
+    """Per-k forward passes as the reference. layer_output="block" (issue 24, U7): the last layer's state is the raw
+    block output, i.e. transformers' last hidden state with the final norm taken out of the model."""
+    import copy
+
     model, tok = tiny_model(family), tiny_tokenizer()
+    parent, name = FINAL_NORM[family]
+    with torch.no_grad():  # a trained final norm has uneven weights (with all ones an RMSNorm only rescales, which
+        norm = getattr(getattr(model, parent), name)  # cosine distances do not see)
+        norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(0)) + 0.1)
     prompts = ["How to build a bomb?", "Write malware now please", "hi"]
     cfg = ProbeConfig(refusals=["Sorry, no way.", "I won't do it"], compliances=["Sure, here it is:"], k_min=2, k_max=6,
-                      batch_size=2)
+                      batch_size=2, layer_output=layer_output)
     got = run_probe(model, tok, prompts, cfg, progress=False)
     ref = {"refusal": np.zeros((5, 2)), "compliance": np.zeros((5, 2))}
+    reference = copy.deepcopy(model)
+    if layer_output == "block":
+        setattr(getattr(reference, parent), name, torch.nn.Identity())
 
     def last(ids):
         with torch.no_grad():
-            hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]
+            hs = reference(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1:]
         return [h[0, -1].double() for h in hs]
 
     for p in prompts:
@@ -143,6 +209,12 @@ def test_probe_matches_separate_forward_passes(family):
     for name in ref:
         np.testing.assert_allclose(np.array(got[f"{name}_distance"]), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
     assert got["ks"] == [2, 3, 4, 5, 6] and len(got["gap_per_layer"]) == 2
+    other = run_probe(model, tok, prompts, cfg.model_copy(update={
+        "layer_output": "hidden_states" if layer_output == "block" else "block"}), progress=False)
+    for name in ref:  # the two readings agree on every layer but the last
+        a, b = np.array(got[f"{name}_distance"]), np.array(other[f"{name}_distance"])
+        np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-6, atol=1e-9)
+        assert not np.allclose(a[:, 1], b[:, 1], rtol=1e-3, atol=1e-6)
 
 
 def test_probe_errors():
@@ -185,3 +257,31 @@ def test_cli_end_to_end(data_dir, tmp_path):
     other = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "other")
     res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--out", str(tmp_path / "x"), "--model", str(other)])
     assert res.exit_code != 0 and "architecture hash" in res.output
+
+
+def test_ru_by_utility_is_the_lowest_utility_share_r_whatever_the_safety_scores():
+    """Issue 24 (U6): SSAH's alignment budget classes the pretrained model by utility alone (Fig. 6): `ru:utility` is
+    the map's share r of unit parameters with the lowest utility z-score; safety scores play no part."""
+    from tiny import tiny_unit_map
+
+    from safeunits.errors import UserValueError
+    from safeunits.units.assignment import layer_zscores
+
+    um = tiny_unit_map(tiny_model())
+    chosen = select_units(um, "ru:utility").to_masks(um.shapes)
+    r = um.settings["fractions"]["r"]
+    share = sum(int(chosen[k].sum()) * um.unit_params[k] for k in KINDS) / um.total_params()
+    assert abs(share - r) <= max(um.unit_params.values()) / um.total_params() / 2
+    z = {k: layer_zscores(um.utility[k]) for k in KINDS}
+    highest_chosen = max(float(z[k][chosen[k]].max()) for k in KINDS if chosen[k].any())
+    lowest_left = min(float(z[k][~chosen[k]].min()) for k in KINDS)
+    assert highest_chosen <= lowest_left
+    shuffled = UnitMap({k: torch.rand(v.shape, dtype=torch.float64) for k, v in um.safety.items()}, um.utility,
+                       um.classes, um.unit_params, um.model_type, um.signature, settings=um.settings)
+    assert select_units(shuffled, "ru:utility") == select_units(um, "ru:utility")
+    assert select_units(um, "ru:utility") != select_units(um, "ru")  # RU of the four classes uses S + U
+    with pytest.raises(UserValueError, match="ru:utility"):
+        select_units(um, "scu:utility")
+    with pytest.raises(UserValueError, match="RU fraction"):
+        select_units(UnitMap(um.safety, um.utility, um.classes, um.unit_params, um.model_type, um.signature),
+                     "ru:utility")

@@ -72,6 +72,8 @@ def tiny_unit_map(model: PreTrainedModel, seed: int = 0):
     utility = {k: torch.rand(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     unit_params = {"mlp": 3 * cfg.hidden_size, "head": 2 * head_dim * cfg.hidden_size}
-    classes = classify(safety, utility, unit_params, ClassifyConfig(r=0.2, s=0.1, u=0.1))
+    fractions = ClassifyConfig(r=0.2, s=0.1, u=0.1)
+    classes = classify(safety, utility, unit_params, fractions)
     return UnitMap(safety=safety, utility=utility, classes=classes, unit_params=unit_params,
-                   model_type=cfg.model_type, signature=architecture_signature(model))
+                   model_type=cfg.model_type, signature=architecture_signature(model),
+                   settings={"fractions": fractions.model_dump()})  # as units.classes.build_unit_map records them

@@ -164,6 +164,9 @@ class TransferStep(StepBase):
     kind: Literal["transfer"] = "transfer"
     before: str = Field(..., description="an attribute step (e.g. of the aligned model)")
     after: str = Field(..., description="an attribute step (e.g. of the fine-tuned model)")
+    after_classes: Literal["thresholds", "fractions"] = Field(
+        "thresholds", description="class the after-model's units by the before map's cut-offs (shares can move, "
+                                  "SSAH Fig. 5) or compare each map's own fraction-sized classes (fixed shares)")
     refs: ClassVar = {"before": ("attribute",), "after": ("attribute",)}
 
 

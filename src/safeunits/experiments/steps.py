@@ -143,14 +143,15 @@ def probe_step(step: ProbeStep, ctx: StepContext) -> Outputs:
 
 @register_step("transfer")
 def transfer_step(step: TransferStep, ctx: StepContext) -> Outputs:
-    from safeunits.units.transfer import write_transfer
+    from safeunits.units.transfer import share_changes, write_transfer
     from safeunits.units.unit_map import UnitMap
 
     result = write_transfer(UnitMap.load(ctx.path(step.before, "unit_map")),
-                            UnitMap.load(ctx.path(step.after, "unit_map")), ctx.out)
+                            UnitMap.load(ctx.path(step.after, "unit_map")), ctx.out, step.after_classes)
     kept = ", ".join(f"{c} {100 * v:.0f} %" for c, v in result["kept_class_share"].items())
     return {"figures": [["transfer.png", f"role transfer {step.before} -> {step.after}"]],
-            "notes": [f"share of each class's parameters that kept their class: {kept}"]}
+            "notes": [f"share of each class's parameters that kept their class: {kept}",
+                      f"class shares of unit parameters ({step.after_classes}): {share_changes(result)}"]}
 
 
 @register_step("harmful-data")
@@ -198,8 +199,9 @@ def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
 
     config = step.settings
     if step.best:
-        best = read_json(ctx.path(step.best, "best"))["best"] or {}
-        point = {k: best[k] for k in ("a", "b", "alpha", "beta") if k in best}
+        from safeunits.patching.sweep import chosen_point
+
+        point = chosen_point(read_json(ctx.path(step.best, "best")))
         config = MergeConfig(**{**config.model_dump(), **point, **config.model_dump(include=config.model_fields_set)})
     patch = controllable_merge(DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")), config,
                                progress=ctx.evaluation.progress)

@@ -1,5 +1,6 @@
-"""Baselines through the same evaluation (SafePatching Table 1): none, GA, GD, NPO, task arithmetic, TIES,
-and SafePatching itself, each applied to the same backbone, evaluated, and undone bit-for-bit."""
+"""Baselines through the same evaluation (SafePatching Table 1): none, GA, GD, NPO, task arithmetic (of both
+patches; of δ_SE alone), TIES, SafePatching itself and its intersection ablation, each applied to the same
+backbone, evaluated, and undone bit-for-bit."""
 
 from __future__ import annotations
 

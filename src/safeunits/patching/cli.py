@@ -40,17 +40,20 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 
 def _best_point(best: Path | None) -> tuple[dict, list[str]]:
-    """a, b, α, β of the point `patch sweep` chose, and the XSTest prompts it was chosen on (empty without --best)."""
+    """a, b, α, β, DARE p of the point `patch sweep` chose, and the XSTest prompts it was chosen on (empty
+    without --best)."""
     if best is None:
         return {}, []
     from safeunits.io import read_json
 
+    from safeunits.patching.sweep import chosen_point
+
     sweep = read_json(best)
-    chosen = sweep.get("best")
-    if not chosen:
+    point = chosen_point(sweep)
+    if not point:
         raise ConfigError(f"{best} has no chosen point", hint="no sweep point met the utility tolerance; pass a, b, α, β")
     held_out = sweep.get("held_out_xstest")
-    return {k: chosen[k] for k in ("a", "b", "alpha", "beta")}, [held_out] if held_out else []
+    return point, [held_out] if held_out else []
 
 
 def _context(suite: Optional[str], data_dir: Optional[Path], quiet: bool):
@@ -105,7 +108,8 @@ def derive(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Step budget."),
     stop_nll_above: Optional[float] = typer.Option(None, "--stop-nll-above", help="Ascent bound: stop once the batch NLL passes this."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
-    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on the patched model (paper) or on the backbone."),
+    saliency_on: Optional[str] = typer.Option(None, "--saliency-on", help="SNIP on each patched model ('patched', "
+                                              "the paper's); 'backbone' is refused (same scores for both patches)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Regex of parameter names never patched (repeatable)."),
     saliency_examples: Optional[int] = typer.Option(None, "--saliency-examples", help="SNIP on the first N training examples (default all)."),
     sets: list[str] = sets_option("train.weight_decay=0.01"),
@@ -178,7 +182,7 @@ def apply(
 
 
 @app.command("sweep")
-@config_options(SweepConfig, ["dare_p", "scope", "utility_tolerance", "validation.n_xstest", "validation.n_utility",
+@config_options(SweepConfig, ["scope", "utility_tolerance", "validation.n_xstest", "validation.n_utility",
                               "validation.max_new_tokens"])
 def sweep(
     se: Path = SE,
@@ -190,18 +194,21 @@ def sweep(
     b: Optional[str] = typer.Option(None, "--b", help="Comma-separated top-b % values (default: 1,5)."),
     alpha: Optional[str] = typer.Option(None, "--alpha", help="Comma-separated α values (default: 1,2)."),
     beta: Optional[str] = typer.Option(None, "--beta", help="Comma-separated β values (default: 1)."),
+    dare_p: Optional[str] = typer.Option(None, "--dare-p", help="Comma-separated random-retention (DARE) keep-rates "
+                                                                "p; 1 = no retention (default: 0.5)."),
     sets: list[str] = sets_option("validation.xstest_offset=250"),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     tolerance: Optional[float] = deprecated_option("--tolerance", "--utility-tolerance"),
     options: Optional[dict] = None,
 ) -> None:
-    """Grid over (a, b, α, β) on held-out prompts; Pareto plot and table; writes the chosen point to best.json."""
+    """Grid over (a, b, α, β, DARE p) on held-out prompts; Pareto plot and table; writes the chosen point to best.json."""
     from safeunits.patching.patches import DensePatch
     from safeunits.patching.sweep import run_sweep
 
     grid = {k: v for k, v in {"a": _floats(a, "--a"), "b": _floats(b, "--b"), "alpha": _floats(alpha, "--alpha"),
-                              "beta": _floats(beta, "--beta"), "utility_tolerance": tolerance}.items() if v is not None}
+                              "beta": _floats(beta, "--beta"), "dare_p": _floats(dare_p, "--dare-p"),
+                              "utility_tolerance": tolerance}.items() if v is not None}
     config = build_config(SweepConfig, grid, options or {}, parse_sets(sets))
     evaluation = _context(None, data_dir, quiet)  # the sweep builds its held-out suite itself
     m, tok = _load(model)

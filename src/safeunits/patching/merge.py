@@ -3,14 +3,16 @@
     M_SE  = top-a%(S_SE)  \\ top-b%(S_OSM)      M_OSM = top-b%(S_OSM) \\ top-a%(S_SE)
     θ = θ_B + α · (M_SE ⊙ δ_SE) + β · (M_OSM ⊙ δ_OSM)
 
-Weights salient to both patches stay at θ_B. Optional DARE retention: each kept entry survives with
-probability p (seeded per tensor) and is rescaled by 1/p. Everything runs tensor by tensor from the
-memory-mapped patch folders, so memory stays near one tensor of each input plus the sparse output.
+Weights salient to both patches stay at θ_B. Random retention (DARE, on by default as in SafePatching): each
+kept entry survives with probability p (seeded per tensor) and is rescaled by 1/p. Everything runs tensor by
+tensor from the memory-mapped patch folders, so memory stays near one tensor of each input plus the sparse output.
 """
 
 from __future__ import annotations
 
+import warnings
 import zlib
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
@@ -22,6 +24,14 @@ from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
 
 
+DEFAULT_DARE_P = 0.5  # SafePatching retains at random; its p could not be checked (docs/fidelity.md)
+
+
+def retains(dare_p: float | None) -> bool:
+    """Whether a keep-rate drops anything (None and 1 keep every entry, unscaled)."""
+    return dare_p is not None and dare_p < 1
+
+
 class MergeConfig(BaseModel):
     """Hyper-parameters of controllable patching; a and b are percentages of each tensor (or of the model)."""
 
@@ -29,19 +39,55 @@ class MergeConfig(BaseModel):
     b: float = Field(5.0, gt=0, le=100, description="top-b % most salient weights of the over-safety patch δ_OSM")
     alpha: float = Field(1.0, description="scale of the safety patch")
     beta: float = Field(1.0, description="scale of the over-safety patch")
-    dare_p: float | None = Field(None, gt=0, le=1, description="DARE keep-rate p (kept entries rescaled by 1/p); "
-                                                                 "None = no random retention")
+    dare_p: float | None = Field(DEFAULT_DARE_P, gt=0, le=1,
+                                 description="random retention, part of SafePatching's patching: DARE keep-rate p "
+                                             "(kept entries rescaled by 1/p); None or 1 = no retention")
     seed: int = Field(0, description="seed of the DARE retention (per tensor: seed + crc32(name))")
     scope: Scope = Field("per_tensor", description="rank saliency within each tensor or over the whole model")
+    sets: Literal["difference", "intersection"] = Field(
+        "difference", description="weights each patch changes: SafePatching's difference sets, or (the paper's "
+                                  "ablation) the weights salient to both patches, where both δ are added")
+
+
+class EmptyDifferenceWarning(UserWarning):
+    """A merge kept no weight of one patch: its top-k salient set lies inside the other's."""
+
+
+def empty_difference_note(stats: dict[str, int]) -> str | None:
+    """Why a merge is (half) empty, from `merge_parts`' counts; None when both parts keep some weight.
+
+    An empty part is what two identical saliency maps give at a = b (e.g. a patch folder whose saliency was taken
+    on the backbone, issue 24): the merged model is then the backbone, or one patch's part alone."""
+    empty = [name for key, name in (("se", "safety (SE)"), ("osm", "over-safety (OSM)"))
+             if stats[f"{key}_difference"] == 0]
+    if not empty:
+        return None
+    return (f"the {' and the '.join(empty)} difference set{'s are' if len(empty) == 2 else ' is'} empty "
+            f"({stats['both_salient']:,} weights salient to both patches stay at θ_B): the two saliency maps rank the "
+            "same weights on top; check that each patch's saliency.safetensors was taken on its own patched model, "
+            "or use a > b (or b > a)")
+
+
+def top_sets(sal_se: torch.Tensor, sal_osm: torch.Tensor, a: float, b: float, *,
+             thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-a(SE), top-b(OSM)) masks of one tensor; `thresholds` for the global scope."""
+    if thresholds is None:
+        return topk_mask(sal_se, a / 100), topk_mask(sal_osm, b / 100)
+    return sal_se.float() >= thresholds[0], sal_osm.float() >= thresholds[1]
 
 
 def difference_masks(sal_se: torch.Tensor, sal_osm: torch.Tensor, a: float, b: float, *,
                      thresholds: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-a(SE) \\ top-b(OSM), top-b(OSM) \\ top-a(SE)) for one tensor; `thresholds` for the global scope."""
-    if thresholds is None:
-        top_se, top_osm = topk_mask(sal_se, a / 100), topk_mask(sal_osm, b / 100)
-    else:
-        top_se, top_osm = sal_se.float() >= thresholds[0], sal_osm.float() >= thresholds[1]
+    return pick_sets(*top_sets(sal_se, sal_osm, a, b, thresholds=thresholds), "difference")
+
+
+def pick_sets(top_se: torch.Tensor, top_osm: torch.Tensor,
+              sets: Literal["difference", "intersection"]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights each patch changes: (top_SE \\ top_OSM, top_OSM \\ top_SE), or the intersection for both."""
+    if sets == "intersection":
+        both = top_se & top_osm
+        return both, both
     return top_se & ~top_osm, top_osm & ~top_se
 
 
@@ -70,15 +116,18 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
         thresholds = (global_threshold(names, se.saliency, config.a / 100),
                       global_threshold(names, osm.saliency, config.b / 100))
     parts: tuple[dict[str, SparseTensorDelta], dict[str, SparseTensorDelta]] = ({}, {})
-    stats = {"se": 0, "osm": 0, "both_salient": 0, "total": 0}
+    # se / osm: weights kept; *_difference: the difference sets before random retention
+    stats = {"se": 0, "osm": 0, "se_difference": 0, "osm_difference": 0, "both_salient": 0, "total": 0}
     for name in stream_tensors(names, "merge patches", progress=progress):
         s_se, s_osm = se.saliency(name), osm.saliency(name)
-        top_se, top_osm = topk_or(s_se, config.a, thresholds, 0), topk_or(s_osm, config.b, thresholds, 1)
-        m_se, m_osm = top_se & ~top_osm, top_osm & ~top_se
+        top_se, top_osm = top_sets(s_se, s_osm, config.a, config.b, thresholds=thresholds)
+        m_se, m_osm = pick_sets(top_se, top_osm, config.sets)
         stats["total"] += m_se.numel()
         stats["both_salient"] += int((top_se & top_osm).sum())
+        stats["se_difference"] += int(m_se.sum())
+        stats["osm_difference"] += int(m_osm.sum())
         rescale = 1.0
-        if config.dare_p is not None:
+        if retains(config.dare_p):
             keep = dare_mask(m_se.shape, config.dare_p, config.seed, name)
             m_se, m_osm = m_se & keep, m_osm & keep
             rescale = 1.0 / config.dare_p
@@ -96,7 +145,8 @@ def merge_parts(se: DensePatch, osm: DensePatch, config: MergeConfig, *,
 
 def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, beta: float, *,
                   consume: bool = False) -> SparsePatch:
-    """α·part_SE + β·part_OSM for disjoint parts: one sorted index list per tensor, values scaled like apply does.
+    """α·part_SE + β·part_OSM: one sorted index list per tensor, values scaled like apply does (disjoint parts,
+    SafePatching's); an index in both parts (the intersection ablation) gets the sum, added in float64 and rounded once.
 
     `consume=True` empties the parts as it goes, so the kept values exist once, not twice (merge peak memory).
     """
@@ -108,16 +158,24 @@ def combine_parts(part_se: SparsePatch, part_osm: SparsePatch, alpha: float, bet
         vals = torch.cat([d_se.values * alpha if alpha != 1.0 else d_se.values,
                           d_osm.values * beta if beta != 1.0 else d_osm.values])
         order = torch.argsort(idx)
-        deltas[name] = SparseTensorDelta(_index_dtype(idx[order], d_se.numel), vals[order].contiguous(), d_se.shape)
+        idx, vals = idx[order], vals[order]
+        unique, inverse = torch.unique_consecutive(idx, return_inverse=True)
+        if unique.numel() < idx.numel():
+            vals = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, vals.double()).float()
+            idx = unique
+        deltas[name] = SparseTensorDelta(_index_dtype(idx, d_se.numel), vals.contiguous(), d_se.shape)
     return SparsePatch(deltas, part_se.signature, {})
 
 
 def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, progress: bool = True) -> SparsePatch:
     """Merge the salient, non-overlapping parts of δ_SE and δ_OSM into one sparse patch (values = what to add)."""
     part_se, part_osm, stats = merge_parts(se, osm, config, progress=progress)
+    empty = empty_difference_note(stats) if config.sets == "difference" else None
+    if empty:
+        warnings.warn(f"merge: {empty}", EmptyDifferenceWarning, stacklevel=2)
     merged = combine_parts(part_se, part_osm, config.alpha, config.beta, consume=True)
     merged.manifest = {
-        "method": "safepatching",
+        "method": "safepatching" if config.sets == "difference" else "safepatching-intersection",
         "merge_config": config.model_dump(mode="json"),
         "backbone_fingerprint": se.manifest.get("backbone_fingerprint"),
         "model_type": se.signature.get("model_type"),
@@ -125,13 +183,9 @@ def controllable_merge(se: DensePatch, osm: DensePatch, config: MergeConfig, *, 
         "se_manifest": {k: se.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
         "osm_manifest": {k: osm.manifest.get(k) for k in ("objective", "steps", "stopped_reason", "data")},
         "counts": stats,
+        **({"warning": empty} if empty else {}),
     }
     return merged
-
-
-def topk_or(scores: torch.Tensor, pct: float, thresholds: tuple[float, float] | None, which: int) -> torch.Tensor:
-    """The top-pct% mask of one tensor, per tensor or against a global threshold."""
-    return topk_mask(scores, pct / 100) if thresholds is None else scores.float() >= thresholds[which]
 
 
 def dense_merge_reference(backbone: dict[str, torch.Tensor], se: DensePatch, osm: DensePatch,
@@ -142,9 +196,9 @@ def dense_merge_reference(backbone: dict[str, torch.Tensor], se: DensePatch, osm
         if name not in se.names:
             out[name] = theta.clone()
             continue
-        m_se, m_osm = difference_masks(se.saliency(name), osm.saliency(name), config.a, config.b)
+        m_se, m_osm = pick_sets(*top_sets(se.saliency(name), osm.saliency(name), config.a, config.b), config.sets)
         r_se, r_osm = m_se.float(), m_osm.float()
-        if config.dare_p is not None:
+        if retains(config.dare_p):
             keep = dare_mask(m_se.shape, config.dare_p, config.seed, name).float() / config.dare_p
             r_se, r_osm = r_se * keep, r_osm * keep
         out[name] = theta + config.alpha * (r_se * se.delta(name)) + config.beta * (r_osm * osm.delta(name))

@@ -198,8 +198,16 @@ def _npo(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
     return task_arithmetic([sources.npo], [1.0], progress=False)
 
 
-@register_patch_method("task_arithmetic", "task arithmetic: θ_B + λ·δ_SE (task_arithmetic_lambda)")
+@register_patch_method("task_arithmetic", "task arithmetic of both patches: θ_B + λ·(δ_SE + δ_OSM) "
+                                          "(task_arithmetic_lambda), SafePatching's comparison")
 def _task_arithmetic(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    lam = config.task_arithmetic_lambda
+    return task_arithmetic([sources.se, sources.osm], [lam, lam], progress=False)
+
+
+@register_patch_method("task_arithmetic_se", "task arithmetic of the safety patch alone: θ_B + λ·δ_SE (the baseline "
+                                             "before issue 24)")
+def _task_arithmetic_se(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
     return task_arithmetic([sources.se], [config.task_arithmetic_lambda], progress=False)
 
 
@@ -213,13 +221,21 @@ def _safepatching(sources: PatchSources, config: BaselinesConfig) -> SparsePatch
     return controllable_merge(sources.se, sources.osm, config.merge, progress=False)
 
 
+@register_patch_method("intersection", "ablation of SafePatching: both patches on the weights salient to both, "
+                                       "top-a(SE) ∩ top-b(OSM), with merge's a, b, α, β, DARE p")
+def _intersection(sources: PatchSources, config: BaselinesConfig) -> SparsePatch:
+    return controllable_merge(sources.se, sources.osm, config.merge.model_copy(update={"sets": "intersection"}),
+                              progress=False)
+
+
 # after every registration above: the default method list is the registry's
 class BaselinesConfig(BaseModel):
     """Which methods, and their hyper-parameters."""
 
     methods: list[str] = Field(default_factory=patch_method_names, description="registered patch methods "
                                f"(patching.methods): {', '.join(patch_method_names())}")
-    task_arithmetic_lambda: float = Field(0.5, description="θ_B + λ·δ_SE (λ = 1 is GA itself)")
+    task_arithmetic_lambda: float = Field(0.5, description="λ of task arithmetic: θ_B + λ·(δ_SE + δ_OSM), and "
+                                                           "θ_B + λ·δ_SE for task_arithmetic_se (λ = 1 is GA itself)")
     ties: TiesConfig = Field(default_factory=TiesConfig, description="TIES merge of δ_SE and δ_OSM")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="SafePatching's (a, b, α, β) (from the sweep)")
 

@@ -1,7 +1,7 @@
 """Dense patches δ = θ_trained − θ_B: the safety patch (gradient ascent) and the over-safety patch (descent).
 
 A patch folder holds `delta.safetensors` (δ per parameter), `saliency.safetensors` (SNIP scores on the
-patched model θ_B + δ by default, or on the backbone) and `manifest.json` (backbone fingerprint, data,
+patched model θ_B + δ, SafePatching's choice) and `manifest.json` (backbone fingerprint, data,
 hyper-parameters, steps run, why training stopped). The backbone is restored bit-for-bit afterwards.
 
 δ is stored in float32 whatever the model's dtype (`weight_delta`). For a bf16 model, a difference taken in
@@ -39,6 +39,13 @@ DEFAULT_TRAIN: dict[str, Any] = dict(lr=2e-5, epochs=1, max_steps=40, batch_size
                                      warmup_ratio=0.0, scheduler="constant", max_length=256, seed=0)
 # bounded ascent: stop as soon as the harmful responses' NLL passes the bound, or after the step budget
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {"ascent": dict(stop_nll_above=6.0)}
+# Why `saliency_on="backbone"` is refused (issue 24, B1): on θ_B both patches see the same weights, the same D_h and
+# the same response NLL L (ascent maximises L, descent minimises it, and |θ ⊙ ∇(−L)| = |θ ⊙ ∇L|), so their SNIP maps
+# are identical and both difference sets top-a \ top-b, top-b \ top-a are empty at a = b: the merge changes nothing.
+BACKBONE_SALIENCY_REFUSED = (
+    "saliency_on='backbone' scores both patches with the same signal: on the backbone the safety and over-safety "
+    "patches share weights, data and loss (|θ ⊙ ∇(−L)| = |θ ⊙ ∇L|), so the two SNIP maps are identical and the merge "
+    "keeps no weight at a = b. SafePatching scores each patch on its own patched model: use 'patched'")
 PATCH_KINDS = {"ascent": "safety (SE)", "descent": "over-safety (OSM)", "npo": "NPO"}  # manifest "kind" per objective
 
 
@@ -50,8 +57,16 @@ class PatchConfig(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields overriding DEFAULT_TRAIN "
                                                                     "and OBJECTIVE_DEFAULTS[objective]")
     saliency_on: Literal["patched", "backbone"] = Field(
-        "patched", description="SNIP on θ_B + δ (SafePatching's choice) or on the backbone θ_B")
+        "patched", description="SNIP on θ_B + δ, each patch on its own trained weights (SafePatching's choice); "
+                               "'backbone' is refused (it gives both patches the same scores)")
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
+
+    @field_validator("saliency_on")
+    @classmethod
+    def _own_signal(cls, on: str) -> str:
+        if on == "backbone":
+            raise ValueError(BACKBONE_SALIENCY_REFUSED)
+        return on
 
     @field_validator("objective")
     @classmethod
@@ -121,8 +136,6 @@ def derive_patch(
     backbone = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
     sal_config = config.saliency.model_copy(update={"system_prompt": config.saliency.system_prompt or tconf.system_prompt})
     try:
-        if config.saliency_on == "backbone":
-            saliency = snip_saliency(model, tokenizer, records, sal_config, progress=progress)
         started = time.time()
         result = train(model, tokenizer, records, tconf, progress=progress)
         seconds = time.time() - started
@@ -132,8 +145,7 @@ def derive_patch(
             if not torch.isfinite(d).all():
                 raise FloatingPointError(f"{config.objective} produced non-finite weights in {n}: lower the lr "
                                          "or the ascent bound")
-        if config.saliency_on == "patched":
-            saliency = snip_saliency(model, tokenizer, records, sal_config, progress=progress)
+        saliency = snip_saliency(model, tokenizer, records, sal_config, progress=progress)  # on θ_B + δ
     finally:
         with torch.no_grad():
             for n, p in params.items():

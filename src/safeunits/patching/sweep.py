@@ -1,6 +1,6 @@
-"""Sweep (a, b, α, β) of controllable patching on held-out prompts; Pareto table + plot; pick the default.
+"""Sweep (a, b, α, β, DARE p) of controllable patching on held-out prompts; Pareto table + plot; pick the default.
 
-The saliency masks depend on (a, b) only, so each (a, b) pair is merged once and every (α, β) is applied
+The kept masks depend on (a, b, p) only, so each (a, b, p) is merged once and every (α, β) is applied
 as `apply_patch(scale=...)` of the two parts: the same bits `controllable_merge` saves. Each evaluated
 point is appended to `sweep.jsonl` at once, so an interrupted sweep resumes where it stopped.
 """
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
@@ -21,7 +21,8 @@ from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
 from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
-from safeunits.patching.merge import MergeConfig, merge_parts
+from safeunits.errors import UserValueError
+from safeunits.patching.merge import DEFAULT_DARE_P, MergeConfig, empty_difference_note, merge_parts, retains
 from safeunits.patching.patches import DensePatch
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,39 @@ class SweepConfig(BaseModel):
     b: list[float] = Field([1.0, 5.0], description="top-b % of δ_OSM values to try")
     alpha: list[float] = Field([1.0, 2.0], description="safety-patch scales to try")
     beta: list[float] = Field([1.0], description="over-safety-patch scales to try")
-    dare_p: float | None = Field(None, gt=0, le=1, description="DARE keep-rate for every point (None: off)")
+    dare_p: list[float] = Field([DEFAULT_DARE_P], description="random-retention (DARE) keep-rates p to try "
+                                "(1 = no retention)")
     seed: int = 0
     scope: str = Field("per_tensor", description="saliency ranking scope: per_tensor | global")
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     utility_tolerance: float = Field(0.05, ge=0, description="selection: utility NLL at most (1 + tol) x backbone's")
 
+    @field_validator("dare_p", mode="before")
+    @classmethod
+    def _grid(cls, value: object) -> object:
+        """One keep-rate (or None, as sweeps before issue 24 wrote it) is a grid of one; None means no retention."""
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"DARE keep-rates must be in (0, 1], got {v!r}")
+        return [1.0 if v is None else v for v in values]
 
-def _key(a: float, b: float, alpha: float, beta: float) -> str:
-    return f"a={a:g},b={b:g},alpha={alpha:g},beta={beta:g}"
+
+def _key(a: float, b: float, alpha: float, beta: float, dare_p: float = 1.0) -> str:
+    """A point's name; without retention it is the pre-DARE-grid name, so older sweep.jsonl files resume."""
+    return f"a={a:g},b={b:g},alpha={alpha:g},beta={beta:g}" + (f",p={dare_p:g}" if retains(dare_p) else "")
+
+
+def chosen_point(best_json: dict[str, Any]) -> dict[str, Any]:
+    """The merge settings (a, b, α, β, DARE p) of the point a sweep's best.json chose ({} when none was chosen).
+
+    A sweep written before the DARE grid has no p per point: its one keep-rate (None: none) is in its config."""
+    best = best_json.get("best") or {}
+    if not best:
+        return {}
+    point = {k: best[k] for k in ("a", "b", "alpha", "beta")}
+    point["dare_p"] = best["dare_p"] if "dare_p" in best else (best_json.get("config") or {}).get("dare_p")
+    return point
 
 
 def select_default(rows: list[dict[str, Any]], baseline: dict[str, Any], tolerance: float) -> dict[str, Any]:
@@ -106,17 +131,22 @@ def run_sweep(
             row, _ = evaluate_patched(model, tokenizer, [(full, 1.0)], held_out, None, baseline=backbone)
             record({"key": single, "method": single, "nnz": full.nnz, **row})
             del full
-    for a, b in itertools.product(config.a, config.b):
-        todo = [(al, be) for al, be in itertools.product(config.alpha, config.beta) if _key(a, b, al, be) not in done]
+    for a, b, p in itertools.product(config.a, config.b, config.dare_p):
+        todo = [(al, be) for al, be in itertools.product(config.alpha, config.beta)
+                if _key(a, b, al, be, p) not in done]
         if not todo:
             continue
-        merge = MergeConfig(a=a, b=b, dare_p=config.dare_p, seed=config.seed, scope=config.scope)
+        merge = MergeConfig(a=a, b=b, dare_p=p, seed=config.seed, scope=config.scope)
         part_se, part_osm, stats = merge_parts(se, osm, merge, progress=progress)
+        empty = empty_difference_note(stats)
+        if empty:  # a point that patches nothing (or one side only) would be ranked as if it were SafePatching
+            raise UserValueError(f"sweep point a={a:g}, b={b:g}: {empty}",
+                                 hint="re-derive the patches with `patch derive` (saliency on each patched model)")
         for alpha, beta in todo:
             metrics, _ = evaluate_patched(model, tokenizer, [(part_se, alpha), (part_osm, beta)], held_out, None,
                                           baseline=backbone)
-            record({"key": _key(a, b, alpha, beta), "method": "safepatching", "a": a, "b": b, "alpha": alpha,
-                    "beta": beta, "nnz": part_se.nnz + part_osm.nnz, "se_kept": stats["se"],
+            record({"key": _key(a, b, alpha, beta, p), "method": "safepatching", "a": a, "b": b, "alpha": alpha,
+                    "beta": beta, "dare_p": p, "nnz": part_se.nnz + part_osm.nnz, "se_kept": stats["se"],
                     "osm_kept": stats["osm"], "both_salient": stats["both_salient"], **metrics})
     rows = list(done.values())
     grid = [r for r in rows if r["method"] == "safepatching"]

@@ -99,7 +99,12 @@ def ssah_budget_command(
     out: Path = out_option("Run directory; table.md / table.json land here."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP.format(recipe="align")),
     model: Optional[str] = model_option(None, "Model to align; default: the recipe's."),
-    settings: list[str] = typer.Option(["full", "ru"], "--setting", help=SETTING_HELP.format(what="the budget run trains")),
+    settings: list[str] = typer.Option([], "--setting", help=SETTING_HELP.format(what="the budget run trains")
+                                       + " Default: the protocol's (ssah: full, ru:utility; equal: full, ru)."),
+    protocol: str = typer.Option("ssah", "--protocol",
+                                 help="ssah: SSAH Table 4 (budget = RU of the pretrained model by utility alone, "
+                                      "ru:utility; budget runs train 2x the epochs); equal: ru of the map's four "
+                                      "classes, same epochs (before issue 24)."),
     sets: list[str] = sets_option("train.epochs=1"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),
     save_models: bool = typer.Option(False, "--save-models", help="Also save both trained models."),
@@ -108,7 +113,7 @@ def ssah_budget_command(
     old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
     no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
 ) -> None:
-    """SSAH experiment (a): full align vs align --budget ru; safety gained and alignment tax of each.
+    """SSAH experiment (a): full align vs align on a unit budget; safety gained and alignment tax of each.
 
     `--setting ru` alone skips the full run (e.g. when the full run is an already-built named model)."""
     from safeunits.train.experiments import ssah_budget
@@ -116,7 +121,8 @@ def ssah_budget_command(
     _check_map(unit_map)
     evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
     rec = _recipe("align", config, model, parse_sets(sets))
-    ssah_budget(rec, unit_map, out, settings=tuple(settings), evaluation=evaluation, save_models=save_models)
+    ssah_budget(rec, unit_map, out, settings=tuple(settings) or None, protocol=protocol, evaluation=evaluation,
+                save_models=save_models)
     typer.echo((out / "table.md").read_text())
 
 
@@ -130,6 +136,9 @@ def ssah_freeze_command(
                                        help=SETTING_HELP.format(what="to freeze")),
     frozen_epochs_factor: float = typer.Option(1.0, "--frozen-epochs-factor",
                                                help="Epoch multiplier for frozen runs (SSAH used ~2)."),
+    protocol: str = typer.Option("ssah", "--protocol",
+                                 help="ssah: a ':top' setting (i) first trains 1 epoch with the wider set (ii) frozen "
+                                      "(SSAH Table 2); direct: setting (i) from the first step (before issue 24)."),
     sets: list[str] = sets_option("n_examples=100"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),
     save_models: bool = typer.Option(False, "--save-models", help="Also save the fine-tuned models."),
@@ -144,6 +153,6 @@ def ssah_freeze_command(
     _check_map(unit_map)
     evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
     rec = _recipe("finetune", config, model, parse_sets(sets))
-    ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor,
+    ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,
                 evaluation=evaluation, save_models=save_models)
     typer.echo((out / "table.md").read_text())

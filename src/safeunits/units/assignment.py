@@ -13,6 +13,9 @@ attention head; embeddings, norms, output biases and shared K/V rows belong to n
 unit (a head owns more parameters than a channel). A class takes the prefix of its ranking whose
 size is closest to the target, so achieved shares are within one unit's size of the request.
 
+`class_thresholds` / `classify_by_thresholds` express a classification as cut-offs on the z-score keys, so a
+second map's scores can be classed by the first map's rule and class shares can move (role transfer).
+
 Everything here is a pure function of score tensors and per-unit parameter counts (no model, no
 files): ``units.classes.build_unit_map`` feeds it from a model and packages the result.
 """
@@ -64,6 +67,28 @@ def _take(order: torch.Tensor, sizes: torch.Tensor, available: torch.Tensor, tar
     return order[:k]
 
 
+def _flat_zscores(safety: dict[str, torch.Tensor],
+                  utility: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Size]]:
+    """Per-layer safety and utility z-scores of every unit, flattened kind after kind, and each kind's shape."""
+    flat_s, flat_u, shapes = [], [], {}
+    for kind in UNIT_KINDS:
+        if safety[kind].shape != utility[kind].shape:
+            raise ValueError(f"{kind}: safety and utility scores differ in shape")
+        shapes[kind] = safety[kind].shape
+        flat_s.append(layer_zscores(safety[kind]).flatten())
+        flat_u.append(layer_zscores(utility[kind]).flatten())
+    return torch.cat(flat_s), torch.cat(flat_u), shapes
+
+
+def _unflatten(code: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for kind in UNIT_KINDS:
+        count = int(torch.tensor(shapes[kind]).prod())
+        out[kind] = code[start:start + count].reshape(shapes[kind])
+        start += count
+    return out
+
+
 def classify(
     safety: dict[str, torch.Tensor],
     utility: dict[str, torch.Tensor],
@@ -72,15 +97,9 @@ def classify(
 ) -> dict[str, torch.Tensor]:
     """Class code (see CLASSES) of every unit, per kind, from raw safety and utility scores ([layers, units] each)."""
     config = config or ClassifyConfig()
-    flat_s, flat_u, sizes, shapes = [], [], [], {}
-    for kind in UNIT_KINDS:
-        if safety[kind].shape != utility[kind].shape:
-            raise ValueError(f"{kind}: safety and utility scores differ in shape")
-        shapes[kind] = safety[kind].shape
-        flat_s.append(layer_zscores(safety[kind]).flatten())
-        flat_u.append(layer_zscores(utility[kind]).flatten())
-        sizes.append(torch.full((safety[kind].numel(),), float(unit_params[kind]), dtype=torch.float64))
-    s, u, size = torch.cat(flat_s), torch.cat(flat_u), torch.cat(sizes)
+    s, u, shapes = _flat_zscores(safety, utility)
+    size = torch.cat([torch.full((safety[kind].numel(),), float(unit_params[kind]), dtype=torch.float64)
+                      for kind in UNIT_KINDS])
     total = float(size.sum())
     n = s.numel()
     code = torch.full((n,), CLASS_CODE["CU"], dtype=torch.int8)
@@ -95,10 +114,49 @@ def classify(
         chosen = _take(order, size, free, frac * total)
         code[chosen] = CLASS_CODE[name]
         free[chosen] = False
-    out, start = {}, 0
-    for kind in UNIT_KINDS:
-        count = int(torch.tensor(shapes[kind]).prod())
-        out[kind] = code[start:start + count].reshape(shapes[kind])
-        start += count
-    return out
+    return _unflatten(code, shapes)
+
+
+# --- the same rule as fixed thresholds, so that class shares can move between two maps -------------------------
+
+
+class ClassThresholds(BaseModel):
+    """A classification as cut-offs on the z-score keys: RU = S + U <= ru_max; of the rest, SCU = S - U >= scu_min;
+    of the rest, UCU = S - U <= ucu_max; CU = everything else. An empty class has an infinite cut-off."""
+
+    ru_max: float
+    scu_min: float
+    ucu_max: float
+
+
+def class_thresholds(safety: dict[str, torch.Tensor], utility: dict[str, torch.Tensor],
+                     classes: dict[str, torch.Tensor]) -> ClassThresholds:
+    """The cut-offs a fraction-sized classification (`classify`) drew on these scores.
+
+    `classify_by_thresholds` with them gives the same classes back (up to units tied exactly at a cut-off); applied
+    to another model's scores, they let class shares move: a fine-tune that lowers many units' safety z-score below
+    the old SCU cut-off shrinks SCU, which `classify`'s fixed fractions cannot show (SSAH Fig. 5, issue 24)."""
+    s, u, _ = _flat_zscores(safety, utility)
+    code = torch.cat([classes[kind].flatten() for kind in UNIT_KINDS]).long()
+
+    def cut(key: torch.Tensor, name: str, largest: bool) -> float:
+        chosen = key[code == CLASS_CODE[name]]
+        if chosen.numel() == 0:
+            return float("-inf") if largest else float("inf")
+        return float(chosen.max() if largest else chosen.min())
+
+    return ClassThresholds(ru_max=cut(s + u, "RU", True), scu_min=cut(s - u, "SCU", False),
+                           ucu_max=cut(s - u, "UCU", True))
+
+
+def classify_by_thresholds(safety: dict[str, torch.Tensor], utility: dict[str, torch.Tensor],
+                           thresholds: ClassThresholds) -> dict[str, torch.Tensor]:
+    """Class code of every unit under fixed cut-offs on the per-layer z-score keys (shares follow the scores)."""
+    s, u, shapes = _flat_zscores(safety, utility)
+    code = torch.full((s.numel(),), CLASS_CODE["CU"], dtype=torch.int8)
+    ru = (s + u) <= thresholds.ru_max
+    scu = ~ru & ((s - u) >= thresholds.scu_min)
+    ucu = ~ru & ~scu & ((s - u) <= thresholds.ucu_max)
+    code[ru], code[scu], code[ucu] = CLASS_CODE["RU"], CLASS_CODE["SCU"], CLASS_CODE["UCU"]
+    return _unflatten(code, shapes)
 

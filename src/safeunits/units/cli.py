@@ -11,6 +11,7 @@ from rich.table import Table
 
 from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, deprecated_option,
                                    model_option, out_option, parse_sets, sets_option, suite_option, unit_map_option)
+from safeunits.errors import ConfigError
 from safeunits.units.attribution import AttributionConfig
 from safeunits.units.probe import ProbeConfig
 from safeunits.units.pruning import PruneConfig
@@ -111,16 +112,23 @@ def transfer_command(
     before: Path = typer.Argument(..., help="Unit map before (e.g. the aligned model)."),
     after: Path = typer.Argument(..., help="Unit map after (e.g. after a fine-tune), same architecture."),
     out: Path = out_option("Output folder: transfer.json and transfer.png."),
+    after_classes: str = typer.Option("thresholds", "--after-classes",
+                                      help="thresholds: class the after-model's units by the before map's cut-offs "
+                                           "(shares can move, SSAH Fig. 5); fractions: each map's own classes "
+                                           "(fixed shares)."),
 ) -> None:
     """Role transfer: the 4x4 class transition matrix between two unit maps (units and parameters)."""
-    from safeunits.units.transfer import write_transfer
+    from safeunits.units.transfer import share_changes, write_transfer
     from safeunits.units.unit_map import CLASSES, UnitMap
 
-    result = write_transfer(UnitMap.load(before), UnitMap.load(after), out)
+    if after_classes not in ("thresholds", "fractions"):
+        raise ConfigError(f"--after-classes must be thresholds or fractions, got {after_classes!r}")
+    result = write_transfer(UnitMap.load(before), UnitMap.load(after), out, after_classes)
     table = Table("before \\ after", *CLASSES, title="share of before-class parameters (%)")
     for name, row in zip(CLASSES, result["param_share_of_row"]):
         table.add_row(name, *(f"{100 * v:.1f}" for v in row))
     Console().print(table)
+    typer.echo(f"class shares of unit parameters: {share_changes(result)}")
     typer.echo(f"written: {out / 'transfer.json'}, {out / 'transfer.png'}")
 
 

@@ -6,6 +6,11 @@ cosine distance between the clean input's last-token hidden state and each conti
 last-token hidden state, for k = k_min..k_max. An aligned model sits closer to the refusal
 continuation (positive gap = d(compliance) - d(refusal)); an unaligned one closer to compliance.
 
+The states are each decoder block's raw output (`layer_output="block"`, read by forward hooks). Transformers'
+`output_hidden_states` gives the same for every block but the last, whose entry is taken *after* the final norm
+(`layer_output="hidden_states"`, the probe before issue 24): a norm rescales each position's state, which changes
+the cosine distances of the last layer only.
+
 A causal LM's hidden state at position t depends only on tokens <= t, so one forward pass of
 prompt + k_max continuation tokens yields the states for every k at once (checked in the tests
 against separate forward passes per k).
@@ -14,7 +19,7 @@ against separate forward passes per k).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, model_validator
@@ -23,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.errors import UserValueError
 from safeunits.io import write_json
+from safeunits.models.adapters import get_adapter
 from safeunits.models.chat import prompt_text
 
 # several phrasings per side: the last-token state also encodes *which* token ends the continuation, so
@@ -50,6 +56,9 @@ class ProbeConfig(BaseModel):
     k_max: int = Field(10, ge=1, description="longest continuation, in tokens")
     batch_size: int = Field(8, ge=1)
     system_prompt: str | None = Field(None, description="system prompt inside the chat template, if any")
+    layer_output: Literal["block", "hidden_states"] = Field(
+        "block", description="state of each layer: the raw output of its decoder block, or transformers' "
+                             "hidden_states (the same, except the last layer's is after the final norm)")
 
     @model_validator(mode="after")
     def _order(self) -> "ProbeConfig":
@@ -66,8 +75,9 @@ def _continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str, k_max: int,
 
 
 @torch.no_grad()
-def _last_states(model: PreTrainedModel, seqs: list[list[int]], positions: list[list[int]], pad: int) -> torch.Tensor:
-    """Hidden states [batch, n_positions, layers, hidden] (float64) at the given positions, block outputs only."""
+def _last_states(model: PreTrainedModel, seqs: list[list[int]], positions: list[list[int]], pad: int,
+                 layer_output: str = "block") -> torch.Tensor:
+    """Hidden states [batch, n_positions, layers, hidden] (float64) at the given positions, one per decoder block."""
     device = next(model.parameters()).device
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -75,8 +85,24 @@ def _last_states(model: PreTrainedModel, seqs: list[list[int]], positions: list[
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False)
-    hs = torch.stack(out.hidden_states[1:], dim=2)  # [B, T, L, H]
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    if layer_output == "hidden_states":
+        hs = torch.stack(model(**inputs, output_hidden_states=True).hidden_states[1:], dim=2)  # [B, T, L, H]
+    elif layer_output == "block":
+        outputs: list[torch.Tensor] = []
+
+        def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
+            outputs.append(output[0] if isinstance(output, tuple) else output)
+
+        hooks = [block.register_forward_hook(keep) for block in get_adapter(model).layers]
+        try:
+            model(**inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        hs = torch.stack(outputs, dim=2)  # [B, T, L, H]
+    else:
+        raise ValueError(f"unknown layer_output {layer_output!r}; use 'block' or 'hidden_states'")
     pos = torch.tensor(positions, device=device)  # [B, P]
     picked = hs[torch.arange(len(seqs), device=device).unsqueeze(1), pos]  # [B, P, L, H]
     return picked.double().cpu()
@@ -118,7 +144,7 @@ def run_probe(
                 for cont in texts:
                     seqs = [h + cont for h in heads]
                     positions = [[len(h) - 1] + [len(h) - 1 + k for k in ks] for h in heads]
-                    states = _last_states(model, seqs, positions, pad)  # [B, 1 + K, L, H]
+                    states = _last_states(model, seqs, positions, pad, config.layer_output)  # [B, 1 + K, L, H]
                     per_text.append(_cos_dist(states[:, :1], states[:, 1:]))  # [B, K, L]
                 dist[name] = torch.stack(per_text).mean(0)  # mean over phrasings
             for name, d in dist.items():

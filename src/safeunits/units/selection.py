@@ -2,7 +2,8 @@
 
 ``select_units(unit_map, "scu+cu:top0.06")`` names units by class (``scu``, ``ucu``, ``cu``, ``ru``,
 ``all``), joined with ``+``; ``:topF`` keeps only the fraction F (of that class's parameters) with
-the highest safety z-score (SSAH's "SCU + top 6 % of CU"). ``unit_parameter_masks(model, selection)``
+the highest safety z-score (SSAH's "SCU + top 6 % of CU"); ``ru:utility`` is RU classed by utility alone
+(SSAH's alignment budget in a pretrained model, Fig. 6). ``unit_parameter_masks(model, selection)``
 turns a selection into boolean masks over the model's weights (True = the weight belongs to a
 selected unit), which the training engine uses to freeze or to train only those units and pruning
 uses to zero them.
@@ -61,11 +62,13 @@ class UnitSelection(BaseModel):
         return cls(mlp=to_dict(masks["mlp"]), heads=to_dict(masks["head"]))
 
 
-_TERM = re.compile(r"^(scu|ucu|cu|ru|all)(?::top(\d*\.?\d+))?$")
+_TERM = re.compile(r"^(scu|ucu|cu|ru|all)(:utility)?(?::top(\d*\.?\d+))?$")
 
 
 def select_units(unit_map: UnitMap, spec: str) -> UnitSelection:
-    """Units named by `spec`, e.g. "scu", "ru", "scu+cu", "scu+cu:top0.06" (top 6 % of CU by safety z-score)."""
+    """Units named by `spec`, e.g. "scu", "ru", "scu+cu", "scu+cu:top0.06" (top 6 % of CU by safety z-score),
+    "ru:utility" (the map's share r of unit parameters with the lowest utility z-score, safety ignored: SSAH's
+    redundant units of a pretrained model, its Fig. 6)."""
     terms = [t.strip().lower() for t in spec.split("+") if t.strip()]
     if not terms:
         raise ValueError("empty unit selection spec")
@@ -74,23 +77,38 @@ def select_units(unit_map: UnitMap, spec: str) -> UnitSelection:
     total = {k: torch.zeros(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
     for term in terms:
         match = _TERM.match(term)
-        if not match:
-            raise UserValueError(f"bad unit selection term {term!r}: expected scu|ucu|cu|ru|all, optionally ':top<fraction>'")
-        name, top = match.group(1), match.group(2)
+        if not match or (match.group(2) and match.group(1) != "ru"):
+            raise UserValueError(f"bad unit selection term {term!r}: expected scu|ucu|cu|ru|ru:utility|all, "
+                                 "optionally ':top<fraction>'")
+        name, by_utility, top = match.group(1), match.group(2), match.group(3)
         if name == "all":
             masks = {k: torch.ones(shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
+        elif by_utility:
+            masks = redundant_by_utility(unit_map)
         else:
             masks = unit_map.class_mask(name.upper())
         if top is not None:
-            masks = _top_by_safety(masks, z, unit_map.unit_params, float(top))
+            masks = _top_by_key(masks, z, unit_map.unit_params, float(top))
         for k in UNIT_KINDS:
             total[k] |= masks[k]
     return UnitSelection.from_masks(total)
 
 
-def _top_by_safety(masks: dict[str, torch.Tensor], z: dict[str, torch.Tensor], unit_params: dict[str, int],
-                   fraction: float) -> dict[str, torch.Tensor]:
-    """Keep the `fraction` (in parameters) of the masked units with the highest safety z-score."""
+def redundant_by_utility(unit_map: UnitMap) -> dict[str, torch.Tensor]:
+    """SSAH's redundant units of a pretrained model (Fig. 6): classed by utility alone, the share r (the map's RU
+    fraction) of unit parameters with the lowest per-layer utility z-score; the rest is utility."""
+    fractions = unit_map.settings.get("fractions") or {}
+    if "r" not in fractions:
+        raise UserValueError("this unit map does not record its RU fraction r (settings.fractions); "
+                             "re-run `safeunits attribute`")
+    everything = {k: torch.ones(unit_map.shapes[k], dtype=torch.bool) for k in UNIT_KINDS}
+    low_utility = {k: -v for k, v in unit_map.zscores("utility").items()}
+    return _top_by_key(everything, low_utility, unit_map.unit_params, float(fractions["r"]))
+
+
+def _top_by_key(masks: dict[str, torch.Tensor], z: dict[str, torch.Tensor], unit_params: dict[str, int],
+                fraction: float) -> dict[str, torch.Tensor]:
+    """Keep the `fraction` (in parameters) of the masked units with the highest key `z` (e.g. safety z-score)."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"top fraction must be in [0, 1], got {fraction}")
     keys, sizes, where = [], [], []
