@@ -73,6 +73,8 @@ QUIET: Any = typer.Option(False, "--quiet", "-q", help="No progress bars and no 
 DTYPE: Any = typer.Option("float32", "--dtype", help="Model weights dtype: float32, bfloat16 or float16.")
 DEVICE: Any = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, ...")
 LIMIT: Any = typer.Option(None, "--limit", min=1, help="Cut every evaluation set to at most this many items (smoke runs).")
+FORCE: Any = typer.Option(False, "--force", help="Write into an --out folder that is not empty and was not made by "
+                          "this command (files named like its outputs are replaced; nothing else is touched).")
 
 
 # --- logging -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, model_option,
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, model_option,
                                    out_option, parse_sets, sets_option, suite_option)
 from safeunits.eval.generation import Backend
 from safeunits.eval.suites import SuiteConfig
@@ -31,9 +31,8 @@ def eval_command(
     sets: list[str] = sets_option("nll_max_length=256"),
     dtype: str = DTYPE,
     device: str = DEVICE,
-    threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                          help="torch CPU threads (1 is much faster when other jobs share the cores)."),
     quiet: bool = QUIET,
+    force: bool = FORCE,
     backend: Backend = typer.Option("transformers", "--backend",
                                     help="Generation backend: transformers, or vllm (GPU; pip install 'safeunits[vllm]')."),
     options: Optional[dict] = None,
@@ -42,11 +41,8 @@ def eval_command(
     from safeunits.eval.context import EvalContext
     from safeunits.eval.report import compare_table
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit, backend=backend)
     base = ctx.suite
     given = dict(options or {})
@@ -55,6 +51,7 @@ def eval_command(
     if xstest_judge and base.over_safety:
         given["over_safety"] = {"judge": xstest_judge}
     ctx = ctx.with_suite(build_config(SuiteConfig, given, parse_sets(sets), base=base))
+    claim_output_dir(out, "eval", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     result = ctx.evaluate(lm, tok, out, name=model)
     compare_table({model: result})

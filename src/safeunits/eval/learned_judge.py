@@ -197,7 +197,7 @@ def load_or_train(data_dir: str | os.PathLike | None = None, *, held_out: Path |
                   config: LearnedJudgeConfig | None = None, rebuild: bool = False) -> LearnedModel:
     """The learned judge trained on XSTest's label files (all, or all but `held_out` for a leave-one-out fold),
     from the cache when it is there, trained and cached otherwise."""
-    from safeunits.models.loading import build_into
+    from safeunits.outdir import build_into
 
     config = config or LearnedJudgeConfig()
     try:
@@ -213,7 +213,7 @@ def load_or_train(data_dir: str | os.PathLike | None = None, *, held_out: Path |
         rows, dropped = training_rows(files, held_out)
         provenance = {**sources, "n_train": len(rows), "dropped_shared_with_held_out": dropped}
         model = train([r["completion"] for r in rows], [r["final_label"] for r in rows], config, provenance)
-        build_into(folder, model.save)
+        build_into(folder, model.save, kind="learned-judge", force=True)  # a cache folder
     return LearnedModel.load(folder)
 
 

@@ -40,6 +40,7 @@ from safeunits.io import read_json, write_json, write_text
 from safeunits.models.chat import SAFETY_SYSTEM_PROMPT
 from safeunits.models.loading import model_fingerprint
 
+RESULT_DIRS = ("generations", "answers", "nll", "judgements")  # what a resume reuses
 SYSTEM_PROMPTS: dict[SystemPromptMode, str | None] = {"none": None, "safety": SAFETY_SYSTEM_PROMPT}
 
 
@@ -68,12 +69,15 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     identity = ModelIdentity(name=model_name or getattr(model.config, "name_or_path", "") or model.config.model_type,
                              fingerprint=model_fingerprint(model))
-    if out is not None:
-        _claim_run_dir(out, config, identity, data_dir, backend)
+    fresh = out is not None and _claim_run_dir(out, config, identity, data_dir, backend)
     run = _Run(model, tokenizer, config, out, data_dir, progress, backend)
     try:
         result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
                             utility=run.utility(), answers=run.answers(), out_dir=out)
+    except BaseException:
+        if fresh and not any(p.is_file() for sub in RESULT_DIRS for p in (out / sub).rglob("*")):
+            (out / "config.json").unlink(missing_ok=True)  # nothing to resume: the claim is undone (a fix may rerun)
+        raise
     finally:
         run.close()
     if config.lm_eval is not None and config.lm_eval.tasks:
@@ -226,8 +230,8 @@ def _count_lines(path: Path) -> int:
     return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
-def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> None:
-    """Write config.json, or check that an existing one describes the same model, suite and backend (resume)."""
+def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> bool:
+    """Write config.json (True), or check that an existing one describes the same model, suite and backend (resume)."""
     resolved = {"suite": config.model_dump(mode="json"), "model": identity.model_dump(), "backend": backend,
                 "data_dir": str(data_dir) if data_dir else os.environ.get("SAFEUNITS_DATA_DIR")}
     path = out / "config.json"
@@ -241,5 +245,6 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
         if previous.get("backend", "transformers") != backend:  # greedy answers may differ between backends
             raise RunDirMismatchError(f"{out} holds generations of the {previous.get('backend', 'transformers')} "
                                       f"backend; resume with that --backend or choose another --out")
-        return
+        return False
     write_json(path, resolved)
+    return True

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, deprecated_option,
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, deprecated_option,
                                    model_option, out_option, parse_sets, sets_option, suite_option, unit_map_option)
 from safeunits.units.attribution import AttributionConfig
 from safeunits.units.probe import ProbeConfig
@@ -37,13 +37,16 @@ def attribute_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Score every MLP channel and head on safety and utility data, classify them (SCU/UCU/CU/RU), save the unit map."""
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.attribution import attribute
 
     config = build_config(AttributionConfig, options or {}, parse_sets(sets))
+    claim_output_dir(out, "attribute", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     unit_map = attribute(lm, tok, config, out, data_dir=data_dir, model_name=model, progress=not quiet)
     _print_summary(unit_map.summary())
@@ -70,12 +73,14 @@ def prune_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     old_map: Optional[Path] = deprecated_option("--map", "--unit-map"),
     options: Optional[dict] = None,
 ) -> None:
     """Zero the units of chosen classes (or equally large random controls) and evaluate: the SSAH Table-1 check."""
     from safeunits.eval.context import EvalContext
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.pruning import prune_and_save, pruning_table
     from safeunits.units.unit_map import UnitMap
 
@@ -87,6 +92,7 @@ def prune_command(
     config = build_config(PruneConfig, {"targets": target, "baseline": not no_baseline}, options or {}, parse_sets(sets))
     evaluation = None if save_model else EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
     umap = UnitMap.load(unit_map)
+    claim_output_dir(out, "model" if save_model else "prune", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     if save_model:
         zeroed, units = prune_and_save(lm, tok, umap, target[0], out, seed=config.seed, shared_kv=config.shared_kv)
@@ -109,12 +115,15 @@ def transfer_command(
     before: Path = typer.Argument(..., help="Unit map before (e.g. the aligned model)."),
     after: Path = typer.Argument(..., help="Unit map after (e.g. after a fine-tune), same architecture."),
     out: Path = out_option("Output folder: transfer.json and transfer.png."),
+    force: bool = FORCE,
 ) -> None:
     """Role transfer: the 4x4 class transition matrix between two unit maps (units and parameters)."""
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.transfer import write_transfer
     from safeunits.units.unit_map import CLASSES, UnitMap
 
-    result = write_transfer(UnitMap.load(before), UnitMap.load(after), out)
+    maps = UnitMap.load(before), UnitMap.load(after)
+    result = write_transfer(*maps, claim_output_dir(out, "transfer", force=force))
     table = Table("before \\ after", *CLASSES, title="share of before-class parameters (%)")
     for name, row in zip(CLASSES, result["param_share_of_row"]):
         table.add_row(name, *(f"{100 * v:.1f}" for v in row))
@@ -136,16 +145,19 @@ def probe_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Reasoning-direction probe: is the clean prompt's state closer to a refusal or a compliance continuation?"""
     from safeunits.data.registry import load_dataset
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.probe import run_probe, write_probe
 
     texts = {k: v for k, v in {"refusals": refusal, "compliances": compliance}.items() if v}
     config = build_config(ProbeConfig, texts, options or {}, parse_sets(sets))
     records = load_dataset(prompts, data_dir=data_dir, limit=limit)
+    claim_output_dir(out, "probe", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     result = run_probe(lm, tok, [r.prompt for r in records], config, progress=not quiet)
     write_probe(result, out)
