@@ -15,7 +15,7 @@ from safeunits.cli import app
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.experiments import runner, steps
 from safeunits.experiments.config import bundled_experiments, build_experiment, load_experiment
-from safeunits.experiments.report import markdown_to_html
+from safeunits.experiments.report import collect_results, markdown_to_html
 from test_demo import tiny_suite
 from tiny import tiny_model, tiny_tokenizer
 
@@ -174,6 +174,27 @@ def test_markdown_to_html_escapes_and_aligns(tmp_path):
     html = markdown_to_html("# T <x>\n\n| a | b |\n|---|---:|\n| `c` | 1 |\n\n```\n<raw>\n```\n- item\n", tmp_path, "t")
     assert "<h1>T &lt;x&gt;</h1>" in html and '<td class="num">1</td>' in html and "<td><code>c</code></td>" in html
     assert "<pre><code>&lt;raw&gt;</code></pre>" in html and "<li>item</li>" in html
+
+
+def test_report_embeds_only_figures_of_the_run_and_a_pipe_in_a_label_stays_in_its_cell(small_run, tmp_path):
+    """A shared report must not carry local files: an experiment description pointing at /etc/hostname or
+    ../../secret.txt stays text; a `|` or a line break in a label does not shift the table's columns."""
+    from safeunits.eval.report import markdown_table
+
+    experiment, run_dir, result = small_run
+    (tmp_path / "secret.txt").write_bytes(b"\x89PNG\r\n\x1a\nTOP SECRET")  # even a PNG-looking file outside
+    outside = Path("../" * len(run_dir.parts)) / tmp_path.relative_to("/") / "secret.txt"
+    (run_dir / "link.png").symlink_to(tmp_path / "secret.txt")
+    text = "\n".join(["![x](/etc/hostname)", "![y](../secret.txt)", f"![z]({outside})", "![w](link.png)",
+                      "![map](map/unit_map.png)"])
+    page = markdown_to_html(text, run_dir, "t")
+    assert page.count("<img") == 1 and 'alt="map"' in page  # the run's own figure only
+    assert "U0VDUkVU" not in page and "SECRET" not in page and "not embedded" in page and "/etc/hostname" in page
+    row = next(iter(collect_results(result.plan, {"baseline": {"evals": {"b": "eval"}}}, run_dir).values()))
+    table = markdown_table({"a | b\nc": row, "plain": row})
+    page = markdown_to_html(table, run_dir, "t")
+    cells = re.findall(r"<tr>(.*?)</tr>", page, re.S)
+    assert "<td>a | b c</td>" in cells[1] and all(c.count("<td") == cells[1].count("<td") for c in cells[1:])
 
 
 @pytest.mark.skipif(not CHROMIUM.is_file(), reason="headless Chromium (/usr/bin/chromium, Debian package "

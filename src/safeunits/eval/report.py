@@ -99,12 +99,17 @@ def compare_table(results: dict[str, EvalResult], *, console: Console | None = N
     return table
 
 
+def md_cell(text: Any) -> str:
+    """Text safe inside one Markdown table cell: `|` escaped, line breaks as spaces (a label cannot shift columns)."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def markdown_table(results: dict[str, EvalResult], *, with_ci: bool = True) -> str:
     """The same table as Markdown, for notes and BENCHMARKS.md."""
     head = "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     sep = "|---|" + "---:|" * len(COLUMNS)
     marks = _marks(results)
-    rows = [f"| {name} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
+    rows = [f"| {md_cell(name)} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
             for name, r in results.items()]
     note = "\n\n`*`: differs from the first row with p < 0.05 (paired test on the same prompts)." if len(results) > 1 else ""
     return "\n".join([head, sep, *rows]) + note
@@ -138,7 +143,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
                 cells.append("-" if m is None else f"{100 * m.rate:.1f}{mark(name, f'asr {set_name}/{mode}')}"
                              f"{_ci(m)} ({100 * m.incoherent.rate:.0f})")
             label = f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else "")
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+            rows.append(f"| {md_cell(label)} | " + " | ".join(cells) + " |")
     if first.over_safety:
         cells = [f"{100 * r.over_safety.refusal.rate:.1f}{mark(name, 'xstest_refusal')}{_ci(r.over_safety.refusal)}"
                  if r.over_safety else "-" for name, r in results.items()]
@@ -153,7 +158,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
     note = ("ASR % [95 % CI] (incoherent %) per source; `*` = differs from the first column with p < 0.05 (McNemar "
             "exact for rates, paired bootstrap for NLL)." + (f" Not paired with the first column (other prompts): "
                                                              f"{', '.join(unpaired)}." if unpaired else ""))
-    head = "| source | " + " | ".join(names) + " |"
+    head = "| source | " + " | ".join(map(md_cell, names)) + " |"
     return "\n".join([head, "|---|" + "---:|" * len(names), *rows]) + "\n\n" + note + "\n"
 
 
@@ -264,5 +269,5 @@ def rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str 
                 cells.append(format(v, fmt))
             else:
                 cells.append(str(v))
-        body += "| " + " | ".join(cells) + " |\n"
+        body += "| " + " | ".join(map(md_cell, cells)) + " |\n"
     return head + body
