@@ -93,17 +93,34 @@ def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a corrupt or truncated file is a user error, not a traceback."""
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise UserFileNotFoundError(f"{path} does not exist")
-    try:
+    with safetensors_errors(path):
         return load_file(str(path), device=device)
-    except (SafetensorError, ValueError, OSError) as err:
-        raise CorruptFileError(f"{path} is not a readable safetensors file ({err})",
-                               hint="the file is corrupt or truncated: write it again") from err
+
+
+def open_safetensors(path: str | os.PathLike) -> Any:
+    """`safetensors.safe_open` (tensors read lazily), a corrupt or truncated file reported as a user error."""
+    from safetensors import safe_open
+
+    with safetensors_errors(path):
+        return safe_open(str(path), framework="pt")
+
+
+@contextmanager
+def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the errors of reading a damaged safetensors file into one CorruptFileError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})",
+                               hint="the file is corrupt or truncated (an interrupted copy or download?): "
+                                    "write or copy it again") from err
 
 
 def _json_default(obj: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
@@ -38,6 +38,7 @@ from safeunits.eval.rule_judges import RULE_JUDGES, rule_judge
 from safeunits.eval.xstest_labels import completion_key, label_files, model_of, read_labelled
 from safeunits.io import load_safetensors, save_safetensors
 from safeunits.paths import cache_dir
+from safeunits.schema import Config
 
 VERSION = 1
 TOKEN_PATTERN = r"(?u)\b\w[\w']*\b"
@@ -51,7 +52,7 @@ class LearnedJudgeError(ValueError):
     """The learned judge cannot be trained or loaded (no labels, missing classes, a damaged cache folder)."""
 
 
-class LearnedJudgeConfig(BaseModel):
+class LearnedJudgeConfig(Config):
     """Features and regularisation of the learned judge (chosen on the leave-one-model-out folds)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

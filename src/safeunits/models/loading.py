@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.errors import ModelNotFoundError, UserFileNotFoundError, UserValueError
+from safeunits.errors import CorruptFileError, ModelNotFoundError, UserFileNotFoundError, UserValueError
 from safeunits.models.signature import model_fingerprint  # noqa: F401  (re-exported: its long-standing home)
 from safeunits.outdir import build_into
 from safeunits.paths import cache_dir
@@ -157,6 +158,11 @@ def load_model(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
             local_files_only=local_only,
         )
+    except SafetensorError as err:
+        raise CorruptFileError(f"model {name_or_path!r}: its weights are not readable safetensors "
+                               f"({str(err).splitlines()[0]})",
+                               hint="a weights file is corrupt or truncated (an interrupted copy or download?): "
+                                    "copy or save the model again") from err
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",

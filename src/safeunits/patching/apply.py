@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from safeunits.errors import UserFileNotFoundError, UserValueError
+from safeunits.io import open_safetensors
 from safeunits.models.loading import resolve_model
 from safeunits.models.signature import ArchitectureMismatchError, check_fits
 from safeunits.outdir import build_into
@@ -101,7 +102,8 @@ def checkpoint_description(folder: Path) -> dict:
         raise UserFileNotFoundError(f"{folder} has no .safetensors weights (pickled checkpoints are not loaded)")
     shapes = {}
     for shard in shards:
-        header, _ = _read_header(shard)
+        with open_safetensors(shard):  # a corrupt or truncated shard is refused before anything is written
+            header, _ = _read_header(shard)
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return {"model_type": json.loads(config_path.read_text()).get("model_type"), "shapes": shapes}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -181,6 +182,8 @@ def apply(
 
     if scale and len(scale) != len(patch):
         raise typer.BadParameter(f"{len(scale)} --scale values for {len(patch)} --patch folders")
+    if not all(math.isfinite(s) for s in scale):
+        raise typer.BadParameter(f"--scale must be finite numbers, got {scale}", param_hint="--scale")
     patches = [SparsePatch.load(p) for p in patch]
     claim_output_dir(out, "model", force=force)
     target = apply_patch_to_checkpoint(model, patches, out, scales=scale or None, progress=not quiet)

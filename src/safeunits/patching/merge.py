@@ -13,16 +13,17 @@ from __future__ import annotations
 import zlib
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
+from safeunits.schema import Config
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(Config):
     """Hyper-parameters of controllable patching; a and b are percentages of each tensor (or of the model)."""
 
     a: float = Field(5.0, gt=0, le=100, description="top-a % most salient weights of the safety patch δ_SE")

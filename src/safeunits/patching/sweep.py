@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
@@ -23,11 +23,12 @@ from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, eva
                                            pareto_front, validation_suite)
 from safeunits.patching.merge import MergeConfig, merge_parts
 from safeunits.patching.patches import DensePatch
+from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(Config):
     """The grid (CPU-sized by default) and the rule that picks the default point."""
 
     a: list[float] = Field([1.0, 5.0, 20.0], description="top-a % of δ_SE values to try")

@@ -133,7 +133,7 @@ def ssah_freeze_command(
     model: Optional[str] = model_option(None, "Aligned model to fine-tune; default: the recipe's."),
     settings: list[str] = typer.Option(["full", "scu+cu:top0.06", "scu+cu"], "--setting",
                                        help=SETTING_HELP.format(what="to freeze")),
-    frozen_epochs_factor: float = typer.Option(1.0, "--frozen-epochs-factor",
+    frozen_epochs_factor: float = typer.Option(1.0, "--frozen-epochs-factor", min=0.0, max=1000.0,
                                                help="Epoch multiplier for frozen runs (SSAH used ~2)."),
     sets: list[str] = sets_option("n_examples=100"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),

@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
+from safeunits.schema import Config
 from safeunits.units.selection import UnitSelection, resolve_target, unit_parameter_masks
 from safeunits.units.unit_map import UnitMap
 
 log = logging.getLogger(__name__)
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(Config):
     """Which unit sets to zero, and how the controls are drawn."""
 
     targets: list[str] = Field(["scu", "random:scu", "ru"], description="selection specs; 'random:<spec>' = random control of equal size, "
