@@ -10,12 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from safeunits.cli import app
-from safeunits.models.loading import save_model
 from safeunits.outdir import MARKER, OutputFolderError, build_into, check_output_dir, claim_output_dir
-from test_demo import tiny_suite
-from tiny import tiny_model, tiny_tokenizer
 
-UTILITY = '{"prompt": "Add 2 and 3.", "response": "Five."}\n{"prompt": "Say hi.", "response": "Hi there!"}\n'
 CANARIES = {"thesis.txt": "four years of work\n", "src/main.py": "print('mine')\n"}
 
 
@@ -96,33 +92,6 @@ def test_unwritable_folder_is_a_short_error(tmp_path, monkeypatch):
 
 # --- every command that writes: refused before any work, canaries kept -------------------------------------------
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, data_dir) -> dict:
-    """A tiny model folder, its unit map, a D_h, δ_SE/δ_OSM and a merged sparse patch, made by the CLI."""
-    tmp = tmp_path_factory.mktemp("inputs")
-    model = save_model(tiny_model("qwen2"), tiny_tokenizer(), tmp / "tiny")
-    util = tmp / "util.jsonl"
-    util.write_text(UTILITY)
-    harm = tmp / "harm.jsonl"
-    harm.write_text("".join(json.dumps({"prompt": f"How do I pick lock number {i}?", "response": "Take a pick."}) + "\n"
-                            for i in range(6)))
-    for args in (["attribute", "--model", model, "--out", tmp / "map", "--limit", "2", "--utility-data", util,
-                  "--max-length", "200", "--no-plots", "--data-dir", data_dir, "-q"],
-                 ["patch", "build-data", "--out", tmp / "dh", "--prompts", harm, "--offset", "0", "--n-train", "5",
-                  "--n-val", "1", "--responses", "dataset", "--eval-set", "advbench[:100]", "--data-dir", data_dir],
-                 ["patch", "derive", "--model", model, "--data", tmp / "dh", "--out", tmp / "p", "--max-steps", "1",
-                  "--batch-size", "2", "-q"],
-                 ["patch", "merge", "--se", tmp / "p/se", "--osm", tmp / "p/osm", "--out", tmp / "merged", "-q"]):
-        res = run(*args)
-        assert res.exit_code == 0, res.output
-    suite = tiny_suite(tmp / "tiny.yaml")
-    exp = tmp / "exp.yaml"
-    exp.write_text(yaml.safe_dump({"name": "canary", "suite": suite, "data_dir": str(data_dir),
-                                   "steps": [{"name": "baseline", "kind": "evaluate", "model": str(model)}]}))
-    return {"model": model, "map": tmp / "map", "util": util, "dh": tmp / "dh", "p": tmp / "p",
-            "merged": tmp / "merged", "suite": suite, "exp": exp, "data_dir": data_dir}
-
-
 COMMANDS = {
     "prune --save-model": lambda i: ["prune", "--unit-map", i["map"], "--save-model", "--target", "scu",
                                      "--model", i["model"]],
@@ -145,9 +114,9 @@ FORCED = {"prune --save-model": "config.json", "patch apply": "config.json", "pa
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_a_foreign_folder_is_refused_and_force_keeps_its_files(command, inputs, tmp_path):
+def test_a_foreign_folder_is_refused_and_force_keeps_its_files(command, cli_inputs, tmp_path):
     out = plant(tmp_path / "mine")
-    args = [*COMMANDS[command](inputs), "--out", out]
+    args = [*COMMANDS[command](cli_inputs), "--out", out]
     assert_refused(run(*args), out)
     if command in FORCED:
         res = run(*args, "--force")
@@ -156,14 +125,14 @@ def test_a_foreign_folder_is_refused_and_force_keeps_its_files(command, inputs, 
         assert (out / FORCED[command]).is_file()
 
 
-def test_an_experiment_keeps_a_user_folder_named_like_a_step(inputs, tmp_path):
+def test_an_experiment_keeps_a_user_folder_named_like_a_step(cli_inputs, tmp_path):
     out = tmp_path / "run"
-    res = run("run", inputs["exp"], "--out", out, "--dry-run")
+    res = run("run", cli_inputs["exp"], "--out", out, "--dry-run")
     assert res.exit_code == 0 and not out.exists(), res.output
-    res = run("run", inputs["exp"], "--out", out, "-q")
+    res = run("run", cli_inputs["exp"], "--out", out, "-q")
     assert res.exit_code == 0, res.output
     user = plant(out / "baseline2")
-    exp = yaml.safe_load(inputs["exp"].read_text())
+    exp = yaml.safe_load(cli_inputs["exp"].read_text())
     exp["steps"].append({"name": "baseline2", "kind": "evaluate", "model": exp["steps"][0]["model"]})
     path = tmp_path / "exp2.yaml"
     path.write_text(yaml.safe_dump(exp))
@@ -173,13 +142,13 @@ def test_an_experiment_keeps_a_user_folder_named_like_a_step(inputs, tmp_path):
         assert_canaries(user)
 
 
-def test_a_failed_evaluation_leaves_nothing_to_trip_the_corrected_rerun(inputs, tmp_path):
+def test_a_failed_evaluation_leaves_nothing_to_trip_the_corrected_rerun(cli_inputs, tmp_path):
     bad = tmp_path / "harm.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": \n')
-    suite = yaml.safe_load(Path(inputs["suite"]).read_text())
+    suite = yaml.safe_load(Path(cli_inputs["suite"]).read_text())
     suite["harmful"][0]["dataset"] = str(bad)
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
-    args = ["eval", "--model", inputs["model"], "--suite", tmp_path / "suite.yaml", "--data-dir", inputs["data_dir"],
+    args = ["eval", "--model", cli_inputs["model"], "--suite", tmp_path / "suite.yaml", "--data-dir", cli_inputs["data_dir"],
             "--out", tmp_path / "r", "-q"]
     res = run(*args)
     assert res.exit_code == 2 and "not valid JSON" in res.output, res.output

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import sys
 import types
 import typing
@@ -115,6 +116,16 @@ def set_verbosity(level: int) -> None:
     handler.setFormatter(_Formatter())
     logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
     logger.setLevel(level)
+    if level >= logging.WARNING:  # quiet: the libraries' bars too (transformers' "Loading weights", Hub downloads)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it loads later
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # also the Hub's bars
+        elif "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
 
 
 # --- deprecated spellings -----------------------------------------------------------------------------------

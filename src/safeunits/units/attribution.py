@@ -62,9 +62,10 @@ def attribute(
     """Score every MLP channel and head on the safety and the utility data, classify them (SCU/UCU/CU/RU), and
     save `unit_map.safetensors` + `unit_map.json` (+ plots) into `out_dir` when given."""
     config = config or AttributionConfig()
+    data = {kind: (spec, _take(load_dataset(spec, data_dir=data_dir), config.limit, config.sample_seed))
+            for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data))}  # a typo fails first
     scores = {}
-    for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data)):
-        records = _take(load_dataset(spec, data_dir=data_dir), config.limit, config.sample_seed)
+    for kind, (spec, records) in data.items():
         log.info("scoring units on %d %s examples (%s)", len(records), kind, spec)
         scores[kind] = compute_scores(model, tokenizer, records, config.score, progress=progress, desc=f"{kind} data")
         scores[kind].extra = {"dataset": spec, "seconds": scores[kind].seconds}
