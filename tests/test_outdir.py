@@ -157,3 +157,19 @@ def test_a_failed_evaluation_leaves_nothing_to_trip_the_corrected_rerun(cli_inpu
     res = run(*args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "metrics.json").is_file()
+
+
+def test_outputs_get_the_permissions_of_ordinary_files(tmp_path):
+    """Temporary names are made 0600/0700; a finished output must be readable as any file the user writes."""
+    import os
+
+    from safeunits.io import write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.md", "x")
+        folder = build_into(tmp_path / "model", lambda tmp: (tmp / "config.json").write_text("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "config.json").stat().st_mode & 0o777 == 0o644

@@ -20,9 +20,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from safeunits import __version__
-from safeunits.cli_options import set_verbosity
 from safeunits.errors import UserError
-from safeunits.runtime import TRUST_REMOTE_CODE_ENV, set_threads
+from safeunits.runtime import TRUST_REMOTE_CODE_ENV, set_threads, set_verbosity
 
 DEBUG_ENV = "SAFEUNITS_DEBUG"
 USER_ERROR_EXIT = 2  # as click's usage errors

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from safeunits.errors import ConfigError
 from safeunits.io import load_yaml
+from safeunits.runtime import set_verbosity
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -76,56 +75,6 @@ DEVICE: Any = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cud
 LIMIT: Any = typer.Option(None, "--limit", min=1, help="Cut every evaluation set to at most this many items (smoke runs).")
 FORCE: Any = typer.Option(False, "--force", help="Write into an --out folder that is not empty and was not made by "
                           "this command (files named like its outputs are replaced; nothing else is touched).")
-
-
-# --- logging -----------------------------------------------------------------------------------------------
-
-class _Formatter(logging.Formatter):
-    """Progress messages (INFO) as plain lines; warnings and errors say what they are."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
-        elif record.levelno < logging.INFO:
-            text = f"{record.name}: {text}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-class _Handler(logging.StreamHandler):
-    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone).
-
-    It writes to whatever `sys.stderr` is at the time of the message, not the stream of its creation (which a
-    test runner may have closed since)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: D102
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def set_verbosity(level: int) -> None:
-    """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
-    logger = logging.getLogger("safeunits")
-    handler = _Handler()
-    handler.setFormatter(_Formatter())
-    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
-    logger.setLevel(level)
-    if level >= logging.WARNING:  # quiet: the libraries' bars too (transformers' "Loading weights", Hub downloads)
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it loads later
-        if "transformers" in sys.modules:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()  # also the Hub's bars
-        elif "huggingface_hub" in sys.modules:
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
 
 
 # --- deprecated spellings -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from safeunits.errors import UserError
+from safeunits.io import current_umask
 
 MARKER = ".safeunits.json"
 FORCE_HINT = ("choose a new or empty folder, or pass --force to write into it anyway (files named like the "
@@ -107,6 +108,7 @@ def build_into(target: str | os.PathLike, build: Callable[[Path], None], *, kind
     final = check_output_dir(target, kind, force=force)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: the folder gets what mkdir would give
     try:
         build(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)

@@ -1,11 +1,14 @@
-"""Process-wide settings every command shares: how many CPU threads torch uses, and whether model repositories
-may run their own code. Light on purpose (no torch import until threads are set): the CLI imports it to start.
+"""Process-wide settings every command shares: how many CPU threads torch uses, whether model repositories may
+run their own code, and how much is logged. Light on purpose (no torch import until threads are set): the CLI
+imports it to start.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 TRUST_REMOTE_CODE_ENV = "SAFEUNITS_TRUST_REMOTE_CODE"
@@ -42,3 +45,53 @@ def set_threads(threads: int | None = None) -> int:
     n = threads or default_threads()
     torch.set_num_threads(n)
     return n
+
+
+# --- logging -----------------------------------------------------------------------------------------------
+
+class _Formatter(logging.Formatter):
+    """Progress messages (INFO) as plain lines; warnings and errors say what they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            text = f"{record.levelname.lower()}: {text}"
+        elif record.levelno < logging.INFO:
+            text = f"{record.name}: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+class _Handler(logging.StreamHandler):
+    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone).
+
+    It writes to whatever `sys.stderr` is at the time of the message, not the stream of its creation (which a
+    test runner may have closed since)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def set_verbosity(level: int) -> None:
+    """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
+    logger = logging.getLogger("safeunits")
+    handler = _Handler()
+    handler.setFormatter(_Formatter())
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
+    logger.setLevel(level)
+    if level >= logging.WARNING:  # quiet: the libraries' bars too (transformers' "Loading weights", Hub downloads)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it loads later
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # also the Hub's bars
+        elif "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()

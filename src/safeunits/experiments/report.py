@@ -70,7 +70,9 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
     lines += ["## Three-axis evaluation", ""]
     if results and evaluation.suite is not None:
         lines += [f"Every model the experiment produced, on suite `{evaluation.suite.name}` "
-                  f"({evaluation.suite.description or 'no description'}). Lower is better in every column; "
+                  f"({evaluation.suite.description or 'no description'}"
+                  + (f"; every set cut to at most {experiment.limit} items by `limit`" if experiment.limit else "")
+                  + "). Lower is better in every column; "
                   "[95 % Wilson interval]; `incoherent`: degenerate answers to harmful prompts (not counted as "
                   f"attacks); marks are against the first row, `{next(iter(results))}`.", "",
                   markdown_table(results), ""]
