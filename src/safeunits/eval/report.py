@@ -245,7 +245,8 @@ def summary_markdown(result: EvalResult) -> str:
     if t:
         lines += ["", "## Cost", "", f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, "
                   f"{t.generated_tokens} new tokens" + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "") +
-                  (f"; {t.resumed_rows} rows resumed from disk" if t.resumed_rows else "") + "."]
+                  (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

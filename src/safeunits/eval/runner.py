@@ -85,8 +85,8 @@ def evaluate(
 
         result.lm_eval = run_lm_eval(model, tokenizer, config.lm_eval, batch_size=config.nll_batch_size)
     result.timing = Timing(total_s=time.perf_counter() - started, generation_s=run.gen_seconds,
-                           generated_tokens=run.gen_tokens, resumed_rows=run.resumed,
-                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_seconds else None)
+                           generated_tokens=run.gen_tokens, resumed_rows=run.resumed, resumed_tokens=run.resumed_tokens,
+                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_tokens and run.gen_seconds else None)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
                           "machine": platform.machine(), "cpu_count": os.cpu_count()}
@@ -104,7 +104,7 @@ class _Run:
                  backend: Backend) -> None:
         self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
         self.data_dir, self.progress = data_dir, progress
-        self.gen_seconds, self.gen_tokens, self.resumed = 0.0, 0, 0
+        self.gen_seconds, self.gen_tokens, self.resumed, self.resumed_tokens = 0.0, 0, 0, 0
         self.vllm = None
         if backend == "vllm":  # one engine for every generation of this evaluation, started on first use
             self.vllm = VllmGenerator(model, tokenizer)
@@ -216,9 +216,13 @@ class _Run:
                      else generate(self.model, self.tokenizer, prompts, **kwargs))
         self.gen_seconds += time.perf_counter() - t0
         self.resumed += before
-        fresh = responses if before == 0 else []  # token counts only for this run's own generations
-        self.gen_tokens += sum(len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in fresh)
+        # the first `before` rows came from disk, the rest were generated now (the rate counts only those)
+        self.resumed_tokens += sum(self._tokens(r) for r in responses[:before])
+        self.gen_tokens += sum(self._tokens(r) for r in responses[before:])
         return responses
+
+    def _tokens(self, response: str) -> int:
+        return len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
 
     def _write_judgements(self, name: str, rows: list[dict]) -> None:
         if self.out is not None:
