@@ -173,3 +173,12 @@ def test_outputs_get_the_permissions_of_ordinary_files(tmp_path):
         os.umask(old)
     assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
     assert folder.stat().st_mode & 0o777 == 0o755 and (folder / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failing_command_gives_back_only_its_own_claim(tmp_path):
+    """Another command's folder claimed earlier in the same process (tests, notebooks) is not undone."""
+    assert run("datasets", "--show", tmp_path / "a.jsonl").exit_code == 2  # any failing command
+    claim_output_dir(tmp_path / "earlier", "eval")  # a claim outside any command, e.g. from Python
+    res = run("eval", "--model", "no-such-model", "--out", tmp_path / "r")
+    assert res.exit_code == 2 and not (tmp_path / "r").exists()
+    assert (tmp_path / "earlier" / MARKER).is_file()

@@ -131,8 +131,9 @@ class SafeunitsGroup(TyperGroup):
             self._listing = False
 
     def invoke(self, ctx: typer.Context) -> Any:
-        from safeunits.outdir import undo_fresh_claims
+        from safeunits.outdir import forget_fresh_claims, undo_fresh_claims
 
+        forget_fresh_claims()
         try:
             return super().invoke(ctx)
         except BaseException as err:

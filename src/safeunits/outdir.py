@@ -86,6 +86,11 @@ def claim_output_dir(path: str | os.PathLike, kind: str, *, force: bool = False)
     return folder
 
 
+def forget_fresh_claims() -> None:
+    """Start a new command: claims of earlier commands in this process are theirs, not to be undone now."""
+    _fresh.clear()
+
+
 def undo_fresh_claims() -> None:
     """After a failed command: unclaim the folders it claimed fresh that hold nothing but the marker (and empty folders)."""
     while _fresh:
