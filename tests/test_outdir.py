@@ -182,3 +182,15 @@ def test_a_failing_command_gives_back_only_its_own_claim(tmp_path):
     res = run("eval", "--model", "no-such-model", "--out", tmp_path / "r")
     assert res.exit_code == 2 and not (tmp_path / "r").exists()
     assert (tmp_path / "earlier" / MARKER).is_file()
+
+
+@pytest.mark.parametrize("command", ["prune --save-model", "patch apply"])
+def test_force_reaches_the_model_folder_of_another_kind(command, cli_inputs, tmp_path):
+    out = claim_output_dir(tmp_path / "evalrun", "eval")
+    plant(out)
+    args = [*COMMANDS[command](cli_inputs), "--out", out]
+    assert run(*args).exit_code == 2
+    res = run(*args, "--force")
+    assert res.exit_code == 0, res.output
+    assert_canaries(out)
+    assert (out / "config.json").is_file() and json.loads((out / MARKER).read_text())["kind"] == "eval"

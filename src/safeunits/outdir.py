@@ -121,15 +121,18 @@ def build_into(target: str | os.PathLike, build: Callable[[Path], None], *, kind
             _write_marker(tmp, {"kind": kind, "files": files})
             os.replace(tmp, final)
             return final
-        previous = read_marker(final) or {}
-        owned = set(previous.get("files", [])) if previous.get("kind") == kind else set()
-        _write_marker(final, {"kind": kind, "files": sorted(owned | set(files))})  # owned while files move in
+        previous = read_marker(final)
+        ours = previous is None or previous["kind"] == kind  # forced into another kind's folder: its marker stays
+        owned = set(previous.get("files", [])) if previous is not None and ours else set()
+        if ours:
+            _write_marker(final, {"kind": kind, "files": sorted(owned | set(files))})  # owned while files move in
         for rel in files:
             (final / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, final / rel)
         for rel in owned - set(files):
             (final / rel).unlink(missing_ok=True)
-        _write_marker(final, {"kind": kind, "files": files})
+        if ours:
+            _write_marker(final, {"kind": kind, "files": files})
         return final
     finally:
         if tmp.exists():

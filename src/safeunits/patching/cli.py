@@ -186,7 +186,7 @@ def apply(
         raise typer.BadParameter(f"--scale must be finite numbers, got {scale}", param_hint="--scale")
     patches = [SparsePatch.load(p) for p in patch]
     claim_output_dir(out, "model", force=force)
-    target = apply_patch_to_checkpoint(model, patches, out, scales=scale or None, progress=not quiet)
+    target = apply_patch_to_checkpoint(model, patches, out, scales=scale or None, progress=not quiet, force=force)
     typer.echo(f"patched model in {target}")
 
 

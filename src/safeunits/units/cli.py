@@ -95,7 +95,8 @@ def prune_command(
     claim_output_dir(out, "model" if save_model else "prune", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     if save_model:
-        zeroed, units = prune_and_save(lm, tok, umap, target[0], out, seed=config.seed, shared_kv=config.shared_kv)
+        zeroed, units = prune_and_save(lm, tok, umap, target[0], out, seed=config.seed, shared_kv=config.shared_kv,
+                                       force=force)
         typer.echo(f"zeroed {zeroed:,} weights ({units.counts()}); model saved to {out}")
         return
     if max_new_tokens:

@@ -137,8 +137,10 @@ def prune_and_save(
     *,
     seed: int = 0,
     shared_kv: SharedKV = "none",
+    force: bool = False,
 ) -> tuple[int, UnitSelection]:
-    """Check the map fits `model`, zero `target`'s units in place and save the pruned model folder (atomically).
+    """Check the map fits `model`, zero `target`'s units in place and save the pruned model folder (atomically;
+    `out_dir` follows safeunits.outdir, `force` writes into any folder).
 
     Returns the number of zeroed weights and the units (a pruned model to fine-tune or share, not an evaluation)."""
     from safeunits.models.loading import save_model
@@ -146,5 +148,5 @@ def prune_and_save(
     unit_map.check_model(model)
     units = resolve_target(unit_map, target, seed=seed)
     zeroed = prune_units(model, units, shared_kv=shared_kv)
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir, force=force)
     return zeroed, units
