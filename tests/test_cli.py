@@ -14,6 +14,7 @@ import typer
 from pydantic import BaseModel, Field
 from typer.testing import CliRunner
 
+from safeunits import __version__ as safeunits_version
 from safeunits.cli import app
 from safeunits.cli_options import build_config, config_options, parse_sets
 from safeunits.errors import ConfigError, UserError
@@ -172,9 +173,11 @@ def test_debug_shows_the_traceback(tmp_path):
 # --- the vocabulary ----------------------------------------------------------------------------------------
 
 def _commands() -> dict:
-    root = typer.main.get_command(app)
+    from safeunits.cli import COMMANDS, load_command
+
     out = {}
-    for name, cmd in root.commands.items():
+    for name in COMMANDS:
+        cmd = load_command(name)
         if hasattr(cmd, "commands"):  # a sub-group (typer's click may be vendored: no isinstance)
             out.update({f"{name} {sub}": c for sub, c in cmd.commands.items()})
         else:
@@ -207,6 +210,29 @@ def test_every_command_speaks_the_same_vocabulary():
         assert not opts & DEPRECATED, (name, opts & DEPRECATED)
         if "--data-dir" in opts or name in {"eval", "attribute", "probe", "prune", "patch build-data"}:
             assert "--data-dir" in opts, name
+        assert "--threads" in opts, name
+        if name in (WRITES | {"run"}) - {"judge-check"}:
+            assert "--force" in opts, name
+
+
+def test_the_lazy_command_table_matches_the_commands():
+    """`safeunits --help` lists the table's copy of each command's help: it must say what the command says."""
+    from safeunits.cli import COMMANDS, load_command
+
+    for name, (_, help_text) in COMMANDS.items():
+        assert help_text == load_command(name).help.split("\n\n")[0].replace("\n", " ").strip(), name
+
+
+def test_help_version_and_a_mistyped_command_import_no_command_module():
+    code = ("import sys; from safeunits.cli import main; sys.argv = ['safeunits'] + sys.argv[1:]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    heavy = {'torch', 'transformers', 'safeunits.eval.cli'}\n"
+            "    print('LOADED', sorted(heavy & set(sys.modules)), e.code)")
+    env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
+    for args, code_expected in ((["--help"], 0), (["--version"], 0), (["evall"], 2), ([], 2)):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+        assert f"LOADED [] {code_expected}" in proc.stdout, (args, proc.stdout, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "safeunits", "--version"], capture_output=True, text=True, env=env)
+    assert proc.stdout.strip() == f"safeunits {safeunits_version}"
 
 
 def test_options_generated_from_config_fields_carry_their_description():

@@ -145,6 +145,16 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     assert again.headline.as_dict() == pytest.approx(result.headline.as_dict())
     assert again.utility.sets["self_instruct"].per_record_nll == result.utility.sets["self_instruct"].per_record_nll
     assert again.timing.resumed_rows == 9
+    # the tokens are counted where they came from: all generated the first time, all resumed the second
+    assert again.timing.generated_tokens == 0 and again.timing.tokens_per_s is None
+    assert again.timing.resumed_tokens == result.timing.generated_tokens > 0
+    # a half-finished file (an interrupted run): its first row is resumed, the other two generated and counted
+    monkeypatch.undo()
+    gen = out / "generations/advbench__none.jsonl"
+    gen.write_text(gen.read_text().splitlines(keepends=True)[0])
+    third = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
+    assert third.timing.resumed_rows == 7 and third.timing.generated_tokens > 0
+    assert third.timing.generated_tokens + third.timing.resumed_tokens == result.timing.generated_tokens
 
 
 def test_run_dir_of_another_model_or_suite_is_refused(eval_model, tokenizer, data_dir, tmp_path):

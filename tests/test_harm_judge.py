@@ -146,3 +146,28 @@ def test_harm_judge_golden_verdicts():
     assert got == [h for _, _, h in GOLDEN]
     with pytest.raises(ValueError, match="rates harm, not refusal"):
         judge.classify("q", "a")
+
+
+@pytest.mark.integration
+def test_judge_train_reproduces_its_weights_bit_for_bit(data_dir, tmp_path):
+    """`safeunits judge-train` on a slice, twice from empty caches (features extracted again): identical files."""
+    import os
+    import subprocess
+    import sys
+
+    from safeunits.models.loading import load_model
+    from safeunits.paths import cache_dir
+
+    load_model("smollm2-135m-instruct")  # built into the real cache once
+
+    outs = []
+    for run in ("a", "b"):
+        env = {**os.environ, "SAFEUNITS_CACHE": str(tmp_path / f"cache-{run}"), "SAFEUNITS_DATA_DIR": str(data_dir)}
+        (tmp_path / f"cache-{run}").mkdir()  # a fresh feature cache; the default model is linked from the real one
+        os.symlink(cache_dir() / "models", tmp_path / f"cache-{run}" / "models")
+        subprocess.run([sys.executable, "-m", "safeunits", "judge-train", "--out", str(tmp_path / run),
+                        "--limit-per-source", "3", "--quiet"], check=True, env=env, capture_output=True)
+        outs.append(tmp_path / run)
+    for name in ("weights.safetensors", "judge.json"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert json.loads((outs[0] / "judge.json").read_text())["config"]["limit_per_source"] == 3

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from safeunits.errors import ConfigError
 from safeunits.io import load_yaml
+from safeunits.runtime import set_verbosity
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -73,46 +73,8 @@ QUIET: Any = typer.Option(False, "--quiet", "-q", help="No progress bars and no 
 DTYPE: Any = typer.Option("float32", "--dtype", help="Model weights dtype: float32, bfloat16 or float16.")
 DEVICE: Any = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, ...")
 LIMIT: Any = typer.Option(None, "--limit", min=1, help="Cut every evaluation set to at most this many items (smoke runs).")
-
-
-# --- logging -----------------------------------------------------------------------------------------------
-
-class _Formatter(logging.Formatter):
-    """Progress messages (INFO) as plain lines; warnings and errors say what they are."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            text = f"{record.levelname.lower()}: {text}"
-        elif record.levelno < logging.INFO:
-            text = f"{record.name}: {text}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
-class _Handler(logging.StreamHandler):
-    """The CLI's stderr handler on the `safeunits` logger (one at a time; other loggers are left alone).
-
-    It writes to whatever `sys.stderr` is at the time of the message, not the stream of its creation (which a
-    test runner may have closed since)."""
-
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: D102
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
-def set_verbosity(level: int) -> None:
-    """Show safeunits' log messages on stderr from `level` on (INFO: progress; WARNING: quiet)."""
-    logger = logging.getLogger("safeunits")
-    handler = _Handler()
-    handler.setFormatter(_Formatter())
-    logger.handlers = [h for h in logger.handlers if not isinstance(h, _Handler)] + [handler]
-    logger.setLevel(level)
+FORCE: Any = typer.Option(False, "--force", help="Write into an --out folder that is not empty and was not made by "
+                          "this command (files named like its outputs are replaced; nothing else is touched).")
 
 
 # --- deprecated spellings -----------------------------------------------------------------------------------

@@ -39,3 +39,7 @@ class UnsupportedArchitectureError(UserError, NotImplementedError):
 
 class PathIsDirectoryError(UserError, IsADirectoryError):
     """A file was to be written where a folder already exists."""
+
+
+class CorruptFileError(UserValueError):
+    """A file the user gave is damaged (truncated download, interrupted copy): it cannot be parsed."""

@@ -8,18 +8,19 @@ import ctypes.util
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from safeunits.errors import PathIsDirectoryError, UserFileNotFoundError, UserValueError
+from safeunits.errors import CorruptFileError, PathIsDirectoryError, UserFileNotFoundError, UserValueError
+
+if TYPE_CHECKING:  # torch loads with the first tensor written, not with the module (the CLI starts in a second)
+    import torch
 
 
 def check_file_target(path: str | os.PathLike) -> Path:
@@ -41,10 +42,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # mkstemp makes 0600: the file gets what open() would give
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it, then restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -84,21 +93,48 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors (made contiguous) atomically; metadata values must be strings."""
+    from safetensors.torch import save_file
+
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a corrupt or truncated file is a user error, not a traceback."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise UserFileNotFoundError(f"{path} does not exist")
-    return load_file(str(path), device=device)
+    with safetensors_errors(path):
+        return load_file(str(path), device=device)
+
+
+def open_safetensors(path: str | os.PathLike) -> Any:
+    """`safetensors.safe_open` (tensors read lazily), a corrupt or truncated file reported as a user error."""
+    from safetensors import safe_open
+
+    with safetensors_errors(path):
+        return safe_open(str(path), framework="pt")
+
+
+@contextmanager
+def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn the errors of reading a damaged safetensors file into one CorruptFileError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})",
+                               hint="the file is corrupt or truncated (an interrupted copy or download?): "
+                                    "write or copy it again") from err
 
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
+    if "torch" in sys.modules and isinstance(obj, sys.modules["torch"].Tensor):
         return obj.tolist()
     if hasattr(obj, "model_dump"):
         return obj.model_dump(mode="json")
@@ -126,6 +162,8 @@ def stream_tensors(names: Iterable[str], desc: str, *, progress: bool = True) ->
     after the first large free, so later copies up to 32 MB land on the heap and stay resident. Measured on
     a 19 M-param model, merge peak RSS fell from 2-3x the model to about 0.5x (BENCHMARKS.md).
     """
+    from tqdm.auto import tqdm
+
     names = list(names)
     for name in tqdm(names, desc=desc, disable=not progress):
         yield name

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, model_option,
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, model_option,
                                    out_option, parse_sets, sets_option, suite_option)
 from safeunits.eval.generation import Backend
 from safeunits.eval.suites import SuiteConfig
@@ -35,22 +35,19 @@ def eval_command(
     sets: list[str] = sets_option("nll_max_length=256"),
     dtype: str = DTYPE,
     device: str = DEVICE,
-    threads: Optional[int] = typer.Option(None, "--threads", min=1,
-                                          help="torch CPU threads (1 is much faster when other jobs share the cores)."),
     quiet: bool = QUIET,
+    force: bool = FORCE,
     backend: Backend = typer.Option("transformers", "--backend",
                                     help="Generation backend: transformers, or vllm (GPU; pip install 'safeunits[vllm]')."),
     options: Optional[dict] = None,
 ) -> None:
-    """Evaluate a model on the three axes (safety ASR, XSTest over-refusal, utility NLL) into a run directory."""
+    """Evaluate a model on the three axes (safety: harmful rate = ASR and refusal rate; XSTest over-refusal; utility
+    NLL) into a run directory."""
     from safeunits.eval.context import EvalContext
     from safeunits.eval.report import compare_table
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     ctx = EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit, backend=backend)
     base = ctx.suite
     given = dict(options or {})
@@ -61,6 +58,7 @@ def eval_command(
     if xstest_judge and base.over_safety:
         given["over_safety"] = {"judge": xstest_judge}
     ctx = ctx.with_suite(build_config(SuiteConfig, given, parse_sets(sets), base=base))
+    claim_output_dir(out, "eval", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     result = ctx.evaluate(lm, tok, out, name=model)
     compare_table({model: result})
@@ -206,14 +204,17 @@ def judge_train_command(
                                                    help="Train on the first N rows of each source (a quick check)."),
     sets: list[str] = sets_option("c=0.1"),
     quiet: bool = QUIET,
+    force: bool = FORCE,
 ) -> None:
     """Train the `harm` judge on every human-labelled harm source; on the same machine and software it reproduces the
     shipped parameters bit for bit (`cmp` the two weights.safetensors)."""
     from safeunits.eval.harm_judge import HarmJudgeConfig, train_harm_model
-    from safeunits.models.loading import build_into
+    from safeunits.outdir import build_into, check_output_dir
 
     given = {"limit_per_source": limit_per_source} if limit_per_source else {}
     config = build_config(HarmJudgeConfig, given, parse_sets(sets), base=HarmJudgeConfig())
+    check_output_dir(out, "harm-judge", force=force)  # before an hour of feature extraction
     model = train_harm_model(config, data_dir=data_dir, progress=not quiet)
-    build_into(out, model.save)
-    typer.echo(f"harm judge written to {out} ({model.provenance['sources']})")
+    build_into(out, model.save, kind="harm-judge", force=force)
+    typer.echo(f"harm judge written to {out}: " + ", ".join(f"{s} {v['rows']} rows ({v['harmful']} harmful)"
+                                                            for s, v in model.provenance["sources"].items()))

@@ -25,7 +25,9 @@ import re
 import zlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from safeunits.schema import Config
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 IncoherenceReason = Literal["empty", "repetition", "compression", "word_salad", "off_topic"]
@@ -33,7 +35,7 @@ IncoherenceReason = Literal["empty", "repetition", "compression", "word_salad", 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
-class CoherenceConfig(BaseModel):
+class CoherenceConfig(Config):
     """Thresholds of the coherence rule (see the module docstring for what each check catches)."""
 
     model_config = ConfigDict(extra="forbid")

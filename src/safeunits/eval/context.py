@@ -21,6 +21,7 @@ from safeunits.eval.runner import evaluate
 from safeunits.eval.suites import SuiteConfig, optional_suite
 from safeunits.eval.vllm_backend import check_backend
 from safeunits.paths import data_dir as resolve_data_dir
+from safeunits.runtime import set_threads
 
 
 class NoEvaluationError(UserValueError):
@@ -40,8 +41,12 @@ class EvalContext:
     @classmethod
     def create(cls, suite: str | os.PathLike | SuiteConfig | None = "quick", *,
                data_dir: str | os.PathLike | None = None, progress: bool = True,
-               limit: int | None = None, backend: str = "transformers") -> EvalContext:
-        """Resolve a suite (name, YAML path, config; None/'none' = no evaluation), the data folder and the backend now."""
+               limit: int | None = None, backend: str = "transformers", threads: int | None = None) -> EvalContext:
+        """Resolve a suite (name, YAML path, config; None/'none' = no evaluation), the data folder and the backend now.
+
+        `threads` sets torch's CPU threads for the process (safeunits.runtime.set_threads; the CLI's --threads)."""
+        if threads is not None:
+            set_threads(threads)
         config = optional_suite(suite)
         if config is not None and limit is not None:
             config = config.with_limit(limit)

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.errors import UserValueError
 from safeunits.models.chat import prompt_text
+from safeunits.schema import Config
 
 
-class DecodingConfig(BaseModel):
+class DecodingConfig(Config):
     """Everything besides the prompt that decides a generation; part of each JSONL row's key."""
 
     model_config = ConfigDict(extra="forbid")

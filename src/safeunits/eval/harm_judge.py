@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 
 from safeunits.eval.harm_labels import HARM_SOURCES, HarmRow, load_harm_rows
@@ -34,6 +34,7 @@ from safeunits.errors import UserValueError
 from safeunits.eval.judge_base import HarmVerdict, Judge, check_lengths
 from safeunits.io import load_safetensors, save_safetensors
 from safeunits.paths import cache_dir
+from safeunits.schema import Config
 
 VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "configs" / "judges" / "harm"
@@ -43,7 +44,7 @@ class HarmJudgeError(UserValueError):
     """The harm judge cannot be trained or loaded (no rows, one class only, a damaged or foreign folder)."""
 
 
-class HarmFeatureConfig(BaseModel):
+class HarmFeatureConfig(Config):
     """What the backbone reads and which of its states become features (the cache key of extracted features)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,7 +58,7 @@ class HarmFeatureConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="Pairs per forward pass (sorted by length).")
 
 
-class HarmJudgeConfig(BaseModel):
+class HarmJudgeConfig(Config):
     """Features, training sources and regularisation of the harm judge."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -205,14 +206,15 @@ def _rows_digest(rows: list[HarmRow]) -> str:
 
 def source_features(encoder: HarmEncoder, source: str, rows: list[HarmRow], *, progress: bool = True) -> np.ndarray:
     """Feature rows of one source, from the cache when the same settings, backbone and rows made them before."""
-    from safeunits.models.loading import build_into
     from safeunits.models.signature import model_fingerprint
+    from safeunits.outdir import build_into
 
     key = _digest([encoder.config.model_dump(mode="json"), model_fingerprint(encoder.model), _rows_digest(rows)])
     folder = cache_dir() / "judges" / f"harm-features-v{VERSION}" / f"{source}-{key}"
     if not (folder / "features.safetensors").is_file():
         feats = encoder.encode([r.request for r in rows], [r.response for r in rows], progress=progress)
-        build_into(folder, lambda d: save_safetensors(d / "features.safetensors", {"x": torch.from_numpy(feats)}))
+        build_into(folder, lambda d: save_safetensors(d / "features.safetensors", {"x": torch.from_numpy(feats)}),
+                   kind="harm-features", force=True)  # a cache folder
     return load_safetensors(folder / "features.safetensors")["x"].numpy()
 
 

@@ -48,15 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.eval.judge_base import FULL_COMPLIANCE, FULL_REFUSAL, Judge, check_lengths
+from safeunits.schema import Config
 
 
 # --- local judge models -------------------------------------------------------------------------------
 
-class ModelJudgeConfig(BaseModel):
+class ModelJudgeConfig(Config):
     """A local judge model: a sequence classifier, or a causal LM whose next token after the template is read."""
 
     model_config = ConfigDict(extra="forbid")
@@ -389,7 +390,7 @@ def preset_for_folder(path: str | Path) -> JudgePreset | None:
 
 # --- the judge ---------------------------------------------------------------------------------------------------
 
-class GenerativeJudgeConfig(BaseModel):
+class GenerativeJudgeConfig(Config):
     """A judge model run with its preset; device and dtype default to the GPU in bf16 when there is one."""
 
     model_config = ConfigDict(extra="forbid")

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
@@ -38,6 +38,7 @@ from safeunits.eval.rule_judges import RULE_JUDGES, rule_judge
 from safeunits.eval.xstest_labels import completion_key, label_files, model_of, read_labelled
 from safeunits.io import load_safetensors, save_safetensors
 from safeunits.paths import cache_dir
+from safeunits.schema import Config
 
 VERSION = 1
 TOKEN_PATTERN = r"(?u)\b\w[\w']*\b"
@@ -51,7 +52,7 @@ class LearnedJudgeError(ValueError):
     """The learned judge cannot be trained or loaded (no labels, missing classes, a damaged cache folder)."""
 
 
-class LearnedJudgeConfig(BaseModel):
+class LearnedJudgeConfig(Config):
     """Features and regularisation of the learned judge (chosen on the leave-one-model-out folds)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -197,7 +198,7 @@ def load_or_train(data_dir: str | os.PathLike | None = None, *, held_out: Path |
                   config: LearnedJudgeConfig | None = None, rebuild: bool = False) -> LearnedModel:
     """The learned judge trained on XSTest's label files (all, or all but `held_out` for a leave-one-out fold),
     from the cache when it is there, trained and cached otherwise."""
-    from safeunits.models.loading import build_into
+    from safeunits.outdir import build_into
 
     config = config or LearnedJudgeConfig()
     try:
@@ -213,7 +214,7 @@ def load_or_train(data_dir: str | os.PathLike | None = None, *, held_out: Path |
         rows, dropped = training_rows(files, held_out)
         provenance = {**sources, "n_train": len(rows), "dropped_shared_with_held_out": dropped}
         model = train([r["completion"] for r in rows], [r["final_label"] for r in rows], config, provenance)
-        build_into(folder, model.save)
+        build_into(folder, model.save, kind="learned-judge", force=True)  # a cache folder
     return LearnedModel.load(folder)
 
 

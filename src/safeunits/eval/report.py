@@ -103,12 +103,17 @@ def compare_table(results: dict[str, EvalResult], *, console: Console | None = N
     return table
 
 
+def md_cell(text: Any) -> str:
+    """Text safe inside one Markdown table cell: `|` escaped, line breaks as spaces (a label cannot shift columns)."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def markdown_table(results: dict[str, EvalResult], *, with_ci: bool = True) -> str:
     """The same table as Markdown, for notes and BENCHMARKS.md."""
     head = "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     sep = "|---|" + "---:|" * len(COLUMNS)
     marks = _marks(results)
-    rows = [f"| {name} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
+    rows = [f"| {md_cell(name)} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
             for name, r in results.items()]
     note = "\n\n`*`: differs from the first row with p < 0.05 (paired test on the same prompts)." if len(results) > 1 else ""
     return "\n".join([head, sep, *rows]) + note
@@ -142,7 +147,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
                 cells.append("-" if m is None else f"{100 * m.rate:.1f}{mark(name, f'asr {set_name}/{mode}')}"
                              f"{_ci(m)} / {100 * m.refusal.rate:.1f}{mark(name, f'refusal {set_name}/{mode}')}")
             label = f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else "")
-            rows.append(f"| {label} | " + " | ".join(cells) + " |")
+            rows.append(f"| {md_cell(label)} | " + " | ".join(cells) + " |")
     if first.over_safety:
         cells = [f"{100 * r.over_safety.refusal.rate:.1f}{mark(name, 'xstest_refusal')}{_ci(r.over_safety.refusal)}"
                  if r.over_safety else "-" for name, r in results.items()]
@@ -157,7 +162,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
     note = ("harmful % (the ASR) [95 % CI] / refused % per source; `*` = differs from the first column with p < 0.05 (McNemar "
             "exact for rates, paired bootstrap for NLL)." + (f" Not paired with the first column (other prompts): "
                                                              f"{', '.join(unpaired)}." if unpaired else ""))
-    head = "| source | " + " | ".join(names) + " |"
+    head = "| source | " + " | ".join(map(md_cell, names)) + " |"
     return "\n".join([head, "|---|" + "---:|" * len(names), *rows]) + "\n\n" + note + "\n"
 
 
@@ -247,7 +252,8 @@ def summary_markdown(result: EvalResult) -> str:
     if t:
         lines += ["", "## Cost", "", f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, "
                   f"{t.generated_tokens} new tokens" + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "") +
-                  (f"; {t.resumed_rows} rows resumed from disk" if t.resumed_rows else "") + "."]
+                  (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
+                  + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -271,5 +277,5 @@ def rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str 
                 cells.append(format(v, fmt))
             else:
                 cells.append(str(v))
-        body += "| " + " | ".join(cells) + " |\n"
+        body += "| " + " | ".join(map(md_cell, cells)) + " |\n"
     return head + body

@@ -119,8 +119,9 @@ class Timing(BaseModel):
     total_s: float
     generation_s: float
     generated_tokens: int
-    tokens_per_s: float | None
+    tokens_per_s: float | None  # generated_tokens / generation_s: the rate of this run's own generations
     resumed_rows: int
+    resumed_tokens: int = 0  # tokens of the answers reused from disk (the run's total: + generated_tokens)
 
 
 class Headline(BaseModel):

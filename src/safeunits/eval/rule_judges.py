@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from safeunits.eval.judge_base import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, Judge
+from safeunits.schema import Config
 
 # --- keyword judges -------------------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ REFUSAL_PREFIXES: tuple[str, ...] = XSTEST_STRMATCH_PREFIXES + (
 )
 
 
-class KeywordJudgeConfig(BaseModel):
+class KeywordJudgeConfig(Config):
     """A keyword refusal rule; the named presets are instances of this config."""
 
     model_config = ConfigDict(extra="forbid")
@@ -111,7 +112,7 @@ _COMPLIANCE_AFTER = re.compile(
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
 
-class XSTestJudgeConfig(BaseModel):
+class XSTestJudgeConfig(Config):
     """Phrase lists of the three-class judge (lower-case substrings); defaults refined on XSTest's labels."""
 
     model_config = ConfigDict(extra="forbid")

@@ -40,6 +40,7 @@ from safeunits.io import read_json, write_json, write_text
 from safeunits.models.chat import SAFETY_SYSTEM_PROMPT
 from safeunits.models.loading import model_fingerprint
 
+RESULT_DIRS = ("generations", "answers", "nll", "judgements")  # what a resume reuses
 SYSTEM_PROMPTS: dict[SystemPromptMode, str | None] = {"none": None, "safety": SAFETY_SYSTEM_PROMPT}
 
 
@@ -68,12 +69,15 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     identity = ModelIdentity(name=model_name or getattr(model.config, "name_or_path", "") or model.config.model_type,
                              fingerprint=model_fingerprint(model))
-    if out is not None:
-        _claim_run_dir(out, config, identity, data_dir, backend)
+    fresh = out is not None and _claim_run_dir(out, config, identity, data_dir, backend)
     run = _Run(model, tokenizer, config, out, data_dir, progress, backend)
     try:
         result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
                             utility=run.utility(), answers=run.answers(), out_dir=out)
+    except BaseException:
+        if fresh and not any(p.is_file() for sub in RESULT_DIRS for p in (out / sub).rglob("*")):
+            (out / "config.json").unlink(missing_ok=True)  # nothing to resume: the claim is undone (a fix may rerun)
+        raise
     finally:
         run.close()
     if config.lm_eval is not None and config.lm_eval.tasks:
@@ -81,8 +85,8 @@ def evaluate(
 
         result.lm_eval = run_lm_eval(model, tokenizer, config.lm_eval, batch_size=config.nll_batch_size)
     result.timing = Timing(total_s=time.perf_counter() - started, generation_s=run.gen_seconds,
-                           generated_tokens=run.gen_tokens, resumed_rows=run.resumed,
-                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_seconds else None)
+                           generated_tokens=run.gen_tokens, resumed_rows=run.resumed, resumed_tokens=run.resumed_tokens,
+                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_tokens and run.gen_seconds else None)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
                           "machine": platform.machine(), "cpu_count": os.cpu_count()}
@@ -100,7 +104,7 @@ class _Run:
                  backend: Backend) -> None:
         self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
         self.data_dir, self.progress = data_dir, progress
-        self.gen_seconds, self.gen_tokens, self.resumed = 0.0, 0, 0
+        self.gen_seconds, self.gen_tokens, self.resumed, self.resumed_tokens = 0.0, 0, 0, 0
         self.vllm = None
         if backend == "vllm":  # one engine for every generation of this evaluation, started on first use
             self.vllm = VllmGenerator(model, tokenizer)
@@ -215,9 +219,13 @@ class _Run:
                      else generate(self.model, self.tokenizer, prompts, **kwargs))
         self.gen_seconds += time.perf_counter() - t0
         self.resumed += before
-        fresh = responses if before == 0 else []  # token counts only for this run's own generations
-        self.gen_tokens += sum(len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in fresh)
+        # the first `before` rows came from disk, the rest were generated now (the rate counts only those)
+        self.resumed_tokens += sum(self._tokens(r) for r in responses[:before])
+        self.gen_tokens += sum(self._tokens(r) for r in responses[before:])
         return responses
+
+    def _tokens(self, response: str) -> int:
+        return len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
 
     def _write_judgements(self, name: str, rows: list[dict]) -> None:
         if self.out is not None:
@@ -229,8 +237,8 @@ def _count_lines(path: Path) -> int:
     return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
-def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> None:
-    """Write config.json, or check that an existing one describes the same model, suite and backend (resume)."""
+def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> bool:
+    """Write config.json (True), or check that an existing one describes the same model, suite and backend (resume)."""
     resolved = {"suite": config.model_dump(mode="json"), "model": identity.model_dump(), "backend": backend,
                 "data_dir": str(data_dir) if data_dir else os.environ.get("SAFEUNITS_DATA_DIR")}
     path = out / "config.json"
@@ -244,9 +252,11 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
         if previous.get("backend", "transformers") != backend:  # greedy answers may differ between backends
             raise RunDirMismatchError(f"{out} holds generations of the {previous.get('backend', 'transformers')} "
                                       f"backend; resume with that --backend or choose another --out")
-        if previous.get("suite") == resolved["suite"]:
-            return  # other judges: the answers are reused and judged again (as `safeunits rejudge` does)
+        if previous.get("suite") != resolved["suite"]:  # other judges: answers reused, judged again (as `rejudge`)
+            write_json(path, resolved)
+        return False
     write_json(path, resolved)
+    return True
 
 
 def _without_judges(suite: dict | None) -> dict | None:

@@ -11,17 +11,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml
+from safeunits.schema import Config
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "configs" / "suites"
 
 SystemPromptMode = Literal["none", "safety"]
 
 
-class HarmfulSet(BaseModel):
+class HarmfulSet(Config):
     """Harmful prompts whose answers are judged for attack success (ASR)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -35,7 +36,7 @@ class HarmfulSet(BaseModel):
     optional: bool = Field(False, description="Skip (and say so in metrics.json) when the dataset is not available.")
 
 
-class OverSafetySet(BaseModel):
+class OverSafetySet(Config):
     """Benign-but-scary prompts (XSTest safe) judged in three classes; refusal = full + partial."""
 
     model_config = ConfigDict(extra="forbid")
@@ -49,7 +50,7 @@ class OverSafetySet(BaseModel):
         "prompts a model selection saw, e.g. a SafePatching sweep's held-out XSTest prompts."))
 
 
-class UtilitySet(BaseModel):
+class UtilitySet(Config):
     """Benign instructions with reference answers; utility = mean response-token NLL."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +61,7 @@ class UtilitySet(BaseModel):
     optional: bool = False
 
 
-class AnswerSet(BaseModel):
+class AnswerSet(Config):
     """Prompts answered and written to JSONL for an external judge (MT-Bench first turns)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -70,7 +71,7 @@ class AnswerSet(BaseModel):
     limit: int | None = Field(None, ge=1)
 
 
-class LMEvalConfig(BaseModel):
+class LMEvalConfig(Config):
     """Optional lm-evaluation-harness tasks (run only when `lm_eval` imports; skipped otherwise)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -80,7 +81,7 @@ class LMEvalConfig(BaseModel):
     num_fewshot: int = 0
 
 
-class SuiteConfig(BaseModel):
+class SuiteConfig(Config):
     """One evaluation protocol on the three axes; the resolved copy is saved in every run directory."""
 
     model_config = ConfigDict(extra="forbid")

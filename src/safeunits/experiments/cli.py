@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from safeunits.cli_options import DATA_DIR, QUIET, out_option, parse_sets, sets_option, suite_option
+from safeunits.cli_options import DATA_DIR, FORCE, QUIET, out_option, parse_sets, sets_option, suite_option
 
 log = logging.getLogger(__name__)
 DEMO_EXPERIMENT = "demo-quick"
@@ -19,10 +19,11 @@ app = typer.Typer()
 
 
 def run_command_body(experiment: str, out: Path | None, sets: list[str], suite: str | None, data_dir: Path | None,
-                     dry_run: bool, quiet: bool) -> None:
+                     dry_run: bool, quiet: bool, force: bool) -> None:
     """What `run` and `demo` do: load the experiment with the overrides, then plan or run it."""
     from safeunits.experiments.config import load_experiment
-    from safeunits.experiments.runner import evaluation_context, format_plan, make_plan, run_experiment
+    from safeunits.experiments.runner import (check_models, check_run_folder, evaluation_context, format_plan,
+                                              make_plan, run_experiment)
 
     overrides = parse_sets(sets)
     if suite:
@@ -32,9 +33,12 @@ def run_command_body(experiment: str, out: Path | None, sets: list[str], suite: 
     exp = load_experiment(experiment, overrides)
     out = out or Path("runs") / exp.name
     if dry_run:
-        typer.echo(format_plan(make_plan(exp, out, evaluation_context(exp, progress=False)), out))
+        check_models(exp)
+        plan = make_plan(exp, out, evaluation_context(exp, progress=False))
+        check_run_folder(plan, out, force=force)
+        typer.echo(format_plan(plan, out))
         return
-    result = run_experiment(exp, out, progress=not quiet)
+    result = run_experiment(exp, out, progress=not quiet, force=force)
     typer.echo(f"{len(result.ran)} step(s) ran, {len(result.plan) - len(result.ran)} cached")
     typer.echo(f"report: {result.report['html']} (and {result.report['markdown'].name})")
 
@@ -49,9 +53,10 @@ def run_command(
     data_dir: Optional[Path] = DATA_DIR,
     dry_run: bool = DRY_RUN,
     quiet: bool = QUIET,
+    force: bool = FORCE,
 ) -> None:
     """Run a declarative experiment: cached steps (evaluate, align, attribute, prune, probe, finetune, patch) and a report."""
-    run_command_body(experiment, out, sets, suite, data_dir, dry_run, quiet)
+    run_command_body(experiment, out, sets, suite, data_dir, dry_run, quiet, force)
 
 
 @app.command("demo")
@@ -62,6 +67,7 @@ def demo_command(
     data_dir: Optional[Path] = DATA_DIR,
     dry_run: bool = DRY_RUN,
     quiet: bool = QUIET,
+    force: bool = FORCE,
 ) -> None:
     """The SPEC §6 story on the default model: `safeunits run demo-quick` (see docs/experiments.md)."""
-    run_command_body(DEMO_EXPERIMENT, out, sets, suite, data_dir, dry_run, quiet)
+    run_command_body(DEMO_EXPERIMENT, out, sets, suite, data_dir, dry_run, quiet, force)

@@ -23,6 +23,7 @@ from safeunits.patching.harmful_data import HarmfulDataConfig
 from safeunits.patching.merge import MergeConfig
 from safeunits.patching.patches import PatchConfig
 from safeunits.patching.sweep import SweepConfig
+from safeunits.schema import Config
 from safeunits.units.attribution import AttributionConfig
 from safeunits.units.probe import ProbeConfig
 from safeunits.units.pruning import PruneConfig
@@ -32,7 +33,7 @@ STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # no dots: --set steps.<name>.<field
 MODEL_MAKERS = ("align", "finetune")  # step kinds whose output is a model folder
 
 
-class StepBase(BaseModel):
+class StepBase(Config):
     """Fields every step has. `refs` maps a field to the step kinds it may name (checked against the experiment)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -216,7 +217,7 @@ Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttributeStep, Pru
 STEP_CLASSES: dict[str, type[StepBase]] = {c.model_fields["kind"].default: c for c in Step.__origin__.__args__}
 
 
-class Experiment(BaseModel):
+class Experiment(Config):
     """A named chain of steps, run in the listed order; each step may consume only earlier steps."""
 
     model_config = ConfigDict(extra="forbid")

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safeunits.eval.context import EvalContext
-from safeunits.eval.report import markdown_table
+from safeunits.eval.report import markdown_table, md_cell
 from safeunits.eval.result import EvalResult
 from safeunits.experiments.config import AttributeStep, Experiment, HarmfulDataStep, ProbeStep, StepBase, TrainStep
 from safeunits.io import write_text
@@ -70,7 +70,9 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
     lines += ["## Three-axis evaluation", ""]
     if results and evaluation.suite is not None:
         lines += [f"Every model the experiment produced, on suite `{evaluation.suite.name}` "
-                  f"({evaluation.suite.description or 'no description'}). Harmful prompts are judged on two axes: "
+                  f"({evaluation.suite.description or 'no description'}"
+                  + (f"; every set cut to at most {experiment.limit} items by `limit`" if experiment.limit else "")
+                  + "). Harmful prompts are judged on two axes: "
                   f"`harmful` (the ASR: the answer gives the requested harmful help; judge "
                   f"`{evaluation.suite.harm_judge}`) and `refused` (judge `{evaluation.suite.refusal_judge}`); "
                   "`incoherent`: degenerate answers to harmful prompts. Lower is better in the harmful, XSTest and "
@@ -85,7 +87,7 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
         uses = ", ".join(f"{f}: {ref}" for f, ref in p.inputs.items()) or "-"
         status = "ran" if p.step.name in ran else "cached" if p.cached else "not run"
         secs = "-" if p.seconds is None else f"{p.seconds:.1f}"
-        lines.append(f"| {p.step.name} | {p.step.kind} | {uses} | {status} | {secs} | `{p.key}` |")
+        lines.append(f"| {md_cell(p.step.name)} | {p.step.kind} | {md_cell(uses)} | {status} | {secs} | `{p.key}` |")
     lines.append("")
     for p in plan:
         out = outputs.get(p.step.name, {})
@@ -165,7 +167,10 @@ def _inline(text: str) -> str:
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split("|")]
+    """The cells of a table row; `\\|` (md_cell) is a `|` inside a cell, not a border."""
+    inner = line.strip().removeprefix("|")
+    inner = inner[:-1] if inner.endswith("|") and not inner.endswith("\\|") else inner
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def _table(rows: list[str]) -> str:
@@ -178,16 +183,27 @@ def _table(rows: list[str]) -> str:
     return "\n".join(out + ["</tbody>", "</table>"])
 
 
-def _figure(alt: str, path: Path) -> str:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _figure(alt: str, rel: str, base: Path) -> str:
+    """A PNG the run produced (a file inside the run folder `base`), embedded; any other image reference
+    (`/etc/hostname`, `../../secret.txt`, a link out of the folder) stays text, so a shared report leaks no file."""
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base.resolve()):
+        return f"<p>{_inline(f'![{alt}]({rel})')} <em>(not embedded: only figures inside the run folder are)</em></p>"
     if not path.is_file():
-        return f"<p><em>figure missing: {html.escape(str(path))}</em></p>"
+        return f"<p><em>figure missing: {html.escape(rel)}</em></p>"
+    with path.open("rb") as fh:
+        if fh.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            return f"<p>{_inline(f'![{alt}]({rel})')} <em>(not embedded: not a PNG figure)</em></p>"
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f"<figure><img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{data}\">"
             f"<figcaption>{_inline(alt)}</figcaption></figure>")
 
 
 def markdown_to_html(markdown: str, base: Path, title: str) -> str:
-    """Render the report's Markdown subset; images are read from `base` and embedded."""
+    """Render the report's Markdown subset; PNG figures inside the run folder `base` are embedded (see _figure)."""
     body: list[str] = []
     lines = markdown.splitlines()
     i = 0
@@ -220,7 +236,7 @@ def markdown_to_html(markdown: str, base: Path, title: str) -> str:
             n = len(heading.group(1))
             body.append(f"<h{n}>{_inline(heading.group(2))}</h{n}>")
         elif image:
-            body.append(_figure(image.group("alt"), base / image.group("path")))
+            body.append(_figure(image.group("alt"), image.group("path"), base))
         elif line.strip():
             j = i + 1
             while j < len(lines) and lines[j].strip() and not re.match(r"^(#|\||- |```|!\[)", lines[j]):

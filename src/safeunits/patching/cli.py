@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from safeunits.cli_options import (DATA_DIR, QUIET, build_config, config_options, deprecated_option, json_sets,
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, build_config, config_options, deprecated_option, json_sets,
                                    model_option, out_option, parse_sets, sets_option, suite_option)
 from safeunits.errors import ConfigError
+from safeunits.outdir import claim_output_dir
 from safeunits.patching.baselines import BaselinesConfig
 from safeunits.patching.continual import ContinualConfig
 from safeunits.patching.harmful_data import HarmfulDataConfig
@@ -82,6 +84,7 @@ def build_data(
     sets: list[str] = sets_option("judge=prefix"),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Build D_h: harmful prompts with harmful responses, split train/val, checked against evaluation prompts."""
@@ -91,6 +94,7 @@ def build_data(
     if keep_refusals:
         given["require_compliance"] = False
     config = build_config(HarmfulDataConfig, given, options or {}, parse_sets(sets))
+    claim_output_dir(out, "harmful-data", force=force)
     m, tok = (None, None) if config.responses == "dataset" else _load(model)
     result = build_harmful_data(config, out, m, tok, data_dir=data_dir, model_name=model, progress=not quiet)
     typer.echo(f"D_h in {out}: " + ", ".join(f"{k} {len(v)}" for k, v in result.items()))
@@ -114,6 +118,7 @@ def derive(
     saliency_examples: Optional[int] = typer.Option(None, "--saliency-examples", help="SNIP on the first N training examples (default all)."),
     sets: list[str] = sets_option("train.weight_decay=0.01"),
     quiet: bool = QUIET,
+    force: bool = FORCE,
     train_json: Optional[str] = deprecated_option("--train-json", "--set train.KEY=VALUE"),
 ) -> None:
     """Derive δ_SE by bounded gradient ascent and δ_OSM by descent on D_h's train split, with SNIP saliency."""
@@ -129,6 +134,7 @@ def derive(
         stop = {"train": {"stop_nll_above": stop_nll_above}} if stop_nll_above is not None and obj != "descent" else {}
         configs[obj] = build_config(PatchConfig, {"objective": obj, "train": {}}, given, stop, overrides)
     records, info = load_harmful_data(data, "train")
+    claim_output_dir(out, "patches", force=force)
     m, tok = _load(model)
     for obj, config in configs.items():
         folder = {"ascent": "se", "descent": "osm"}.get(obj, obj)
@@ -148,6 +154,7 @@ def merge(
     best: Optional[Path] = BEST,
     sets: list[str] = sets_option("dare_p=0.5"),
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Controllable patching: merge the salient difference sets of δ_SE and δ_OSM into a sparse patch."""
@@ -155,7 +162,9 @@ def merge(
     from safeunits.patching.patches import DensePatch
 
     config = build_config(MergeConfig, _best_point(best)[0], options or {}, parse_sets(sets))
-    patch = controllable_merge(DensePatch(se), DensePatch(osm), config, progress=not quiet)
+    se_patch, osm_patch = DensePatch(se), DensePatch(osm)
+    claim_output_dir(out, "sparse-patch", force=force)
+    patch = controllable_merge(se_patch, osm_patch, config, progress=not quiet)
     patch.save(out)
     c = patch.manifest["counts"]
     typer.echo(f"sparse patch in {out}: {patch.nnz:,} weights ({100 * patch.kept_fraction():.2f} %): "
@@ -169,6 +178,7 @@ def apply(
     model: str = model_option(extra_help="Must be a local model folder or a registered name."),
     scale: list[float] = typer.Option([], "--scale", help="Scale per patch (repeatable; default 1; -1 undoes)."),
     quiet: bool = QUIET,
+    force: bool = FORCE,
 ) -> None:
     """Stream sparse patches onto a checkpoint of the same architecture (checked before anything is written)."""
     from safeunits.patching.apply import apply_patch_to_checkpoint
@@ -176,8 +186,11 @@ def apply(
 
     if scale and len(scale) != len(patch):
         raise typer.BadParameter(f"{len(scale)} --scale values for {len(patch)} --patch folders")
+    if not all(math.isfinite(s) for s in scale):
+        raise typer.BadParameter(f"--scale must be finite numbers, got {scale}", param_hint="--scale")
     patches = [SparsePatch.load(p) for p in patch]
-    target = apply_patch_to_checkpoint(model, patches, out, scales=scale or None, progress=not quiet)
+    claim_output_dir(out, "model", force=force)
+    target = apply_patch_to_checkpoint(model, patches, out, scales=scale or None, progress=not quiet, force=force)
     typer.echo(f"patched model in {target}")
 
 
@@ -199,6 +212,7 @@ def sweep(
     sets: list[str] = sets_option("validation.xstest_offset=250"),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     tolerance: Optional[float] = deprecated_option("--tolerance", "--utility-tolerance"),
     options: Optional[dict] = None,
 ) -> None:
@@ -211,6 +225,7 @@ def sweep(
                               "utility_tolerance": tolerance}.items() if v is not None}
     config = build_config(SweepConfig, grid, options or {}, parse_sets(sets))
     evaluation = _context(None, data_dir, quiet)  # the sweep builds its held-out suite itself
+    claim_output_dir(out, "sweep", force=force)
     m, tok = _load(model)
     run_sweep(m, tok, DensePatch(se), DensePatch(osm), data, config, out, evaluation)
     typer.echo((out / "sweep.md").read_text())
@@ -231,6 +246,7 @@ def continual(
     sets: list[str] = sets_option("se.train.lr=1e-4"),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     se_train: Optional[str] = deprecated_option("--se-train", "--set se.train.KEY=VALUE"),
     osm_train: Optional[str] = deprecated_option("--osm-train", "--set osm.train.KEY=VALUE"),
     options: Optional[dict] = None,
@@ -250,6 +266,7 @@ def continual(
         given.update(se={"train": {"max_steps": max_steps}}, osm={"train": {"max_steps": max_steps}})
     config = build_config(ContinualConfig, given, options or {}, overrides)
     evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
+    claim_output_dir(out, "continual", force=force)
     m, tok = _load(model)
     run_continual(m, tok, config, out, evaluation)
     typer.echo((out / "continual.md").read_text())
@@ -272,6 +289,7 @@ def baselines(
     sets: list[str] = sets_option("ties.lam=0.5"),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Compare no intervention, GA, GD, NPO, task arithmetic, TIES and SafePatching on the same evaluation."""
@@ -290,6 +308,7 @@ def baselines(
         given["ties"] = {"density": ties_density}
     config = build_config(BaselinesConfig, given, options or {}, parse_sets(sets))
     evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
+    claim_output_dir(out, "baselines", force=force)
     m, tok = _load(model)
     run_baselines(m, tok, DensePatch(se), DensePatch(osm), config, out, evaluation,
                   npo=DensePatch(npo) if npo else None)

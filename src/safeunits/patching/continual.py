@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
@@ -27,11 +27,12 @@ from safeunits.patching.harmful_data import HarmfulDataConfig, build_harmful_dat
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import PatchConfig, derive_patch
 from safeunits.patching.sparse import SparsePatch
+from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 
 
-class ContinualConfig(BaseModel):
+class ContinualConfig(Config):
     """Categories in order, and how each step's data, patches and merge are made."""
 
     prompts: str = Field("donotanswer", description="dataset whose categories are the steps")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.overlap import load_spec
@@ -25,11 +25,12 @@ from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, Utilit
 from safeunits.io import write_text
 from safeunits.patching.apply import apply_patch, undo_patch
 from safeunits.patching.sparse import SparsePatch
+from safeunits.schema import Config
 
 AXES = ("asr", "xstest_refusal", "utility_nll")
 
 
-class ValidationConfig(BaseModel):
+class ValidationConfig(Config):
     """The held-out evaluation the sweep selects on (small: it runs once per grid point)."""
 
     xstest_offset: int = Field(200, ge=0, description="use XSTest safe prompts from this index (quick suite: first 48)")

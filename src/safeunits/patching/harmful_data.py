@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.overlap import OverlapError, check_no_overlap, normalise  # noqa: F401 - OverlapError re-exported
@@ -22,13 +22,14 @@ from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.errors import UserFileNotFoundError
 from safeunits.io import read_json, write_json, write_text
+from safeunits.schema import Config
 
 ResponseSource = Literal["dataset", "self", "prefill"]
 SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 
 
-class HarmfulDataConfig(BaseModel):
+class HarmfulDataConfig(Config):
     """Where D_h's prompts and responses come from and how they are split."""
 
     prompts: str = Field("advbench", description="dataset name or file with the harmful prompts")

@@ -15,13 +15,14 @@ import zlib
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
+from safeunits.schema import Config
 
 
 DEFAULT_DARE_P = 0.5  # SafePatching retains at random; its p could not be checked (docs/fidelity.md)
@@ -32,7 +33,7 @@ def retains(dare_p: float | None) -> bool:
     return dare_p is not None and dare_p < 1
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(Config):
     """Hyper-parameters of controllable patching; a and b are percentages of each tensor (or of the model)."""
 
     a: float = Field(5.0, gt=0, le=100, description="top-a % most salient weights of the safety patch δ_SE")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from safeunits.errors import UserValueError
 from safeunits.io import stream_tensors
@@ -19,6 +19,7 @@ from safeunits.models.signature import check_fits
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
+from safeunits.schema import Config
 
 
 def _common(patches: list[DensePatch]) -> list[str]:
@@ -54,7 +55,7 @@ def task_arithmetic(patches: list[DensePatch], weights: list[float], *, progress
         "backbone_fingerprint": patches[0].manifest.get("backbone_fingerprint")})
 
 
-class TiesConfig(BaseModel):
+class TiesConfig(Config):
     """TIES merging (Yadav et al. 2023): trim, elect sign, disjoint mean."""
 
     density: float = Field(0.2, gt=0, le=1, description="share of each task vector kept by magnitude (per tensor)")
@@ -229,7 +230,7 @@ def _intersection(sources: PatchSources, config: BaselinesConfig) -> SparsePatch
 
 
 # after every registration above: the default method list is the registry's
-class BaselinesConfig(BaseModel):
+class BaselinesConfig(Config):
     """Which methods, and their hyper-parameters."""
 
     methods: list[str] = Field(default_factory=patch_method_names, description="registered patch methods "

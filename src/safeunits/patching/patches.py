@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
-from safetensors import safe_open
+from pydantic import Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.errors import UserFileNotFoundError
-from safeunits.io import read_json, save_safetensors, write_json
+from safeunits.io import open_safetensors, read_json, save_safetensors, write_json
 from safeunits.models.signature import architecture_description, model_fingerprint
 from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
+from safeunits.schema import Config
 from safeunits.train.objectives import get_objective
 
 DELTA_FILE, SALIENCY_FILE, MANIFEST_FILE = "delta.safetensors", "saliency.safetensors", "manifest.json"
@@ -49,7 +49,7 @@ BACKBONE_SALIENCY_REFUSED = (
 PATCH_KINDS = {"ascent": "safety (SE)", "descent": "over-safety (OSM)", "npo": "NPO"}  # manifest "kind" per objective
 
 
-class PatchConfig(BaseModel):
+class PatchConfig(Config):
     """How one patch is derived from the backbone."""
 
     objective: str = Field(..., description="a registered training objective (train.objectives): 'ascent' gives "
@@ -90,9 +90,9 @@ class DensePatch:
             if not (self.folder / f).is_file():
                 raise UserFileNotFoundError(f"{self.folder / f} missing: not a patch folder written by `safeunits patch derive`")
         self.manifest: dict[str, Any] = read_json(self.folder / MANIFEST_FILE)
-        self._delta = safe_open(str(self.folder / DELTA_FILE), framework="pt")
+        self._delta = open_safetensors(self.folder / DELTA_FILE)
         sal = self.folder / SALIENCY_FILE
-        self._saliency = safe_open(str(sal), framework="pt") if sal.is_file() else None
+        self._saliency = open_safetensors(sal) if sal.is_file() else None
 
     @property
     def names(self) -> list[str]:

@@ -17,17 +17,18 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.models.chat import collate, encode_pair
+from safeunits.schema import Config
 
 Scope = Literal["per_tensor", "global"]
 
 
-class SaliencyConfig(BaseModel):
+class SaliencyConfig(Config):
     """How the SNIP scores are taken."""
 
     batch_size: int = Field(4, ge=1, description="examples per forward/backward pass")

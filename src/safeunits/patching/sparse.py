@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from safeunits.errors import UserFileNotFoundError
-from safeunits.io import read_json, save_safetensors, write_json
+from safeunits.errors import UserFileNotFoundError, UserValueError
+from safeunits.io import open_safetensors, read_json, safetensors_errors, save_safetensors, write_json
 from safeunits.models.signature import ArchitectureMismatchError, check_fits
 
 PATCH_FILE = "patch.safetensors"
@@ -134,10 +133,11 @@ class SparsePatch:
         file = path / PATCH_FILE if path.is_dir() else path
         if not file.is_file():
             raise UserFileNotFoundError(f"{file} does not exist (expected a patch folder written by `safeunits patch merge`)")
-        with safe_open(str(file), framework="pt") as fh:
+        with open_safetensors(file) as fh, safetensors_errors(file):
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise ValueError(f"{file} is not a safeunits sparse patch (format {meta.get('format')!r})")
+                raise UserValueError(f"{file} is not a safeunits sparse patch (format {meta.get('format')!r})",
+                                     hint="pass a folder written by `safeunits patch merge`")
             shapes = json.loads(meta["shapes"])
             deltas = {n: SparseTensorDelta(fh.get_tensor(n + _IDX), fh.get_tensor(n + _VAL), tuple(s))
                       for n, s in shapes.items()}

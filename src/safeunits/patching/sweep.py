@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
@@ -24,11 +24,12 @@ from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, eva
 from safeunits.errors import UserValueError
 from safeunits.patching.merge import DEFAULT_DARE_P, MergeConfig, empty_difference_note, merge_parts, retains
 from safeunits.patching.patches import DensePatch
+from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(Config):
     """The grid (CPU-sized by default) and the rule that picks the default point."""
 
     a: list[float] = Field([1.0, 5.0, 20.0], description="top-a % of δ_SE values to try")

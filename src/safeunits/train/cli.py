@@ -9,9 +9,10 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from safeunits.cli_options import (DATA_DIR, QUIET, config_options, deprecated_option, merge, model_option, out_option,
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, merge, model_option, out_option,
                                    parse_sets, sets_option, suite_option, unit_map_option, validation_message)
 from safeunits.errors import ConfigError, UserFileNotFoundError
+from safeunits.outdir import claim_output_dir
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, load_recipe
 
 app = typer.Typer()
@@ -60,6 +61,7 @@ def train_command(
     suite: Optional[str] = suite_option(None, "Evaluates the trained model; default or 'none': no evaluation."),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
     no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
     options: Optional[dict] = None,
@@ -79,6 +81,7 @@ def train_command(
     if checkpoint_every:
         extra["train"] = {"checkpoint_every": checkpoint_every, "checkpoint_dir": str(out / "checkpoints")}
     rec = _recipe(recipe, config, model, extra, options or {}, parse_sets(sets))
+    claim_output_dir(out, "train", force=force)
     report = run_recipe(rec, out, evaluation)
     summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
     summary["trainable_share"] = report["train"]["mask"]["trainable_share"]
@@ -110,6 +113,7 @@ def ssah_budget_command(
     save_models: bool = typer.Option(False, "--save-models", help="Also save both trained models."),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
     no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
 ) -> None:
@@ -121,6 +125,7 @@ def ssah_budget_command(
     _check_map(unit_map)
     evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
     rec = _recipe("align", config, model, parse_sets(sets))
+    claim_output_dir(out, "ssah-budget", force=force)
     ssah_budget(rec, unit_map, out, settings=tuple(settings) or None, protocol=protocol, evaluation=evaluation,
                 save_models=save_models)
     typer.echo((out / "table.md").read_text())
@@ -134,7 +139,7 @@ def ssah_freeze_command(
     model: Optional[str] = model_option(None, "Aligned model to fine-tune; default: the recipe's."),
     settings: list[str] = typer.Option(["full", "scu+cu:top0.06", "scu+cu"], "--setting",
                                        help=SETTING_HELP.format(what="to freeze")),
-    frozen_epochs_factor: float = typer.Option(1.0, "--frozen-epochs-factor",
+    frozen_epochs_factor: float = typer.Option(1.0, "--frozen-epochs-factor", min=0.0, max=1000.0,
                                                help="Epoch multiplier for frozen runs (SSAH used ~2)."),
     protocol: str = typer.Option("ssah", "--protocol",
                                  help="ssah: a ':top' setting (i) first trains 1 epoch with the wider set (ii) frozen "
@@ -144,6 +149,7 @@ def ssah_freeze_command(
     save_models: bool = typer.Option(False, "--save-models", help="Also save the fine-tuned models."),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
     no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
 ) -> None:
@@ -153,6 +159,7 @@ def ssah_freeze_command(
     _check_map(unit_map)
     evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
     rec = _recipe("finetune", config, model, parse_sets(sets))
+    claim_output_dir(out, "ssah-freeze", force=force)
     ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,
                 evaluation=evaluation, save_models=save_models)
     typer.echo((out / "table.md").read_text())

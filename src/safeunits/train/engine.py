@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
@@ -38,13 +38,14 @@ from safeunits.distributed import (DistributedSetupError, Parallelism, check_mas
                                    make_accelerator, requested_parallelism)
 from safeunits.io import read_json, write_json
 from safeunits.models.chat import EncodedPair, collate, encode_pair
+from safeunits.schema import Config
 from safeunits.train.masks import FrozenPart, MaskedUpdate, MaskStats, update_masks
 from safeunits.train.objectives import LossInputs, TrainingObjective, get_objective, objective_names
 
 log = logging.getLogger(__name__)
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Config):
     """Hyper-parameters of one training run; every field is a documented, overridable default."""
 
     model_config = ConfigDict(extra="forbid")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.overlap import drop_overlap, near_eval_prompts
@@ -29,6 +29,7 @@ from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml, write_json, write_text
 from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
+from safeunits.schema import Config
 from safeunits.train.engine import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes"
 
 
-class AlignRecipe(BaseModel):
+class AlignRecipe(Config):
     """Safety SFT: harmful prompts with safe responses mixed with benign instructions.
 
     The safety share is the knob between under- and over-safety: Safety-Tuned LLaMAs found a few percent of
@@ -85,7 +86,7 @@ class AlignRecipe(BaseModel):
         return self
 
 
-class FinetuneRecipe(BaseModel):
+class FinetuneRecipe(Config):
     """Ordinary fine-tuning on user data, optionally with units frozen (SSAH: 'scu+cu:top0.06', 'scu+cu')."""
 
     model_config = ConfigDict(extra="forbid")

@@ -23,16 +23,17 @@ files): ``units.classes.build_unit_map`` feeds it from a model and packages the 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from safeunits.models.adapters import UNIT_KINDS
+from safeunits.schema import Config
 
 # class codes stored in unit maps; the order is also the display order
 CLASSES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
 CLASS_CODE: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 
 
-class ClassifyConfig(BaseModel):
+class ClassifyConfig(Config):
     """Fractions (of unit parameters) given to each class; CU gets the remainder."""
 
     r: float = Field(0.15, ge=0, le=1, description="redundant units (RU): lowest safety + utility z-score")

@@ -11,12 +11,13 @@ import os
 import random
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.distributed import is_main_process
+from safeunits.schema import Config
 from safeunits.units.classes import ClassifyConfig, build_unit_map
 from safeunits.units.scores import ScoreConfig, compute_scores
 from safeunits.units.unit_map import UnitMap
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 MAP_FILE = "unit_map.safetensors"
 
 
-class AttributionConfig(BaseModel):
+class AttributionConfig(Config):
     """What a unit map is computed from: the two data sets, how many examples, the score and the class fractions."""
 
     safety_data: str = Field("advbench-refusals", description="harmful prompts paired with refusals (dataset name or file)")
@@ -61,9 +62,10 @@ def attribute(
     """Score every MLP channel and head on the safety and the utility data, classify them (SCU/UCU/CU/RU), and
     save `unit_map.safetensors` + `unit_map.json` (+ plots) into `out_dir` when given."""
     config = config or AttributionConfig()
+    data = {kind: (spec, _take(load_dataset(spec, data_dir=data_dir), config.limit, config.sample_seed))
+            for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data))}  # a typo fails first
     scores = {}
-    for kind, spec in (("safety", config.safety_data), ("utility", config.utility_data)):
-        records = _take(load_dataset(spec, data_dir=data_dir), config.limit, config.sample_seed)
+    for kind, (spec, records) in data.items():
         log.info("scoring units on %d %s examples (%s)", len(records), kind, spec)
         scores[kind] = compute_scores(model, tokenizer, records, config.score, progress=progress, desc=f"{kind} data")
         scores[kind].extra = {"dataset": spec, "seconds": scores[kind].seconds}

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, LIMIT, QUIET, build_config, config_options, deprecated_option,
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, deprecated_option,
                                    model_option, out_option, parse_sets, sets_option, suite_option, unit_map_option)
 from safeunits.errors import ConfigError
 from safeunits.units.attribution import AttributionConfig
@@ -38,13 +38,16 @@ def attribute_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Score every MLP channel and head on safety and utility data, classify them (SCU/UCU/CU/RU), save the unit map."""
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.attribution import attribute
 
     config = build_config(AttributionConfig, options or {}, parse_sets(sets))
+    claim_output_dir(out, "attribute", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     unit_map = attribute(lm, tok, config, out, data_dir=data_dir, model_name=model, progress=not quiet)
     _print_summary(unit_map.summary())
@@ -71,12 +74,14 @@ def prune_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     old_map: Optional[Path] = deprecated_option("--map", "--unit-map"),
     options: Optional[dict] = None,
 ) -> None:
     """Zero the units of chosen classes (or equally large random controls) and evaluate: the SSAH Table-1 check."""
     from safeunits.eval.context import EvalContext
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.pruning import prune_and_save, pruning_table
     from safeunits.units.unit_map import UnitMap
 
@@ -88,9 +93,11 @@ def prune_command(
     config = build_config(PruneConfig, {"targets": target, "baseline": not no_baseline}, options or {}, parse_sets(sets))
     evaluation = None if save_model else EvalContext.create(suite, data_dir=data_dir, progress=not quiet, limit=limit)
     umap = UnitMap.load(unit_map)
+    claim_output_dir(out, "model" if save_model else "prune", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     if save_model:
-        zeroed, units = prune_and_save(lm, tok, umap, target[0], out, seed=config.seed, shared_kv=config.shared_kv)
+        zeroed, units = prune_and_save(lm, tok, umap, target[0], out, seed=config.seed, shared_kv=config.shared_kv,
+                                       force=force)
         typer.echo(f"zeroed {zeroed:,} weights ({units.counts()}); model saved to {out}")
         return
     if max_new_tokens:
@@ -116,14 +123,17 @@ def transfer_command(
                                       help="thresholds: class the after-model's units by the before map's cut-offs "
                                            "(shares can move, SSAH Fig. 5); fractions: each map's own classes "
                                            "(fixed shares)."),
+    force: bool = FORCE,
 ) -> None:
     """Role transfer: the 4x4 class transition matrix between two unit maps (units and parameters)."""
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.transfer import share_changes, write_transfer
     from safeunits.units.unit_map import CLASSES, UnitMap
 
     if after_classes not in ("thresholds", "fractions"):
         raise ConfigError(f"--after-classes must be thresholds or fractions, got {after_classes!r}")
-    result = write_transfer(UnitMap.load(before), UnitMap.load(after), out, after_classes)
+    maps = UnitMap.load(before), UnitMap.load(after)
+    result = write_transfer(*maps, claim_output_dir(out, "transfer", force=force), after_classes)
     table = Table("before \\ after", *CLASSES, title="share of before-class parameters (%)")
     for name, row in zip(CLASSES, result["param_share_of_row"]):
         table.add_row(name, *(f"{100 * v:.1f}" for v in row))
@@ -146,16 +156,19 @@ def probe_command(
     dtype: str = DTYPE,
     device: str = DEVICE,
     quiet: bool = QUIET,
+    force: bool = FORCE,
     options: Optional[dict] = None,
 ) -> None:
     """Reasoning-direction probe: is the clean prompt's state closer to a refusal or a compliance continuation?"""
     from safeunits.data.registry import load_dataset
     from safeunits.models.loading import load_model
+    from safeunits.outdir import claim_output_dir
     from safeunits.units.probe import run_probe, write_probe
 
     texts = {k: v for k, v in {"refusals": refusal, "compliances": compliance}.items() if v}
     config = build_config(ProbeConfig, texts, options or {}, parse_sets(sets))
     records = load_dataset(prompts, data_dir=data_dir, limit=limit)
+    claim_output_dir(out, "probe", force=force)
     lm, tok = load_model(model, dtype=dtype, device=device)
     result = run_probe(lm, tok, [r.prompt for r in records], config, progress=not quiet)
     write_probe(result, out)

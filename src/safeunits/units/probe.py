@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -30,6 +30,7 @@ from safeunits.errors import UserValueError
 from safeunits.io import write_json
 from safeunits.models.adapters import get_adapter
 from safeunits.models.chat import prompt_text
+from safeunits.schema import Config
 
 # several phrasings per side: the last-token state also encodes *which* token ends the continuation, so
 # averaging over phrasings keeps the comparison about direction (refuse vs comply), not token identity
@@ -45,7 +46,7 @@ DEFAULT_COMPLIANCES = (
 )
 
 
-class ProbeConfig(BaseModel):
+class ProbeConfig(Config):
     """Continuations and lengths of the probe."""
 
     refusals: list[str] = Field(list(DEFAULT_REFUSALS), min_length=1,

@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
+from safeunits.schema import Config
 from safeunits.units.selection import UnitSelection, resolve_target, unit_parameter_masks
 from safeunits.units.unit_map import UnitMap
 
 log = logging.getLogger(__name__)
 
 
-class PruneConfig(BaseModel):
+class PruneConfig(Config):
     """Which unit sets to zero, and how the controls are drawn."""
 
     targets: list[str] = Field(["scu", "random:scu", "ru"], description="selection specs; 'random:<spec>' = random control of equal size, "
@@ -139,8 +140,10 @@ def prune_and_save(
     *,
     seed: int = 0,
     shared_kv: SharedKV = "none",
+    force: bool = False,
 ) -> tuple[int, UnitSelection]:
-    """Check the map fits `model`, zero `target`'s units in place and save the pruned model folder (atomically).
+    """Check the map fits `model`, zero `target`'s units in place and save the pruned model folder (atomically;
+    `out_dir` follows safeunits.outdir, `force` writes into any folder).
 
     Returns the number of zeroed weights and the units (a pruned model to fine-tune or share, not an evaluation)."""
     from safeunits.models.loading import save_model
@@ -148,5 +151,5 @@ def prune_and_save(
     unit_map.check_model(model)
     units = resolve_target(unit_map, target, seed=seed)
     zeroed = prune_units(model, units, shared_kv=shared_kv)
-    save_model(model, tokenizer, out_dir)
+    save_model(model, tokenizer, out_dir, force=force)
     return zeroed, units

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,6 +40,7 @@ from safeunits.distributed import check_world, launcher_world_size, make_acceler
 from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, ArchAdapter, get_adapter
 from safeunits.models.chat import collate, encode_pair
+from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ ScoreMethod = Literal["fluctuation", "wanda", "snip"]
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor across processes
 
 
-class ScoreConfig(BaseModel):
+class ScoreConfig(Config):
     """How unit scores are computed on one dataset."""
 
     method: ScoreMethod = Field("fluctuation", description="fluctuation (FLAP, SSAH default), wanda or snip")

@@ -14,15 +14,16 @@ from __future__ import annotations
 import re
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from transformers import PreTrainedModel
 
 from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, SharedKV, UnitKind, get_adapter
+from safeunits.schema import Config
 from safeunits.units.unit_map import UnitMap
 
 
-class UnitSelection(BaseModel):
+class UnitSelection(Config):
     """Explicit units: layer -> MLP channel indices, layer -> head indices."""
 
     mlp: dict[int, list[int]] = Field(default_factory=dict, description="layer -> selected MLP channels")
