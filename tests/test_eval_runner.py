@@ -261,12 +261,16 @@ def test_cli_eval_and_judge_check(eval_model, data_dir, tmp_path):
     suite_file.write_text("name: mini\nmax_new_tokens: 4\nnll_max_length: 4096\nharmful:\n  - {name: adv, dataset: advbench, limit: 2}\n"
                           "over_safety: {dataset: 'xstest:safe', limit: 2}\nutility:\n  - {name: si, dataset: 'self-instruct:user', limit: 2}\n")
     res = runner.invoke(app, ["eval", "--model", str(model_dir), "--suite", str(suite_file), "--out", str(out),
-                              "--data-dir", str(data_dir), "--judge", "prefix", "--quiet"])
+                              "--data-dir", str(data_dir), "--judge", "prefix", "--refusal-judge", "strmatch", "--quiet"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["safety"]["judge"] == "prefix" and metrics["safety"]["sets"]["adv"]["none"]["n"] == 2
+    assert metrics["safety"]["harm_judge"] == "prefix" and metrics["safety"]["judge"] == "strmatch"
+    assert metrics["safety"]["sets"]["adv"]["none"]["n"] == 2
     res = runner.invoke(app, ["eval-compare", str(out)])
-    assert res.exit_code == 0 and "ASR" in res.output
+    assert res.exit_code == 0 and "harm" in res.output and "refus" in res.output
+    res = runner.invoke(app, ["rejudge", str(out), "--judge", "keyword", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "metrics.json").read_text())["safety"]["harm_judge"] == "keyword"
     res = runner.invoke(app, ["judge-check", "--judge", "strmatch", "--data-dir", str(data_dir), "--out", str(tmp_path / "jc.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "jc.json").read_text())["summary"]["strmatch"]["binary_mean"] == pytest.approx(0.884, abs=0.001)

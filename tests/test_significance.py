@@ -75,7 +75,9 @@ def test_compare_results_marks_only_real_differences():
     assert headline_row(one_off, base)["significant"] == "-"
     md = markdown_table({"base": base, "safer": safer, "one off": one_off})
     assert "0.0%*" in md and "63.3%*" not in md and "p < 0.05" in md
-    assert [r["verdict"] for r in delta_rows(base, one_off)] == ["n.s.", "n.s."]
+    assert [r["verdict"] for r in delta_rows(base, one_off)] == ["n.s.", "n.s.", "n.s."]  # harmful, refused, NLL
+    refused = deltas["refusal adv/none"]  # the second axis, paired the same way: 10/30 -> 28/30 refused
+    assert refused.delta == pytest.approx(18 / 30) and refused.discordant == (2, 20) and refused.significant
     other_items = _result(["complied"] * 10, [2.0] * 10)
     with pytest.raises(PairingError, match="different items"):
         compare_results(base, other_items)

@@ -77,7 +77,8 @@ def _marks(results: dict[str, EvalResult]) -> dict[str, dict[str, bool]]:
 
 def three_axis_table(results: dict[str, EvalResult], *, with_ci: bool = True, title: str | None = None) -> Table:
     """A rich table: one row per model/variant, columns safety / over-safety / utility."""
-    table = Table(title=title or "Three-axis evaluation (lower is better; [95% CI]; * = significant vs first row)")
+    table = Table(title=title or "Three-axis evaluation (harmful, XSTest refusal, NLL: lower is better; [95% CI]; "
+                                 "* = significant vs first row)")
     table.add_column("model / variant", style="bold")
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
