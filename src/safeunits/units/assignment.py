@@ -23,7 +23,7 @@ files): ``units.classes.build_unit_map`` feeds it from a model and packages the 
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from safeunits.models.adapters import UNIT_KINDS
 from safeunits.schema import Config
@@ -121,7 +121,7 @@ def classify(
 # --- the same rule as fixed thresholds, so that class shares can move between two maps -------------------------
 
 
-class ClassThresholds(BaseModel):
+class ClassThresholds(BaseModel):  # not schema.Config: an empty class has an infinite cut-off
     """A classification as cut-offs on the z-score keys: RU = S + U <= ru_max; of the rest, SCU = S - U >= scu_min;
     of the rest, UCU = S - U <= ucu_max; CU = everything else. An empty class has an infinite cut-off."""
 
