@@ -23,6 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.zero_shot import TASKS, load_zero_shot_docs, local_files, zero_shot_task
 from safeunits.errors import UserValueError
+from safeunits.eval.result import AccuracyMetrics, TaskAccuracy
+from safeunits.eval.suites import LMEvalConfig
 from safeunits.io import write_text
 
 SAMPLE_SEED = 0
@@ -172,6 +174,30 @@ def run_zero_shot(
             scores[name] = TaskScores(name, sources[name], TASKS[name].rows, items)
             _write_cache(cache_dir, scores[name])
     return {name: scores[name] for name in tasks if name in scores}, skipped
+
+
+def accuracy_metrics(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: LMEvalConfig,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> AccuracyMetrics:
+    """A suite's `lm_eval` tasks as the `utility.accuracy` of metrics.json (what `evaluate` calls)."""
+    scores, skipped = run_zero_shot(model, tokenizer, config.tasks, limit=config.limit, num_fewshot=config.num_fewshot,
+                                    data_dir=data_dir, batch_size=config.batch_size, cache_dir=cache_dir,
+                                    progress=progress)
+    return AccuracyMetrics(tasks={name: task_accuracy(s) for name, s in scores.items()}, skipped=skipped,
+                           num_fewshot=config.num_fewshot, lm_eval_version=lm_eval_version())
+
+
+def task_accuracy(scores: TaskScores) -> TaskAccuracy:
+    """Per-item verdicts into the Rates of metrics.json (recomputable from `zero_shot/<task>.jsonl`)."""
+    norm = [i.acc_norm for i in scores.items]
+    return TaskAccuracy.from_verdicts(scores.source, scores.split_size, [i.doc_id for i in scores.items],
+                                      [i.acc for i in scores.items], None if None in norm else norm)
 
 
 def _item(task, sample: dict[str, Any], ids: list[int] | None) -> ItemScore:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safeunits.eval.context import EvalContext
-from safeunits.eval.report import markdown_table
+from safeunits.eval.report import accuracy_compare_markdown, markdown_table
 from safeunits.eval.result import EvalResult
 from safeunits.experiments.config import AttributeStep, Experiment, HarmfulDataStep, ProbeStep, StepBase, TrainStep
 from safeunits.io import write_text
@@ -74,6 +74,8 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
                   "[95 % Wilson interval]; `incoherent`: degenerate answers to harmful prompts (not counted as "
                   f"attacks); marks are against the first row, `{next(iter(results))}`.", "",
                   markdown_table(results), ""]
+        accuracy = accuracy_compare_markdown(results)
+        lines += ["### Zero-shot task accuracy (utility)", "", accuracy] if accuracy else []
     else:
         lines += ["No step evaluated a model.", ""]
     lines += ["## Steps", "", "| step | kind | consumes | this run | wall s (when computed) | cache key |",
