@@ -17,7 +17,7 @@ import torch
 
 from safeunits.data.zero_shot import TASKS
 from safeunits.eval import scoring_lm
-from safeunits.eval.zero_shot import run_zero_shot
+from safeunits.eval.zero_shot import run_zero_shot, task_accuracy
 from safeunits.models.loading import load_model
 
 SEVEN = "boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
@@ -61,11 +61,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     print(f"torch threads {torch.get_num_threads()}; {args.limit} documents a task; batch {args.batch_size}")
-    print("| task | ScoringLM s | s/doc | positions | tok/s | HFLM s | positions | tok/s | positions ratio | max |dll| | verdicts agree |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| task | acc | acc_norm | ScoringLM s | s/doc | positions | tok/s | HFLM s | positions | tok/s | positions ratio "
+          "| max |dll| | verdicts agree |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks.split(","):
         s_ours, p_ours, ours = timed(model, tok, task, args.limit, args.batch_size, scoring_lm.ScoringLM)
-        row = f"| {task} | {s_ours:.1f} | {s_ours / len(ours.items):.2f} | {p_ours} | {p_ours / s_ours:.0f}"
+        acc = task_accuracy(ours)
+        norm = f"{100 * acc.acc_norm.rate:.1f}" if acc.acc_norm else "-"
+        row = f"| {task} | {100 * acc.acc.rate:.1f} | {norm} | {s_ours:.1f} | {s_ours / len(ours.items):.2f} | {p_ours} | {p_ours / s_ours:.0f}"
         if args.skip_hflm:
             print(row + " | | | | | | |", flush=True)
             continue
