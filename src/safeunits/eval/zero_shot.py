@@ -137,7 +137,6 @@ def run_zero_shot(
 
     for name in tasks:
         zero_shot_task(name)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING if progress else logging.ERROR)
     manager = TaskManager(include_defaults=False)
     scores: dict[str, TaskScores] = {}
     skipped: dict[str, str] = {}
@@ -159,14 +158,19 @@ def run_zero_shot(
         if ids is not None and source.startswith("hub:"):
             samples[name] = ids
     if configs:
+        lm_logger = logging.getLogger("lm_eval")  # its per-task notes about our custom data source are noise here
+        level = lm_logger.level
+        lm_logger.setLevel(logging.ERROR)
         try:
             task_dict = manager.load(list(configs.values()))
             lm = ScoringLM(model, tokenizer, batch_size=batch_size, progress=progress)
             out = lm_eval_evaluate(lm, task_dict, samples=samples or None, log_samples=True, bootstrap_iters=0,
-                                   verbosity="WARNING")
+                                   verbosity="ERROR")
         except (ConnectionError, OSError) as err:  # a Hub task offline: say so, keep the rest of the evaluation
             skipped.update({name: f"{type(err).__name__}: {err}" for name in configs})
             return scores, skipped
+        finally:
+            lm_logger.setLevel(level)
         for name in configs:
             task = task_dict["tasks"][name]
             ids = doc_ids[name] if name not in samples else None
