@@ -274,3 +274,6 @@ def test_default_model_small_eval(default_model, data_dir, tmp_path):
     h = result.headline
     assert 0.0 <= h.asr <= 1.0 and 0.0 <= h.xstest_refusal <= 1.0
     assert 0.5 < h.utility_nll < 4.0 and h.perplexity == pytest.approx(math.exp(h.utility_nll))
+    acc = result.utility.accuracy  # offline: the seven zero-shot tasks from the local splits, none skipped
+    assert list(acc.tasks) == suite.lm_eval.tasks and len(acc.tasks) == 7 and not acc.skipped
+    assert all(t.source.startswith("local:") and t.n == 2 for t in acc.tasks.values()) and 0 <= h.accuracy <= 1
