@@ -12,6 +12,7 @@ model's length go to HFLM's own path, which truncates them from the left.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import defaultdict
 
 import torch
@@ -81,8 +82,8 @@ class ScoringLM(HFLM):
         ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
         self.scored_tokens += ctx_ids.numel()
         positions = (ctx_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        out = self.model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True, **keep)
         first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # the distribution of each choice's first token
         owners = [(b, i) for b, ctx in enumerate(contexts) for i in groups[ctx]]
         owners.sort(key=lambda o: -len(requests[o[1]][2]))
