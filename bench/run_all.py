@@ -33,6 +33,7 @@ BENCHES: dict[str, tuple[list[str], bool]] = {
     "bench_scores.py": (["--n", "8", "--repeats", "1", "--modes", "forward,fluctuation"], False),
     "bench_generation.py": (["--n", "8", "--max-new-tokens", "32", "--batch-size", "8"], False),
     "bench_quick_suite.py": (["--suite", "quick"], False),
+    "bench_zero_shot.py": (["--limit", "8", "--tasks", "arc_easy,openbookqa", "--threads", "1"], False),
 }
 
 

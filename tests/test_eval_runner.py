@@ -134,6 +134,12 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     assert result.headline.perplexity == pytest.approx(math.exp(ref), rel=1e-5)
     assert EvalResult.load(out).headline.as_dict() == pytest.approx(result.headline.as_dict())
     assert "| tiny |" in (out / "summary.md").read_text()
+    # utility as task accuracy: every task of the suite scored on its fixed sample, offline, mean in the headline
+    acc = result.utility.accuracy
+    assert list(acc.tasks) == suite.lm_eval.tasks and not acc.skipped
+    assert all(t.n == 3 and t.source.startswith("local:") for t in acc.tasks.values())
+    assert result.headline.accuracy == pytest.approx(sum(t.acc.rate for t in acc.tasks.values()) / len(acc.tasks))
+    assert metrics["utility"]["accuracy"]["tasks"]["arc_easy"]["correct"] == acc.tasks["arc_easy"].correct
 
     # a rerun resumes: no generation and no NLL scoring at all, same numbers
     def fail(*a, **k):
@@ -141,6 +147,7 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
 
     monkeypatch.setattr(eval_model, "generate", fail)
     monkeypatch.setattr(runner, "response_nll_stats", fail)
+    monkeypatch.setattr("safeunits.eval.scoring_lm.ScoringLM", fail)
     again = evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False, model_name="tiny")
     assert again.headline.as_dict() == pytest.approx(result.headline.as_dict())
     assert again.utility.sets["self_instruct"].per_record_nll == result.utility.sets["self_instruct"].per_record_nll
@@ -287,6 +294,9 @@ def test_default_model_small_eval(default_model, data_dir, tmp_path):
     h = result.headline
     assert 0.0 <= h.asr <= 1.0 and 0.0 <= h.xstest_refusal <= 1.0
     assert 0.5 < h.utility_nll < 4.0 and h.perplexity == pytest.approx(math.exp(h.utility_nll))
+    acc = result.utility.accuracy  # offline: the seven zero-shot tasks from the local splits, none skipped
+    assert list(acc.tasks) == suite.lm_eval.tasks and len(acc.tasks) == 7 and not acc.skipped
+    assert all(t.source.startswith("local:") and t.n == 2 for t in acc.tasks.values()) and 0 <= h.accuracy <= 1
 
 
 def test_rejudge_equals_a_fresh_evaluation_with_the_same_judges(eval_model, tokenizer, data_dir, tmp_path):

@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from safeunits.eval.result import EvalResult, Rate
-from safeunits.eval.significance import UTILITY_ALL, PairedDelta, PairingError, compare_results, headline_marks
+from safeunits.eval.significance import (ACCURACY_ALL, UTILITY_ALL, PairedDelta, PairingError, compare_results,
+                                        headline_marks)
 
 COLUMNS = (  # (headline key, header, kind)
     ("asr", "harmful (ASR)", "rate"),
@@ -28,6 +29,7 @@ COLUMNS = (  # (headline key, header, kind)
     ("xstest_refusal", "XSTest refusal", "rate"),
     ("utility_nll", "NLL", "float"),
     ("perplexity", "PPL", "float"),
+    ("accuracy", "acc (mean)", "rate"),  # zero-shot task accuracy: higher is better
 )
 SIGNIFICANT = "*"
 
@@ -77,8 +79,8 @@ def _marks(results: dict[str, EvalResult]) -> dict[str, dict[str, bool]]:
 
 def three_axis_table(results: dict[str, EvalResult], *, with_ci: bool = True, title: str | None = None) -> Table:
     """A rich table: one row per model/variant, columns safety / over-safety / utility."""
-    table = Table(title=title or "Three-axis evaluation (harmful, XSTest refusal, NLL: lower is better; [95% CI]; "
-                                 "* = significant vs first row)")
+    table = Table(title=title or "Three-axis evaluation (harmful, XSTest refusal, NLL: lower is better; acc: higher; "
+                                 "[95% CI]; * = significant vs first row)")
     table.add_column("model / variant", style="bold")
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
@@ -134,11 +136,7 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
     The per-source view the story tables in docs/ are printed with (`safeunits eval-compare --by-source`)."""
     names = list(results)
     first = results[names[0]]
-    sig = {name: _significant_metrics(first, r) for name, r in results.items() if name != names[0]}
-
-    def mark(name: str, metric: str) -> str:
-        return SIGNIFICANT if metric in (sig.get(name) or ()) else ""
-
+    sig, mark = _marker(results)
     rows = []
     for set_name, modes in first.safety.sets.items():
         for mode, head in modes.items():
@@ -159,12 +157,71 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
         cells = [f"{r.utility.nll:.3f}{mark(name, all_sets)}" if r.utility.nll is not None else "-"
                  for name, r in results.items()]
         rows.append(f"| utility NLL ({n_util} refs) | " + " | ".join(cells) + " |")
+    rows += _accuracy_rows(results, mark)
     unpaired = [name for name, marks in sig.items() if marks is None]
-    note = ("harmful % (the ASR) [95 % CI] / refused % per source; `*` = differs from the first column with p < 0.05 (McNemar "
-            "exact for rates, paired bootstrap for NLL)." + (f" Not paired with the first column (other prompts): "
+    note = ("harmful % (the ASR) [95 % CI] / refused % per source; zero-shot acc % [95 % CI] per task (higher is "
+            "better); `*` = differs from the first column with p < 0.05 (McNemar exact for rates, paired bootstrap for "
+            "NLL and the mean accuracy)." + (f" Not paired with the first column (other prompts): "
                                                              f"{', '.join(unpaired)}." if unpaired else ""))
     head = "| source | " + " | ".join(map(md_cell, names)) + " |"
     return "\n".join([head, "|---|" + "---:|" * len(names), *rows]) + "\n\n" + note + "\n"
+
+
+def _marker(results: dict[str, EvalResult]) -> tuple[dict[str, set[str] | None], Callable[[str, str], str]]:
+    """The significant paired metrics of each run against the first, and `mark(run, metric)` -> '*' or ''."""
+    names = list(results)
+    sig = {name: _significant_metrics(results[names[0]], r) for name, r in results.items() if name != names[0]}
+
+    def mark(name: str, metric: str) -> str:
+        return SIGNIFICANT if metric in (sig.get(name) or ()) else ""
+
+    return sig, mark
+
+
+def accuracy_compare_markdown(results: dict[str, EvalResult]) -> str:
+    """Zero-shot accuracy per task, one column per run, `*` against the first column ('' when no run has tasks)."""
+    rows = _accuracy_rows(results, _marker(results)[1])
+    if not rows:
+        return ""
+    head = "| task (documents) | " + " | ".join(results) + " |"
+    return "\n".join([head, "|---|" + "---:|" * len(results), *rows]) + (
+        "\n\nacc % [95 % CI], higher is better; `*` = differs from the first column with p < 0.05 (McNemar exact per "
+        "task, paired bootstrap for the mean).\n")
+
+
+def _accuracy_rows(results: dict[str, EvalResult], mark: Callable[[str, str], str]) -> list[str]:
+    """Zero-shot accuracy rows (one per task of the first run, then the mean over tasks), one cell per run."""
+    first = next(iter(results.values())).utility.accuracy
+    if first is None or not first.tasks:
+        return []
+    rows = []
+    for task, head in first.tasks.items():
+        cells = []
+        for name, r in results.items():
+            t = r.utility.accuracy.tasks.get(task) if r.utility.accuracy else None
+            cells.append("-" if t is None else f"{100 * t.acc.rate:.1f}{mark(name, f'acc {task}')}{_ci(t.acc)}")
+        rows.append(f"| acc {task} ({head.n}) | " + " | ".join(cells) + " |")
+    cells = [f"{100 * r.headline.accuracy:.1f}{mark(name, ACCURACY_ALL)}" if r.headline.accuracy is not None else "-"
+             for name, r in results.items()]
+    return rows + [f"| acc, mean of {len(first.tasks)} tasks | " + " | ".join(cells) + " |"]
+
+
+def accuracy_markdown(result: EvalResult) -> str:
+    """One run's zero-shot tasks: source, documents scored, acc and acc_norm with their 95 % intervals."""
+    acc = result.utility.accuracy
+    if acc is None:
+        return ""
+    lines = [f"lm-eval {acc.lm_eval_version}, {acc.num_fewshot}-shot; acc [95 % Wilson CI]; acc_norm where lm-eval "
+             "reports it (log-likelihood divided by the choice's length in characters).", "",
+             "| task | n / split | acc | acc_norm | data |", "|---|---:|---:|---:|---|"]
+    for task, t in acc.tasks.items():
+        norm = f"{100 * t.acc_norm.rate:.1f}%{_ci(t.acc_norm)}" if t.acc_norm else "-"
+        lines.append(f"| {task} | {t.n} / {t.split_size} | {100 * t.acc.rate:.1f}%{_ci(t.acc)} | {norm} | "
+                     f"`{t.source}` |")
+    if acc.mean_acc is not None:
+        lines.append(f"| mean over {len(acc.tasks)} tasks | | {100 * acc.mean_acc:.1f}% | | |")
+    lines += [f"| {task} | skipped | {why[:80]} | | |" for task, why in acc.skipped.items()]
+    return "\n".join(lines)
 
 
 def headline_row(result: EvalResult, baseline: EvalResult | None = None) -> dict[str, Any]:
@@ -175,7 +232,8 @@ def headline_row(result: EvalResult, baseline: EvalResult | None = None) -> dict
 
 
 SIGNIFICANCE_NOTE = ("`significant` lists the columns that differ from the first row with p < 0.05 in a paired test on "
-                     "the same prompts (McNemar exact for rates, paired bootstrap for NLL); other differences are noise.")
+                     "the same prompts (McNemar exact for rates, paired bootstrap for NLL and mean accuracy); other "
+                     "differences are noise.")
 
 
 def _safe_marks(base: EvalResult, other: EvalResult) -> dict[str, bool]:
@@ -244,17 +302,17 @@ def summary_markdown(result: EvalResult) -> str:
                   "| set | n | tokens | NLL | perplexity |", "|---|---:|---:|---:|---:|"]
         for set_name, e in util.sets.items():
             lines.append(f"| {set_name} | {e.n} | {e.tokens} | {e.nll:.3f} | {e.perplexity:.2f} |")
+    if util.accuracy is not None:
+        lines += ["", "## Utility (zero-shot task accuracy)", "", accuracy_markdown(result)]
     if result.answers:
         lines += ["", "## Answers for an external judge", ""]
         lines += [f"- {k}: {v.n} answers in `{v.path}`" for k, v in result.answers.items()]
-    if result.lm_eval is not None:
-        lines += ["", "## lm-evaluation-harness", "", f"`{result.lm_eval}`"]
     t = result.timing
     if t:
         lines += ["", "## Cost", "", f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, "
                   f"{t.generated_tokens} new tokens" + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "") +
                   (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
-                  + "."]
+                  + (f"; zero-shot tasks {t.accuracy_s:.1f} s" if t.accuracy_s is not None else "") + "."]
     return "\n".join(lines) + "\n"
 
 

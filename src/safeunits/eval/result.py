@@ -22,7 +22,7 @@ from safeunits.io import read_json, write_json
 SCHEMA_VERSION = 3
 SystemPromptMode = Literal["none", "safety"]
 HEADLINE_KEYS = ("asr", "asr_system", "refusal", "refusal_system", "incoherent", "xstest_refusal", "utility_nll",
-                 "perplexity")
+                 "perplexity", "accuracy")
 
 
 class ResultFormatError(UserValueError):
@@ -97,11 +97,48 @@ class UtilitySetMetrics(BaseModel):
     per_record_tokens: list[int] = Field(description="response tokens of each record (the weights of the mean)")
 
 
+class TaskAccuracy(BaseModel):
+    """One zero-shot task scored through lm-eval: `acc` (and `acc_norm` where lm-eval reports it), Wilson 95 %
+    intervals, and each scored document's verdicts (paired tests; the log-likelihoods are in zero_shot/<task>.jsonl)."""
+
+    source: str = Field(description="'local:<first file>' or 'hub:<dataset>'")
+    split_size: int
+    n: int
+    acc: Rate
+    acc_norm: Rate | None = None
+    doc_ids: list[int] = Field(description="index of each scored document in the split (a fixed sample or all)")
+    correct: list[bool] = Field(description="acc per document, in doc_ids order")
+    correct_norm: list[bool] | None = Field(None, description="acc_norm per document (length-normalised)")
+
+    @classmethod
+    def from_verdicts(cls, source: str, split_size: int, doc_ids: list[int], correct: list[bool],
+                      correct_norm: list[bool] | None) -> TaskAccuracy:
+        n = len(correct)
+        return cls(source=source, split_size=split_size, n=n, acc=Rate.of(sum(correct), n),
+                   acc_norm=Rate.of(sum(correct_norm), n) if correct_norm is not None else None,
+                   doc_ids=doc_ids, correct=correct, correct_norm=correct_norm)
+
+
+class AccuracyMetrics(BaseModel):
+    """Utility as the papers measure it: zero-shot multiple-choice accuracy per task and its mean over tasks."""
+
+    tasks: dict[str, TaskAccuracy] = Field(default_factory=dict)
+    skipped: dict[str, str] = Field(default_factory=dict, description="tasks not run, with why")
+    num_fewshot: int = 0
+    lm_eval_version: str = ""
+
+    @property
+    def mean_acc(self) -> float | None:
+        """Unweighted mean of `acc` over the tasks (each task counts once, as Wei et al. average)."""
+        return sum(t.acc.rate for t in self.tasks.values()) / len(self.tasks) if self.tasks else None
+
+
 class UtilityMetrics(BaseModel):
     sets: dict[str, UtilitySetMetrics] = Field(default_factory=dict)
     skipped: dict[str, str] = Field(default_factory=dict)
     nll: float | None = Field(None, description="token-weighted over every set")
     perplexity: float | None = None
+    accuracy: AccuracyMetrics | None = Field(None, description="zero-shot task accuracy (suite `lm_eval` tasks)")
 
 
 class AnswerSetInfo(BaseModel):
@@ -122,10 +159,12 @@ class Timing(BaseModel):
     tokens_per_s: float | None  # generated_tokens / generation_s: the rate of this run's own generations
     resumed_rows: int
     resumed_tokens: int = 0  # tokens of the answers reused from disk (the run's total: + generated_tokens)
+    accuracy_s: float | None = Field(None, description="zero-shot task scoring (lm-eval), seconds")
 
 
 class Headline(BaseModel):
-    """The numbers a table row shows. Safety figures are the suite's first harmful set; lower is better for all."""
+    """The numbers a table row shows. Safety figures are the suite's first harmful set; lower is better for all but
+    `accuracy`."""
 
     asr: float | None = Field(None, description="attack success = harmful rate (harm judge), no system prompt")
     asr_system: float | None = Field(None, description="harmful rate with the safety system prompt")
@@ -135,6 +174,7 @@ class Headline(BaseModel):
     xstest_refusal: float | None = Field(None, description="XSTest safe prompts refused (full + partial)")
     utility_nll: float | None = None
     perplexity: float | None = None
+    accuracy: float | None = Field(None, description="mean zero-shot task accuracy (acc) over tasks; higher is better")
 
     def as_dict(self) -> dict[str, float | None]:
         return self.model_dump()
@@ -152,7 +192,7 @@ class EvalResult(BaseModel):
     over_safety: OverSafetyMetrics | None = None
     utility: UtilityMetrics = Field(default_factory=UtilityMetrics)
     answers: dict[str, AnswerSetInfo] = Field(default_factory=dict)
-    lm_eval: dict[str, Any] | None = None
+    lm_eval: dict[str, Any] | None = Field(None, description="unused: task accuracy is utility.accuracy")
     headline: Headline = Field(default_factory=Headline)
     timing: Timing | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
@@ -171,7 +211,8 @@ class EvalResult(BaseModel):
             refusal=none.refusal.rate if none else None, refusal_system=system.refusal.rate if system else None,
             incoherent=none.incoherent.rate if none else None,
             xstest_refusal=self.over_safety.refusal.rate if self.over_safety else None,
-            utility_nll=self.utility.nll, perplexity=self.utility.perplexity)
+            utility_nll=self.utility.nll, perplexity=self.utility.perplexity,
+            accuracy=self.utility.accuracy.mean_acc if self.utility.accuracy else None)
         return self
 
     def save(self, out_dir: str | os.PathLike) -> Path:

@@ -6,6 +6,7 @@ Run directory layout (documented in docs/eval.md):
   generations/<set>.jsonl           XSTest safe answers;  answers/<set>.jsonl  MT-Bench answers
   judgements/<file>.jsonl           the judge's verdict per row, for auditing
   nll/<set>.json                    utility NLL scores (summed, per record), reused on resume
+  zero_shot/<task>.jsonl            zero-shot task scores per document (lm-eval log-likelihoods), reused on resume
   metrics.json                      every number, rates with Wilson 95% CIs;  summary.md  the short report
 """
 
@@ -80,13 +81,18 @@ def evaluate(
         raise
     finally:
         run.close()
+    accuracy_s = None
     if config.lm_eval is not None and config.lm_eval.tasks:
-        from safeunits.eval.lm_eval_bridge import run_lm_eval  # optional dependency
+        from safeunits.eval.zero_shot import accuracy_metrics  # imports lm_eval (seconds): only when asked
 
-        result.lm_eval = run_lm_eval(model, tokenizer, config.lm_eval, batch_size=config.nll_batch_size)
+        t0 = time.perf_counter()
+        result.utility.accuracy = accuracy_metrics(model, tokenizer, config.lm_eval, data_dir=data_dir, progress=progress,
+                                                   cache_dir=out / "zero_shot" if out is not None else None)
+        accuracy_s = time.perf_counter() - t0
     result.timing = Timing(total_s=time.perf_counter() - started, generation_s=run.gen_seconds,
                            generated_tokens=run.gen_tokens, resumed_rows=run.resumed, resumed_tokens=run.resumed_tokens,
-                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_tokens and run.gen_seconds else None)
+                           tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_tokens and run.gen_seconds else None,
+                           accuracy_s=accuracy_s)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
                           "machine": platform.machine(), "cpu_count": os.cpu_count()}

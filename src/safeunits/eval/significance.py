@@ -15,10 +15,11 @@ from pydantic import BaseModel, Field
 from scipy.stats import binomtest
 
 from safeunits.errors import UserValueError
-from safeunits.eval.result import EvalResult, UtilitySetMetrics
+from safeunits.eval.result import AccuracyMetrics, EvalResult, UtilitySetMetrics
 
 ALPHA = 0.05
 UTILITY_ALL = "nll (all sets)"
+ACCURACY_ALL = "acc (mean over tasks)"
 
 
 class PairedDelta(BaseModel):
@@ -74,9 +75,46 @@ def paired_bootstrap_nll(base: Sequence[UtilitySetMetrics], other: Sequence[Util
     return delta, (float(lo), float(hi)), p
 
 
+def paired_bootstrap_task_mean(base: Sequence[Sequence[bool]], other: Sequence[Sequence[bool]], *, n_boot: int = 2000,
+                               seed: int = 0) -> tuple[float, tuple[float, float], float]:
+    """Delta of the unweighted mean accuracy over tasks (other - base), its 95 % bootstrap interval and a two-sided
+    p-value: documents are resampled within each task, together in both runs (pairing)."""
+    rng = np.random.default_rng(seed)
+    deltas, boots = [], np.zeros(n_boot)
+    for b, o in zip(base, other):
+        diff = np.asarray(o, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+        deltas.append(diff.mean())
+        boots += diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(1)
+    boots /= len(base)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    p = min(1.0, 2 * min(float((boots <= 0).mean()), float((boots >= 0).mean())))
+    return float(np.mean(deltas)), (float(lo), float(hi)), p
+
+
+def accuracy_deltas(base: AccuracyMetrics, other: AccuracyMetrics) -> list[PairedDelta]:
+    """Zero-shot accuracy per task (McNemar exact on the same documents) and its mean over the shared tasks."""
+    shared = [t for t in base.tasks if t in other.tasks]
+    deltas = []
+    for task in shared:
+        b, o = base.tasks[task], other.tasks[task]
+        if b.doc_ids != o.doc_ids or b.source != o.source:
+            raise PairingError(f"acc {task}: the runs scored different documents ({b.source} n={b.n} vs {o.source} "
+                               f"n={o.n}); compare runs of the same suite")
+        p, disc = mcnemar_exact(b.correct, o.correct)
+        deltas.append(PairedDelta(metric=f"acc {task}", kind="rate", n=b.n, base=b.acc.rate, other=o.acc.rate,
+                                  delta=o.acc.rate - b.acc.rate, p_value=p, discordant=disc))
+    if len(shared) > 1:
+        delta, ci, p = paired_bootstrap_task_mean([base.tasks[t].correct for t in shared],
+                                                  [other.tasks[t].correct for t in shared])
+        mean_b = sum(base.tasks[t].acc.rate for t in shared) / len(shared)
+        deltas.append(PairedDelta(metric=ACCURACY_ALL, kind="rate", n=sum(base.tasks[t].n for t in shared),
+                                  base=mean_b, other=mean_b + delta, delta=delta, p_value=p, ci95=ci))
+    return deltas
+
+
 def compare_results(base: EvalResult, other: EvalResult) -> list[PairedDelta]:
     """Every metric the two runs share, tested pairwise: harmful rate (ASR) and refusal rate per harmful set and mode,
-    XSTest refusal, NLL per set."""
+    XSTest refusal, NLL per set, zero-shot accuracy per task and over tasks."""
     deltas: list[PairedDelta] = []
     for set_name, modes in base.safety.sets.items():
         for mode, b in modes.items():
@@ -111,6 +149,8 @@ def compare_results(base: EvalResult, other: EvalResult) -> list[PairedDelta]:
         deltas.append(PairedDelta(metric=UTILITY_ALL if len(names) > 1 else f"nll {names[0]}", kind="nll",
                                   n=sum(s.n for s in b_sets), base=_pooled_nll(b_sets), other=_pooled_nll(o_sets),
                                   delta=delta, p_value=p, ci95=ci))
+    if base.utility.accuracy and other.utility.accuracy:
+        deltas += accuracy_deltas(base.utility.accuracy, other.utility.accuracy)
     return deltas
 
 
@@ -131,7 +171,9 @@ def headline_marks(base: EvalResult, other: EvalResult) -> dict[str, bool]:
     main = next(iter(base.safety.sets), None)
     nll = [d.significant for d in deltas if d.kind == "nll"]
     utility = by_metric.get(UTILITY_ALL, nll[0] if len(nll) == 1 else None)
+    acc = [d.significant for d in deltas if d.metric.startswith("acc ")]
     marks = {"asr": by_metric.get(f"asr {main}/none"), "asr_system": by_metric.get(f"asr {main}/safety"),
              "refusal": by_metric.get(f"refusal {main}/none"), "refusal_system": by_metric.get(f"refusal {main}/safety"),
-             "xstest_refusal": by_metric.get("xstest_refusal"), "utility_nll": utility, "perplexity": utility}
+             "xstest_refusal": by_metric.get("xstest_refusal"), "utility_nll": utility, "perplexity": utility,
+             "accuracy": by_metric.get(ACCURACY_ALL, acc[0] if len(acc) == 1 else None)}
     return {k: v for k, v in marks.items() if v is not None}

@@ -72,13 +72,18 @@ class AnswerSet(Config):
 
 
 class LMEvalConfig(Config):
-    """Optional lm-evaluation-harness tasks (run only when `lm_eval` imports; skipped otherwise)."""
+    """Zero-shot task accuracy through lm-evaluation-harness (safeunits.eval.zero_shot); local data when the data
+    folder has `zero_shot/`, the Hugging Face Hub otherwise."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=list, description="e.g. boolq, rte, hellaswag, winogrande, arc_challenge.")
-    limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
-    num_fewshot: int = 0
+    tasks: list[str] = Field(default_factory=list, description=(
+        "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa, mmlu (see `zero_shot` data)."))
+    limit: int | None = Field(None, ge=1, description=(
+        "Documents per task: a fixed random sample (seed 0, the same documents in every run); None: the whole split."))
+    num_fewshot: int = Field(0, ge=0, description="0: the papers' zero-shot setting (the local copies hold no "
+                                                  "training split).")
+    batch_size: int = Field(32, ge=1, description="Choice rows scored per forward pass.")
 
 
 class SuiteConfig(Config):
@@ -134,6 +139,7 @@ class SuiteConfig(Config):
             "over_safety": cut(self.over_safety) if self.over_safety else None,
             "utility": [cut(s) for s in self.utility],
             "answers": [cut(s) for s in self.answers],
+            "lm_eval": cut(self.lm_eval) if self.lm_eval else None,
         })
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from safeunits.eval.context import EvalContext
-from safeunits.eval.report import markdown_table, md_cell
+from safeunits.eval.report import accuracy_compare_markdown, markdown_table, md_cell
 from safeunits.eval.result import EvalResult
 from safeunits.experiments.config import AttributeStep, Experiment, HarmfulDataStep, ProbeStep, StepBase, TrainStep
 from safeunits.io import write_text
@@ -79,6 +79,8 @@ def report_markdown(experiment: Experiment, run_dir: Path, plan: list, outputs: 
                   f"utility columns; [95 % Wilson interval]; marks are against the first row, "
                   f"`{next(iter(results))}`.", "",
                   markdown_table(results), ""]
+        accuracy = accuracy_compare_markdown(results)
+        lines += ["### Zero-shot task accuracy (utility)", "", accuracy] if accuracy else []
     else:
         lines += ["No step evaluated a model.", ""]
     lines += ["## Steps", "", "| step | kind | consumes | this run | wall s (when computed) | cache key |",

@@ -113,21 +113,22 @@ def _slug(target: str) -> str:
 
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """SSAH Table-1-style markdown: class pruned, parameter share, perplexity, utility NLL, harmful rate (the ASR) and
-    refusal rate (no / with system prompt), XSTest refusal."""
+    """SSAH Table-1-style markdown: class pruned, parameter share, perplexity, utility NLL, zero-shot accuracy (mean
+    over the suite's tasks), harmful rate (the ASR) and refusal rate (no / with system prompt), XSTest refusal."""
     def f(v: Any, pct: bool = False) -> str:
         if v is None:
             return "n/a"
         return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
 
     lines = ["| pruned | channels | heads | share of unit params | share of model params | perplexity | utility NLL | "
-             "harmful (ASR) | harmful (system prompt) | refused | refused (system prompt) | XSTest refusal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | harmful (ASR) | harmful (system prompt) | refused | refused (system prompt) | XSTest refusal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['pruned']} | {r['mlp_channels']} | {r['heads']} | {f(r['unit_param_share'], True)} | "
                      f"{f(r['model_param_share'], True)} | {f(r.get('perplexity'))} | {f(r.get('utility_nll'))} | "
-                     f"{f(r.get('asr'), True)} | {f(r.get('asr_system'), True)} | {f(r.get('refusal'), True)} | "
-                     f"{f(r.get('refusal_system'), True)} | {f(r.get('xstest_refusal'), True)} |")
+                     f"{f(r.get('accuracy'), True)} | {f(r.get('asr'), True)} | {f(r.get('asr_system'), True)} | "
+                     f"{f(r.get('refusal'), True)} | {f(r.get('refusal_system'), True)} | "
+                     f"{f(r.get('xstest_refusal'), True)} |")
     return "\n".join(lines) + "\n"
 
 
