@@ -92,7 +92,8 @@ def evaluate(
                            tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_seconds else None)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
-                          "machine": platform.machine(), "cpu_count": os.cpu_count()}
+                          "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                          "processes": shard.world}
     result.with_headline()
     if out is not None and shard.is_main:
         result.save(out)
