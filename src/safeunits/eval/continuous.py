@@ -117,15 +117,23 @@ class SlotCache(Cache):
                              torch.zeros(shape, dtype=model.dtype, device=model.device))
                   for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
-        self.rows: torch.Tensor | None = None  # prefill: the slots written; decode: None
+        self.shared = 0  # positions [0, shared) of every slot hold the prompts' common prefix
+        self.rows: torch.Tensor | None = None  # prefill: the slots written (after the prefix); decode: None
         self.positions: torch.Tensor | None = None  # decode: per-slot write index
         self.width = 0
 
     def write(self, layer: _SlotLayer, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rows is not None:  # prefill: the new rows attend only to themselves
-            layer.keys[self.rows, :, :keys.shape[2]] = keys
-            layer.values[self.rows, :, :values.shape[2]] = values
+        if self.rows is None and self.positions is None:  # the common prefix, once, into every slot
+            layer.keys[:, :, :keys.shape[2]] = keys
+            layer.values[:, :, :values.shape[2]] = values
             return keys, values
+        if self.rows is not None:  # prefill: new rows attend to the prefix and to themselves
+            end = self.shared + keys.shape[2]
+            layer.keys[self.rows, :, self.shared:end] = keys
+            layer.values[self.rows, :, self.shared:end] = values
+            if not self.shared:
+                return keys, values
+            return layer.keys[self.rows, :, :end], layer.values[self.rows, :, :end]
         slots = torch.arange(keys.shape[0], device=keys.device)
         layer.keys[slots, :, self.positions] = keys[:, :, 0]
         layer.values[slots, :, self.positions] = values[:, :, 0]
@@ -140,7 +148,7 @@ class SlotCache(Cache):
 @dataclass
 class _Row:
     index: int
-    start: int  # first cache position of the prompt (left padding of its prefill group before it)
+    start: int  # cache position of the prompt's first own token (after the shared prefix and the left padding)
     end: int  # next cache position to write
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -174,10 +182,11 @@ class SlotDecoder:
         n_slots = self.slots or slots_for_memory(self.model, max_len, len(prompts))
         n_slots = min(n_slots, len(prompts))
         cache = SlotCache(self.model, n_slots, max_len)
+        device = self.model.device
+        cache.shared = self._prefix(cache, prompts, device)
         rows: list[_Row | None] = [None] * n_slots
         queue = list(range(len(prompts)))[::-1]  # pop() takes the next prompt
         refill_at = max(1, int(n_slots * self.refill_fraction))
-        device = self.model.device
         while queue or any(r is not None for r in rows):
             free = [s for s, r in enumerate(rows) if r is None]
             live = len(rows) - len(free)
@@ -193,27 +202,42 @@ class SlotDecoder:
                     cache.keep(torch.tensor(live_slots, device=device))
                     rows[:] = [rows[s] for s in live_slots]
 
+    def _prefix(self, cache: SlotCache, prompts: Sequence[Sequence[int]], device) -> int:
+        """Run the prompts' common prefix (the chat template's system turn) once into every slot; its length.
+
+        Every prompt keeps at least one token of its own, whose logits give its first answer token."""
+        first, shared = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            shared = next((k for k in range(shared) if p[k] != first[k]), shared)
+        if shared > 0:
+            pos = torch.arange(shared, device=device)
+            self._forward(torch.tensor([list(first[:shared])], device=device), pos[None, None, :, None] >= pos, pos[None],
+                          cache)
+        return shared
+
     def _prefill(self, cache: SlotCache, rows: list[_Row | None], slots: list[int], take: list[int],
                  prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, device) -> Iterator[tuple[int, list[int]]]:
-        width = max(len(prompts[i]) for i in take)
+        shared = cache.shared
+        width = max(len(prompts[i]) for i in take) - shared
         ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
         starts = []
         for j, i in enumerate(take):
-            start = width - len(prompts[i])
-            ids[j, start:] = torch.tensor(list(prompts[i]), dtype=torch.long)
+            start = width - (len(prompts[i]) - shared)
+            ids[j, start:] = torch.tensor(list(prompts[i][shared:]), dtype=torch.long)
             starts.append(start)
             generator = None
             if self.do_sample:
                 generator = torch.Generator(device=device)
                 generator.manual_seed(int(seeds[i]) if seeds is not None else i)
-            rows[slots[j]] = _Row(index=i, start=start, end=width, generator=generator)
+            rows[slots[j]] = _Row(index=i, start=shared + start, end=shared + width, generator=generator)
         start_t = torch.tensor(starts, device=device)
         pos = torch.arange(width, device=device)
-        position_ids = (pos[None, :] - start_t[:, None]).clamp(min=0)
-        # causal and within the row's prompt; a padding query sees only itself (no fully masked row, no NaN)
-        allowed = (pos[None, :, None] >= pos[None, None, :]) & (pos[None, None, :] >= start_t[:, None, None])
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
-        cache.rows, cache.width = torch.tensor(slots, device=device), width
+        position_ids = shared + (pos[None, :] - start_t[:, None]).clamp(min=0)
+        # the prefix, then causal within the row's own tokens; a padding query sees the prefix and itself (no NaN)
+        own = (pos[None, :, None] >= pos[None, None, :]) & (pos[None, None, :] >= start_t[:, None, None])
+        own |= torch.eye(width, dtype=torch.bool, device=device)[None]
+        allowed = torch.cat([own.new_ones(len(take), width, shared), own], dim=2)
+        cache.rows, cache.width = torch.tensor(slots, device=device), shared + width
         logits = self._forward(ids.to(device), allowed[:, None], position_ids, cache)
         cache.rows = None
         yield from self._choose(rows, slots, logits)
@@ -222,13 +246,15 @@ class SlotDecoder:
         live = [r for r in rows if r is not None]
         width = max(r.end for r in live) + 1
         last = [r.tokens[-1] if r is not None else self.pad_id for r in rows]
-        starts = torch.tensor([r.start if r is not None else 0 for r in rows], device=device)
-        ends = torch.tensor([r.end if r is not None else 0 for r in rows], device=device)
+        # a free slot writes and reads at the first position after the prefix, which its next prefill overwrites
+        starts = torch.tensor([r.start if r is not None else cache.shared for r in rows], device=device)
+        ends = torch.tensor([r.end if r is not None else cache.shared for r in rows], device=device)
         pos = torch.arange(width, device=device)
-        allowed = (pos[None, :] >= starts[:, None]) & (pos[None, :] <= ends[:, None])
+        allowed = (pos[None, :] < cache.shared) | ((pos[None, :] >= starts[:, None]) & (pos[None, :] <= ends[:, None]))
         cache.positions, cache.width = ends, width
         logits = self._forward(torch.tensor(last, device=device)[:, None], allowed[:, None, None],
-                               (ends - starts)[:, None], cache)
+                               (cache.shared + ends - starts)[:, None], cache)
+        cache.positions = None
         for r in live:
             r.end += 1
         yield from self._choose(rows, [s for s, r in enumerate(rows) if r is not None], logits)
