@@ -177,3 +177,19 @@ def test_default_model_batched_equals_single(default_model, data_dir):
     assert batched == single
     assert all(len(x.split()) > 3 for x in batched)
     assert "<|im_end|>" not in "".join(batched)
+
+
+def test_slots_follow_free_memory(gen_model, monkeypatch):
+    """Rows decoded together: what a quarter of free memory holds (KV cache of prompt + answer, fp32 logits),
+    at most MAX_SLOTS and the number of prompts, at least one."""
+    from safeunits.eval import continuous
+
+    cfg = gen_model.config
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 100 * 4 + 8 * cfg.vocab_size
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 4 * 10 * per_row)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == 10
+    assert continuous.slots_for_memory(gen_model, 100, 3) == 3
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 1)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == 1
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 1 << 50)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == continuous.MAX_SLOTS

@@ -6,7 +6,9 @@ have finished. `model.generate` on a padded batch keeps finished rows until the 
 cache by concatenation every step, and is limited to the batch it was given. Here every slot has its own
 region of one preallocated cache; new prompts are prefilled (left-padded among themselves) into the slots that
 freed up, and each step decodes every live slot at its own position (per-row rotary positions and a per-row
-mask over the slot's region). When no prompt is waiting, the cache is compacted to the live rows.
+mask over the slot's region). When no prompt is waiting, the cache is compacted to the live rows. The prompts'
+common prefix (the chat template's system turn, often half of a prompt's tokens or more) is run once and written
+into every slot, so prefill costs only each prompt's own tokens.
 
 Why not transformers' own `generate_batch` (generation/continuous_batching): it packs every live row into one
 varlen sequence and, without flash attention (CPU), attends through a dense block-diagonal mask whose size
@@ -77,8 +79,20 @@ def slots_for_memory(model: PreTrainedModel, max_total_len: int, n_prompts: int)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = _available_ram()
     return max(1, min(MAX_SLOTS, n_prompts, int(free * MEMORY_SHARE) // per_row))
+
+
+def _available_ram() -> int:
+    """Bytes of RAM available to new allocations (Linux's MemAvailable: free plus reclaimable page cache)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class _SlotLayer(CacheLayerMixin):
