@@ -8,9 +8,10 @@ XSTest safe first 48; three `generate` calls, as the suite makes them) and under
               (a decoded token costs one position of such a forward: the rate decoding could reach at best)
   batched     `engine="batched"`: `model.generate` on length-sorted, left-padded batches of 16 (the old path)
   continuous  `engine="continuous"` (the default): KV-cache slots refilled as rows finish
-and compares every answer string. A differing row is traced: the first differing token's context is run alone
-(no padding) and the logits of the two engines' tokens are printed; a gap of a few 1e-5..1e-3 is a near-tie that
-float reduction order decides. Last line: `speedup=<continuous/batched> ceiling_share=<continuous/forward>
+The engines alternate call by call (old-new, new-old, old-new) so that a change of machine load hits both;
+process CPU times are printed beside the wall times. Every answer string is compared. A differing row is traced:
+the first differing token's context is run alone (no padding) and the logits of the two engines' tokens are
+printed; a gap of a few 1e-5..1e-3 is a near-tie that float reduction order decides. Last line: `speedup=<continuous/batched> ceiling_share=<continuous/forward>
 identical=<k>/<n>` (tok/s ratios; new tokens counted by re-tokenising the answers).
 """
 
@@ -38,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 avoids spin-wait thrash on a loaded machine)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 avoids spin-wait thrash on a loaded machine)")
     ap.add_argument("--slots", type=int, default=None, help="continuous engine's rows per step (default: from memory)")
     args = ap.parse_args()
     if args.threads:
@@ -47,28 +49,37 @@ def main() -> None:
     calls = quick_suite_calls()
     n = args.max_new_tokens
 
-    def run(engine: str, **kw) -> tuple[list[str], float]:
-        t0 = time.perf_counter()
-        answers = [a for prompts, system in calls
-                   for a in generate(model, tok, prompts, system_prompt=system, max_new_tokens=n, progress=False,
-                                     engine=engine, **kw)]
-        return answers, time.perf_counter() - t0
-
     def count(texts: list[str]) -> int:
         return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
+    engines = {"batched": dict(engine="batched", batch_size=16), "continuous": dict(batch_size=args.slots)}
+    answers: dict[str, list[str]] = {name: [] for name in engines}
+    wall = dict.fromkeys(engines, 0.0)
+    cpu = dict.fromkeys(engines, 0.0)
     generate(model, tok, calls[0][0][:4], max_new_tokens=4, progress=False, engine="batched")  # warm-up
     generate(model, tok, calls[0][0][:4], max_new_tokens=4, progress=False)
-    old, t_old = run("batched", batch_size=16)
-    new, t_new = run("continuous", batch_size=args.slots)
+    for k, (prompts, system) in enumerate(calls):  # the engines alternate call by call: load drifts hit both
+        for name in (list(engines) if k % 2 == 0 else list(engines)[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            answers[name] += generate(model, tok, prompts, system_prompt=system, max_new_tokens=n, progress=False,
+                                      **engines[name])
+            wall[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
+    old, new = answers["batched"], answers["continuous"]
+    t_old, t_new = wall["batched"], wall["continuous"]
     contexts = [prompt_text(tok, p, s) for prompts, s in calls for p in prompts]
+    c0 = time.process_time()
     t_fwd, n_fwd = forward_ceiling(model, tok, [c + a for c, a in zip(contexts, old)])
+    c_fwd = time.process_time() - c0
 
     r_old, r_new, r_fwd = count(old) / t_old, count(new) / t_new, n_fwd / t_fwd
     print(f"model={args.model} prompts={len(old)} max_new_tokens={n} threads={torch.get_num_threads()}")
     print(f"ceiling (forward, batch 16): {t_fwd:7.1f} s {r_fwd:7.1f} tok/s")
     print(f"batched (old, batch 16)    : {t_old:7.1f} s {r_old:7.1f} tok/s")
     print(f"continuous (new)           : {t_new:7.1f} s {r_new:7.1f} tok/s")
+    print(f"by process CPU time (less sensitive to other jobs on the cores): forward {n_fwd / c_fwd:.1f}, batched "
+          f"{count(old) / cpu['batched']:.1f}, continuous {count(new) / cpu['continuous']:.1f} tok/s; speedup "
+          f"{cpu['batched'] / cpu['continuous'] * count(new) / count(old):.2f}")
     same = 0
     for i, (a, b) in enumerate(zip(old, new)):
         if a == b:

@@ -1,6 +1,6 @@
 """The quick suite through `--backend vllm` vs the transformers backend on one GPU: same headline, speed ratio.
 
-    python bench/bench_vllm.py [--model smollm2-135m-instruct] [--suite quick] [--dtype bfloat16] [--out /tmp/vllm_bench]
+    python bench/bench_vllm.py [--model smollm2-135m-instruct] [--suite quick] [--dtype bfloat16] [--out DIR]
 
 Needs a CUDA GPU and `pip install 'safeunits[vllm]'`. Not run yet: no GPU was lent while it was written (the
 vLLM backend's tests use a stand-in `vllm` module). Each backend evaluates the same model into its own empty run

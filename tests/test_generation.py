@@ -145,7 +145,8 @@ def test_continuous_equals_batched_ragged_with_early_eos(family, tokenizer):
     ends = []  # the first token of one answer and the fifth of another end answers from now on
     for prompt, k in ((RAGGED[2], 0), (RAGGED[5], 4)):
         ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=[])
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=[])
         ends.append(int(out[0, ids.shape[1] + k]))
     model.generation_config.eos_token_id = ends
     old = generate(model, tokenizer, RAGGED, max_new_tokens=12, batch_size=4, engine="batched", progress=False)

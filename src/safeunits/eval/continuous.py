@@ -96,7 +96,7 @@ def _available_ram() -> int:
 
 
 class _SlotLayer(CacheLayerMixin):
-    """One layer's keys/values for every slot, `[slots, kv_heads, max_len, head_dim]`; writes go where the owner says."""
+    """One layer's keys/values of every slot, `[slots, kv_heads, max_len, head_dim]`; the owner says where to write."""
 
     def __init__(self, owner: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
@@ -106,7 +106,8 @@ class _SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise RuntimeError("slot caches are allocated up front")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         return self.owner.write(self, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -182,7 +183,8 @@ class SlotDecoder:
         self.bool_mask = model.config._attn_implementation == "sdpa"
 
     @torch.no_grad()
-    def run(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    def run(self, prompts: Sequence[Sequence[int]],
+            seeds: Sequence[int] | None = None) -> Iterator[tuple[int, list[int]]]:
         """Yield (prompt position, generated token ids without the EOS) in the order rows finish.
 
         Prompts are admitted in the order given (put the longest first: a memory problem shows at once).
@@ -225,12 +227,13 @@ class SlotDecoder:
             shared = next((k for k in range(shared) if p[k] != first[k]), shared)
         if shared > 0:
             pos = torch.arange(shared, device=device)
-            self._forward(torch.tensor([list(first[:shared])], device=device), pos[None, None, :, None] >= pos, pos[None],
-                          cache)
+            causal = pos[None, None, :, None] >= pos
+            self._forward(torch.tensor([list(first[:shared])], device=device), causal, pos[None], cache)
         return shared
 
     def _prefill(self, cache: SlotCache, rows: list[_Row | None], slots: list[int], take: list[int],
-                 prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None, device) -> Iterator[tuple[int, list[int]]]:
+                 prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None,
+                 device) -> Iterator[tuple[int, list[int]]]:
         shared = cache.shared
         width = max(len(prompts[i]) for i in take) - shared
         ids = torch.full((len(take), width), self.pad_id, dtype=torch.long)
@@ -283,7 +286,8 @@ class SlotDecoder:
                          logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def _choose(self, rows: list[_Row | None], slots: list[int], logits: torch.Tensor) -> Iterator[tuple[int, list[int]]]:
+    def _choose(self, rows: list[_Row | None], slots: list[int],
+                logits: torch.Tensor) -> Iterator[tuple[int, list[int]]]:
         """Pick each listed slot's next token from its logits row (rows of `logits` follow `slots`)."""
         if len(slots) != logits.shape[0]:  # decode: logits cover every slot, pick the live ones
             logits = logits[torch.tensor(slots, device=logits.device)]

@@ -70,9 +70,9 @@ class VllmGenerator:
         return self._llm
 
     def generate(self, prompts: list[str], *, system_prompt: str | None = None, response_prefix: str = "",
-                 max_new_tokens: int = 128, batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, out_path: Path | None = None, progress: bool = True,
-                 engine: Engine = "continuous", shard: ProcessShard | None = None) -> list[str]:
+                 max_new_tokens: int = 128, batch_size: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, out_path: Path | None = None,
+                 progress: bool = True, engine: Engine = "continuous", shard: ProcessShard | None = None) -> list[str]:
         """`eval.generation.generate` on vLLM: same arguments, same rows in `out_path`, same resume, same sharding.
 
         `engine` is accepted for the same signature and ignored: vLLM batches continuously itself; `batch_size`
