@@ -70,17 +70,22 @@ def unsupported_reason(model: PreTrainedModel, max_total_len: int) -> str | None
 
 def slots_for_memory(model: PreTrainedModel, max_total_len: int, n_prompts: int) -> int:
     """How many rows to decode together: as many as fit `MEMORY_SHARE` of free memory, at most `MAX_SLOTS`."""
-    config = model.config.get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    layers, kv_heads, head_dim = _kv_shape(model)
     element = torch.finfo(model.dtype).bits // 8
-    per_row = 2 * config.num_hidden_layers * kv_heads * head_dim * max_total_len * element + 8 * config.vocab_size
+    per_row = 2 * layers * kv_heads * head_dim * max_total_len * element + 8 * model.config.get_text_config().vocab_size
     device = model.device
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
         free = _available_ram()
     return max(1, min(MAX_SLOTS, n_prompts, int(free * MEMORY_SHARE) // per_row))
+
+
+def _kv_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(layers, key/value heads, head size) of the model's KV cache."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or config.num_attention_heads, head_dim
 
 
 def _available_ram() -> int:
@@ -124,13 +129,11 @@ class SlotCache(Cache):
     """A KV cache of fixed slots: prefill writes new rows into chosen slots, decode writes each slot at its own end."""
 
     def __init__(self, model: PreTrainedModel, slots: int, max_len: int) -> None:
-        config = model.config.get_text_config()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        n_layers, kv_heads, head_dim = _kv_shape(model)
         shape = (slots, kv_heads, max_len, head_dim)
         layers = [_SlotLayer(self, torch.zeros(shape, dtype=model.dtype, device=model.device),
                              torch.zeros(shape, dtype=model.dtype, device=model.device))
-                  for _ in range(config.num_hidden_layers)]
+                  for _ in range(n_layers)]
         super().__init__(layers=layers)
         self.shared = 0  # positions [0, shared) of every slot hold the prompts' common prefix
         self.rows: torch.Tensor | None = None  # prefill: the slots written (after the prefix); decode: None
