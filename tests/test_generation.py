@@ -60,9 +60,13 @@ def test_response_prefix_is_forced_and_returned(gen_model, tokenizer):
     assert out != plain
 
 
-def test_resume_skips_done_rows(gen_model, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("engine", ["continuous", "batched"])
+def test_resume_skips_done_rows(gen_model, tokenizer, tmp_path, monkeypatch, engine):
+    from safeunits.eval.continuous import SlotDecoder
+
     path = tmp_path / "gen.jsonl"
-    full = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False)
+    full = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False,
+                    engine=engine)
     lines = path.read_text().splitlines(keepends=True)
     assert len(lines) == len(PROMPTS)
     # an interrupted run: 3 rows written, the 4th cut off mid-line
@@ -74,8 +78,16 @@ def test_resume_skips_done_rows(gen_model, tokenizer, tmp_path, monkeypatch):
         calls.append(kwargs["input_ids"].shape[0])
         return original(*args, **kwargs)
 
+    original_run = SlotDecoder.run
+
+    def counting_run(self, prompts, seeds=None):
+        calls.append(len(prompts))
+        return original_run(self, prompts, seeds)
+
     monkeypatch.setattr(gen_model, "generate", counting)
-    resumed = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False)
+    monkeypatch.setattr(SlotDecoder, "run", counting_run)
+    resumed = generate(gen_model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=2, out_path=path, progress=False,
+                       engine=engine)
     assert resumed == full
     assert sum(calls) == len(PROMPTS) - 3
     rows = read_generations(path)
@@ -100,11 +112,48 @@ def test_resume_refuses_other_prompts_or_settings(gen_model, tokenizer, tmp_path
         generate(gen_model, tokenizer, PROMPTS[:2], max_new_tokens=4, out_path=path, progress=False)
 
 
-def test_seeded_sampling(gen_model, tokenizer):
-    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.0, progress=False)
+@pytest.mark.parametrize("engine", ["continuous", "batched"])
+def test_seeded_sampling(gen_model, tokenizer, engine):
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=1.0, progress=False, engine=engine)
     a = generate(gen_model, tokenizer, PROMPTS, seed=1, **kw)
     assert a == generate(gen_model, tokenizer, PROMPTS, seed=1, **kw)
     assert a != generate(gen_model, tokenizer, PROMPTS, seed=2, **kw)
+
+
+def test_continuous_sampling_is_per_prompt(gen_model, tokenizer):
+    """Each prompt draws from its own seeded generator: its sample does not depend on the slots or its neighbours."""
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=3, progress=False)
+    wide = generate(gen_model, tokenizer, PROMPTS, **kw)
+    assert generate(gen_model, tokenizer, PROMPTS, batch_size=2, **kw) == wide
+    assert generate(gen_model, tokenizer, PROMPTS[::-1][:4], **kw) == wide[::-1][:4]
+    assert wide != generate(gen_model, tokenizer, PROMPTS, **{**kw, "do_sample": False})
+
+
+RAGGED = [("q" * n) + " " + "why " * (n % 3) for n in (1, 3, 40, 7, 90, 2, 15, 60, 5, 33, 4, 120, 9, 11, 25, 70, 6, 8)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_continuous_equals_batched_ragged_with_early_eos(family, tokenizer):
+    from safeunits.models.chat import prompt_text
+
+    """The default engine (slots refilled as rows finish) gives the old padded-batch engine's greedy text: ragged
+    prompt lengths (1 to ~130 tokens) after a shared chat-template prefix (run once), slots refilled as rows end,
+    and EOS tokens that end answers early."""
+
+    model = tiny_model(family, initializer_range=0.2, max_position_embeddings=1024)
+    free = generate(model, tokenizer, RAGGED, max_new_tokens=12, engine="batched", progress=False)
+    ends = []  # the first token of one answer and the fifth of another end answers from now on
+    for prompt, k in ((RAGGED[2], 0), (RAGGED[5], 4)):
+        ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=[])
+        ends.append(int(out[0, ids.shape[1] + k]))
+    model.generation_config.eos_token_id = ends
+    old = generate(model, tokenizer, RAGGED, max_new_tokens=12, batch_size=4, engine="batched", progress=False)
+    cut = sum(len(o) < len(f) for o, f in zip(old, free))
+    assert cut >= 2 and "" in old and len({len(o) for o in old}) >= 3, (old, free)  # ragged answers too
+    for slots in (3, 16, None):  # refilled at once; refilled two at a time (free slots idle between); no refill
+        assert generate(model, tokenizer, RAGGED, max_new_tokens=12, batch_size=slots, progress=False) == old
 
 
 def test_bad_inputs(gen_model, tokenizer):
@@ -129,3 +178,19 @@ def test_default_model_batched_equals_single(default_model, data_dir):
     assert batched == single
     assert all(len(x.split()) > 3 for x in batched)
     assert "<|im_end|>" not in "".join(batched)
+
+
+def test_slots_follow_free_memory(gen_model, monkeypatch):
+    """Rows decoded together: what a quarter of free memory holds (KV cache of prompt + answer, fp32 logits),
+    at most MAX_SLOTS and the number of prompts, at least one."""
+    from safeunits.eval import continuous
+
+    cfg = gen_model.config
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 100 * 4 + 8 * cfg.vocab_size
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 4 * 10 * per_row)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == 10
+    assert continuous.slots_for_memory(gen_model, 100, 3) == 3
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 1)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == 1
+    monkeypatch.setattr(continuous, "_available_ram", lambda: 1 << 50)
+    assert continuous.slots_for_memory(gen_model, 100, 1000) == continuous.MAX_SLOTS

@@ -186,3 +186,35 @@ def test_frozen_lines_follow_dtensor_shards():
     proc = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(),
                     str(ROOT / "tests" / "dist_parts_worker.py")])
     assert proc.stdout.count("12 cases ok") == 2, proc.stdout
+
+
+def test_sharded_eval_under_torchrun_equals_one_process(data_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m safeunits eval`: each process answers and scores half of every set, one run
+    folder is written (by the main process), and its metrics and answers equal a one-process run's."""
+    from safeunits.cli import app
+    from tiny import tiny_model as make
+
+    model_dir = tmp_path / "model"
+    make("llama", initializer_range=0.2, max_position_embeddings=4096).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    args = ["eval", "--model", str(model_dir), "--suite", "quick", "--limit", "5", "--max-new-tokens", "6",
+            "--data-dir", str(data_dir), "--quiet", "--set", "nll_max_length=4096"]
+    _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", _free_port(), "-m", "safeunits",
+             *args, "--out", str(tmp_path / "two")])
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert (two["environment"]["processes"], one["environment"]["processes"]) == (2, 1)
+    assert two["headline"] == pytest.approx(one["headline"], rel=1e-6)
+    for key in ("safety", "over_safety"):
+        assert two[key] == one[key], key
+    for name, got in two["utility"]["sets"].items():
+        ref = one["utility"]["sets"][name]
+        assert got["per_record_tokens"] == ref["per_record_tokens"]
+        assert got["per_record_nll"] == pytest.approx(ref["per_record_nll"], rel=1e-5)
+    files = sorted(p.relative_to(tmp_path / "one").as_posix() for p in (tmp_path / "one").rglob("*.jsonl"))
+    assert files and files == sorted(p.relative_to(tmp_path / "two").as_posix() for p in (tmp_path / "two").rglob("*.jsonl"))
+    for rel in files:
+        rows = [json.loads(line) for line in (tmp_path / "two" / rel).read_text().splitlines()]
+        ref = [json.loads(line) for line in (tmp_path / "one" / rel).read_text().splitlines()]
+        assert sorted(rows, key=lambda r: r["index"]) == sorted(ref, key=lambda r: r["index"]), rel

@@ -132,3 +132,56 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --- sharded evaluation ----------------------------------------------------------------------------
+
+
+class ProcessShard:
+    """This process's share of a list of work items, and the collective that puts the shares back in order.
+
+    Why: under `accelerate launch` / `torchrun`, every process runs the same evaluation; each answers every
+    `world`-th item (of a length-sorted list, so the shares cost about the same) and `gather` gives every process
+    all results in the original order, so each computes the same metrics and the main process alone writes them.
+    One process (no launcher) is the trivial shard: `take` is the list, `gather` returns it.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1) -> None:
+        self.rank, self.world = rank, world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def take(self, items: list) -> list:
+        return items[self.rank::self.world]
+
+    def gather(self, mine: list) -> list:
+        """Every process's `take` results, interleaved back into the order of the list they were taken from."""
+        if self.world == 1:
+            return list(mine)
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, list(mine))
+        out: list = [None] * sum(len(p) for p in parts)
+        for rank, part in enumerate(parts):
+            out[rank::self.world] = part
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def process_shard() -> ProcessShard:
+    """This process's `ProcessShard`: the launcher's processes joined in one group (gloo on CPU), or the trivial one."""
+    if launcher_world_size() == 1:
+        return ProcessShard()
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    check_world(state.num_processes)
+    return ProcessShard(state.process_index, state.num_processes)

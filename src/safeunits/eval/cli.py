@@ -18,7 +18,7 @@ app = typer.Typer()
 
 
 @app.command("eval")
-@config_options(SuiteConfig, ["max_new_tokens", "batch_size"])
+@config_options(SuiteConfig, ["max_new_tokens", "batch_size", "generation"])
 def eval_command(
     model: str = model_option(),
     suite: str = suite_option(),

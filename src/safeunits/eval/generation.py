@@ -1,8 +1,10 @@
-"""Batched, left-padded, resumable generation with the model's chat template.
+"""Batched, resumable generation with the model's chat template: continuous batching by default.
 
-Why batched and left-padded: one prompt at a time wastes most of a CPU/GPU on a 135M model; left padding
-keeps every prompt's last token at the same position so all rows decode together. Greedy decoding of a
-batch must give the same text as one prompt at a time (tested), so batching is a pure speed-up.
+Two engines for the transformers backend (`Engine`): `continuous` (eval/continuous.py) decodes many rows per
+step in fixed KV-cache slots and refills a finished row's slot at once; `batched` is `model.generate` on
+left-padded, length-sorted batches of `batch_size` (the engine before continuous batching, kept for models the
+slots cannot serve and as the benchmark's baseline). Greedy decoding gives the same text either way and one
+prompt at a time (tested), up to float near-ties (bench/bench_generation.py traces every differing row).
 
 Why resumable: evaluation runs are long; every finished batch is appended to a JSONL file at once, each
 row keyed by prompt index + a hash of everything that determines the output, and a rerun skips the done rows.
@@ -13,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.distributed import ProcessShard
 from safeunits.errors import UserValueError
 from safeunits.models.chat import prompt_text
 from safeunits.schema import Config
@@ -38,6 +41,9 @@ class DecodingConfig(Config):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (only with do_sample).")
     seed: int = Field(0, description="Seed for sampling; batch k uses seed + k so a full run is reproducible.")
 
+
+Engine = Literal["continuous", "batched"]
+"""How the transformers backend batches: KV-cache slots refilled as rows finish, or padded batches of `batch_size`."""
 
 Backend = Literal["transformers", "vllm"]
 """Who generates: transformers' `model.generate` (default, any device) or vLLM (GPU, `pip install 'safeunits[vllm]'`)."""
@@ -151,23 +157,32 @@ def generate(
     system_prompt: str | None = None,
     response_prefix: str = "",
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
     out_path: Path | None = None,
     progress: bool = True,
+    engine: Engine = "continuous",
+    shard: ProcessShard | None = None,
 ) -> list[str]:
     """Answer every prompt (chat template applied); returns the answers in prompt order.
 
     `response_prefix` is forced as the start of the answer (prefill attacks) and included in the returned
-    text. Generation stops at EOS or after `max_new_tokens`. With `out_path`, each finished batch is appended
+    text. Generation stops at EOS or after `max_new_tokens`. With `out_path`, each finished answer is appended
     to that JSONL file (`index`, `key`, `prompt`, `response`, ...) and a rerun resumes where it stopped.
-    Prompts are grouped by length so that batches carry little padding.
+    `batch_size`: rows decoded together (None: `continuous` sizes it from free memory, `batched` uses 16).
+    Sampling (`do_sample`) is reproducible per `seed`: `continuous` seeds each prompt's own generator from the
+    seed and the prompt's row key, `batched` seeds batch k with seed + k. With `shard` (several processes),
+    each process answers its share and all get every answer (`generate_rows`).
     """
     if tokenizer.pad_token_id is None and prompts:
         raise ValueError("the tokenizer has no pad token; load models with safeunits.models.loading.load_model")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if engine not in get_args(Engine):
+        raise UserValueError(f"unknown generation engine {engine!r}; choose one of {', '.join(get_args(Engine))}")
     decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                               top_p=top_p, seed=seed)
     eos = eos_token_ids(model, tokenizer)
@@ -177,35 +192,67 @@ def generate(
             torch.manual_seed(seed + batch_no)
         return generate_batch(model, tokenizer, texts, decoding, eos, tokenizer.pad_token_id)
 
-    return generate_rows(tokenizer, prompts, answer, decoding, system_prompt=system_prompt,
-                         response_prefix=response_prefix, batch_size=batch_size, out_path=out_path, progress=progress)
+    batched = in_batches(answer, batch_size or 16)
+
+    def stream(texts: list[str], ids: list[list[int]], keys: list[str]) -> Iterator[tuple[int, str]]:
+        from safeunits.eval.continuous import SlotDecoder, unsupported_reason
+
+        if engine == "batched" or unsupported_reason(model, max(map(len, ids)) + max_new_tokens) is not None:
+            yield from batched(texts, ids, keys)
+            return
+        decoder = SlotDecoder(model, max_new_tokens=max_new_tokens, eos=eos, pad_id=tokenizer.pad_token_id,
+                              do_sample=do_sample, temperature=temperature, top_p=top_p, slots=batch_size)
+        for j, tokens in decoder.run(ids, [int(k, 16) ^ seed for k in keys]):
+            yield j, tokenizer.decode(tokens, skip_special_tokens=True)
+
+    return generate_rows(tokenizer, prompts, stream, decoding, system_prompt=system_prompt,
+                         response_prefix=response_prefix, out_path=out_path, progress=progress, shard=shard)
 
 
 AnswerBatch = Callable[[list[str], int], list[str]]
-"""A backend's batch step: chat-rendered texts (prefix included) and the batch number -> answers without the prefix."""
+"""A batch step: chat-rendered texts (prefix included) and the batch number -> answers without the prefix."""
+
+AnswerStream = Callable[[list[str], list[list[int]], list[str]], Iterable[tuple[int, str]]]
+"""A backend's answerer: the prompts' rendered texts (prefix included, longest first), their token ids and row
+keys -> (position in those lists, answer without the prefix), yielded as each answer is finished."""
+
+
+def in_batches(answer_batch: AnswerBatch, batch_size: int) -> AnswerStream:
+    """An `AnswerStream` over fixed batches of `batch_size` rendered texts (the padded-batch and vLLM backends)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    def stream(texts: list[str], ids: list[list[int]], keys: list[str]) -> Iterator[tuple[int, str]]:
+        for b, start in enumerate(range(0, len(texts), batch_size)):
+            answers = answer_batch(texts[start:start + batch_size], b)
+            yield from ((start + j, a) for j, a in enumerate(answers))
+    return stream
 
 
 def generate_rows(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
-    answer_batch: AnswerBatch,
+    answer: AnswerStream,
     decoding: DecodingConfig,
     *,
     system_prompt: str | None = None,
     response_prefix: str = "",
-    batch_size: int = 16,
     out_path: Path | None = None,
     progress: bool = True,
+    shard: ProcessShard | None = None,
 ) -> list[str]:
-    """The resumable, length-sorted batch loop every generation backend shares (one JSONL format for all).
+    """The resumable, length-sorted loop every generation backend shares (one JSONL format for all).
 
     Why shared: the transformers and vLLM backends must write the same rows and keys, so that a run folder
-    reads the same whichever backend produced it.
+    reads the same whichever backend produced it. Prompts are rendered and tokenized once; the ones not yet
+    answered go to `answer` longest first (memory problems show up at once).
+
+    With `shard` (several processes, `safeunits.distributed.process_shard`), each process answers every N-th
+    prompt still to do, the answers are gathered into every process, and the main process alone writes the
+    rows (once the set is complete: an interrupted sharded run resumes from the last complete set).
     """
     if not prompts:
         return []
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     keys = [row_key(p, system_prompt, response_prefix, decoding) for p in prompts]
     results: dict[int, str] = {}
     if out_path is not None:
@@ -214,24 +261,33 @@ def generate_rows(
         results = read_done_rows(out_path, keys)
     texts = [prompt_text(tokenizer, p, system_prompt) + response_prefix for p in prompts]
     todo = [i for i in range(len(prompts)) if i not in results]
-    lengths = {i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]) for i in todo}
-    todo.sort(key=lambda i: (-lengths[i], i))  # longest first: memory problems show up at once
+    ids = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in todo}
+    todo.sort(key=lambda i: (-len(ids[i]), i))
+    shard = shard or ProcessShard()
+    mine = shard.take(todo)
+
+    def answers() -> Iterator[tuple[int, str]]:
+        """(prompt index, answer) as they come (one process), or all at once after gathering (several)."""
+        stream = answer([texts[i] for i in mine], [ids[i] for i in mine], [keys[i] for i in mine]) if mine else []
+        if shard.world == 1:
+            yield from ((mine[j], text) for j, text in stream)
+            return
+        local = dict(stream)
+        yield from zip(todo, shard.gather([local[j] for j in range(len(mine))]))
+
     bar = tqdm(total=len(prompts), initial=len(results), desc="generate", unit="prompt", disable=not progress)
-    sink = out_path.open("a", encoding="utf-8") if out_path is not None else None
+    sink = out_path.open("a", encoding="utf-8") if out_path is not None and shard.is_main else None
     try:
-        for b, start in enumerate(range(0, len(todo), batch_size)):
-            idx = todo[start:start + batch_size]
-            answers = answer_batch([texts[i] for i in idx], b)
-            for i, answer in zip(idx, answers):
-                results[i] = response_prefix + answer
-                if sink is not None:
-                    row = {"index": i, "key": keys[i], "prompt": prompts[i], "system_prompt": system_prompt,
-                           "response_prefix": response_prefix, "response": results[i]}
-                    sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for i, text in answers():
+            results[i] = response_prefix + text
             if sink is not None:
+                row = {"index": i, "key": keys[i], "prompt": prompts[i], "system_prompt": system_prompt,
+                       "response_prefix": response_prefix, "response": results[i]}
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 sink.flush()
-                os.fsync(sink.fileno())
-            bar.update(len(idx))
+            bar.update(1)
+        if sink is not None:
+            os.fsync(sink.fileno())
     finally:
         bar.close()
         if sink is not None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.data.records import Record
+from safeunits.distributed import ProcessShard
 from safeunits.models.chat import collate, encode_pair
 
 
@@ -45,8 +46,14 @@ def response_nll_stats(
     max_length: int = 512,
     system_prompt: str | None = None,
     progress: bool = True,
+    shard: ProcessShard | None = None,
 ) -> NLLStats:
-    """Sum of response-token NLLs over `records` (reference answers), batched by similar length."""
+    """Sum of response-token NLLs over `records` (reference answers), batched by similar length.
+
+    With `shard` (several processes), each process scores its share of the length-sorted records and every
+    process gets all per-record sums; the set's total is summed over records in order either way, so it does
+    not depend on how many processes scored it.
+    """
     if not records:
         raise ValueError("response_nll needs at least one record")
     missing = [i for i, r in enumerate(records) if not r.response]
@@ -54,10 +61,9 @@ def response_nll_stats(
         raise ValueError(f"records {missing[:5]} have no reference response (source {records[missing[0]].source!r})")
     pairs = [encode_pair(tokenizer, r.prompt, r.response, system_prompt=system_prompt, max_length=max_length)
              for r in records]
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids))
-    per_record = [0.0] * len(pairs)
-    per_record_tokens = [0] * len(pairs)
-    total, n_tokens = 0.0, 0
+    shard = shard or ProcessShard()
+    order = shard.take(sorted(range(len(pairs)), key=lambda i: -len(pairs[i].input_ids)))
+    scored: list[tuple[int, float, int]] = []  # (record, summed NLL, tokens)
     device = model.device
     for s in tqdm(range(0, len(order), batch_size), desc="nll", unit="batch", disable=not progress):
         idx = order[s:s + batch_size]
@@ -75,11 +81,12 @@ def response_nll_stats(
         for j, i in enumerate(idx):
             if counts[j] == 0:
                 raise ValueError(f"record {i} has no response tokens left after max_length={max_length}")
-            per_record[i] = float(sums[j] / counts[j])
-            per_record_tokens[i] = int(counts[j])
-        total += float(sums.sum())
-        n_tokens += int(counts.sum())
-    return NLLStats(total, n_tokens, per_record, per_record_tokens)
+            scored.append((i, float(sums[j]), int(counts[j])))
+    by_record = {i: (nll, count) for i, nll, count in shard.gather(scored)}
+    sums_in_order = [by_record[i][0] for i in range(len(pairs))]
+    per_record_tokens = [by_record[i][1] for i in range(len(pairs))]
+    per_record = [nll / count for nll, count in zip(sums_in_order, per_record_tokens)]
+    return NLLStats(math.fsum(sums_in_order), sum(per_record_tokens), per_record, per_record_tokens)
 
 
 def response_nll(

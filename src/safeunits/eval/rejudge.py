@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from safeunits.distributed import ProcessShard
 from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.eval.generation import read_generations
 from safeunits.eval.nll import NLLStats
@@ -31,7 +32,7 @@ class _SavedAnswers(_Run):
     """An evaluation whose answers come from the run folder instead of a model."""
 
     def __init__(self, config: SuiteConfig, out: Path, data_dir, progress: bool, previous: dict | None) -> None:
-        super().__init__(None, None, config, out, data_dir, progress, "transformers")
+        super().__init__(None, None, config, out, data_dir, progress, "transformers", ProcessShard())
         self.previous = previous
 
     def _generate(self, prompts: list[str], rel_path: str, system_prompt: str | None) -> list[str]:

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.data.overlap import drop_overlap
 from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
+from safeunits.distributed import ProcessShard, process_shard
 from safeunits.errors import UserValueError
 from safeunits.eval.generation import Backend, generate
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
@@ -63,15 +64,23 @@ def evaluate(
     """Evaluate `model` on a suite's three axes; with `out_dir`, write the run folder and resume into it.
 
     Experiments call this through `EvalContext.evaluate` (safeunits.eval.context), which resolves the suite and
-    the data folder once. `backend` generates the answers (same files either way; see eval/vllm_backend.py)."""
+    the data folder once. `backend` generates the answers (same files either way; see eval/vllm_backend.py).
+
+    Under `accelerate launch` / `torchrun` with N processes, every process calls this: each generates and scores
+    its share of every prompt set, all get every answer and score, and only the main process writes the run
+    folder; metrics equal a one-process run's (greedy answers and judge verdicts are per prompt)."""
     started = time.perf_counter()
     check_backend(backend)
     config = load_suite(suite)
     out = Path(out_dir) if out_dir is not None else None
     identity = ModelIdentity(name=model_name or getattr(model.config, "name_or_path", "") or model.config.model_type,
                              fingerprint=model_fingerprint(model))
-    fresh = out is not None and _claim_run_dir(out, config, identity, data_dir, backend)
-    run = _Run(model, tokenizer, config, out, data_dir, progress, backend)
+    shard = process_shard()
+    fresh = False
+    if out is not None:
+        fresh = _claim_run_dir(out, config, identity, data_dir, backend, write=shard.is_main)
+        shard.barrier()
+    run = _Run(model, tokenizer, config, out, data_dir, progress and shard.is_main, backend, shard)
     try:
         result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
                             utility=run.utility(), answers=run.answers(), out_dir=out)
@@ -95,9 +104,10 @@ def evaluate(
                            accuracy_s=accuracy_s)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
-                          "machine": platform.machine(), "cpu_count": os.cpu_count()}
+                          "machine": platform.machine(), "cpu_count": os.cpu_count(),
+                          "processes": shard.world}
     result.with_headline()
-    if out is not None:
+    if out is not None and shard.is_main:
         result.save(out)
         write_text(out / "summary.md", summary_markdown(result))
     return result
@@ -107,8 +117,8 @@ class _Run:
     """One evaluation in progress: the three axes one method each, generations written where the run folder says."""
 
     def __init__(self, model, tokenizer, config: SuiteConfig, out: Path | None, data_dir, progress: bool,
-                 backend: Backend) -> None:
-        self.model, self.tokenizer, self.config, self.out = model, tokenizer, config, out
+                 backend: Backend, shard: ProcessShard) -> None:
+        self.model, self.tokenizer, self.config, self.out, self.shard = model, tokenizer, config, out, shard
         self.data_dir, self.progress = data_dir, progress
         self.gen_seconds, self.gen_tokens, self.resumed, self.resumed_tokens = 0.0, 0, 0, 0
         self.vllm = None
@@ -190,8 +200,8 @@ class _Run:
             if len(cached.per_record) == len(records):
                 return cached
         stats = response_nll_stats(self.model, self.tokenizer, records, batch_size=self.config.nll_batch_size,
-                                   max_length=self.config.nll_max_length, progress=self.progress)
-        if path is not None:
+                                   max_length=self.config.nll_max_length, progress=self.progress, shard=self.shard)
+        if path is not None and self.shard.is_main:
             write_json(path, dataclasses.asdict(stats))
         return stats
 
@@ -220,7 +230,8 @@ class _Run:
         before = _count_lines(path) if path is not None else 0
         t0 = time.perf_counter()
         kwargs = dict(system_prompt=system_prompt, max_new_tokens=self.config.max_new_tokens,
-                      batch_size=self.config.batch_size, out_path=path, progress=self.progress)
+                      batch_size=self.config.batch_size, out_path=path, progress=self.progress,
+                      engine=self.config.generation, shard=self.shard)
         responses = (self.vllm.generate(prompts, **kwargs) if self.vllm is not None
                      else generate(self.model, self.tokenizer, prompts, **kwargs))
         self.gen_seconds += time.perf_counter() - t0
@@ -234,7 +245,7 @@ class _Run:
         return len(self.tokenizer(response, add_special_tokens=False)["input_ids"])
 
     def _write_judgements(self, name: str, rows: list[dict]) -> None:
-        if self.out is not None:
+        if self.out is not None and self.shard.is_main:
             text = "".join(json.dumps({"index": i, **row}) + "\n" for i, row in enumerate(rows))
             write_text(self.out / "judgements" / f"{name}.jsonl", text)
 
@@ -243,8 +254,11 @@ def _count_lines(path: Path) -> int:
     return sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else 0
 
 
-def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend) -> bool:
-    """Write config.json (True), or check that an existing one describes the same model, suite and backend (resume)."""
+def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data_dir, backend: Backend,
+                   write: bool = True) -> bool:
+    """Write config.json (`write`: the main process; True when written afresh), or check that an existing one
+    describes the same model, suite and backend (resume). How rows are batched (`batch_size`, `generation`) and how
+    answers are judged do not decide the answers, so a run may resume with other values (judged again)."""
     resolved = {"suite": config.model_dump(mode="json"), "model": identity.model_dump(), "backend": backend,
                 "data_dir": str(data_dir) if data_dir else os.environ.get("SAFEUNITS_DATA_DIR")}
     path = out / "config.json"
@@ -253,25 +267,26 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
         if previous.get("model", {}).get("fingerprint") != identity.fingerprint:
             raise RunDirMismatchError(f"{out} holds a run of another model ({previous.get('model', {}).get('name')}); "
                                       f"choose another --out or delete it")
-        if _without_judges(previous.get("suite")) != _without_judges(resolved["suite"]):
+        if _answer_settings(previous.get("suite")) != _answer_settings(resolved["suite"]):
             raise RunDirMismatchError(f"{out} holds a run of a different suite configuration; choose another --out")
         if previous.get("backend", "transformers") != backend:  # greedy answers may differ between backends
             raise RunDirMismatchError(f"{out} holds generations of the {previous.get('backend', 'transformers')} "
                                       f"backend; resume with that --backend or choose another --out")
-        if previous.get("suite") != resolved["suite"]:  # other judges: answers reused, judged again (as `rejudge`)
+        if write and previous.get("suite") != resolved["suite"]:  # e.g. other judges: answers reused, judged again
             write_json(path, resolved)
         return False
-    write_json(path, resolved)
-    return True
+    if write:
+        write_json(path, resolved)
+    return write
 
 
-def _without_judges(suite: dict | None) -> dict | None:
-    """A suite's settings that decide the answers: judges only read them, so another judge may resume a run."""
+def _answer_settings(suite: dict | None) -> dict | None:
+    """A suite's settings that decide the answers (not the batching, not the judges, which only read them)."""
     if not isinstance(suite, dict):
         return suite
     suite = SuiteConfig.model_validate(suite).model_dump(mode="json")  # old spellings (asr_judge) read alike
-    suite.pop("refusal_judge")
-    suite.pop("harm_judge")
+    for key in ("batch_size", "generation", "refusal_judge", "harm_judge"):
+        suite.pop(key, None)
     if suite.get("over_safety"):
         suite["over_safety"].pop("judge")
     return suite

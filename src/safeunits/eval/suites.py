@@ -94,7 +94,12 @@ class SuiteConfig(Config):
     name: str
     description: str = ""
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per answer (papers: 256).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    batch_size: int | None = Field(None, ge=1, description=(
+        "Rows decoded together (default: as many as a quarter of free memory holds, at most 128; the batched "
+        "engine: 16)."))
+    generation: Literal["continuous", "batched"] = Field("continuous", description=(
+        "Generation engine of the transformers backend: KV-cache slots refilled as rows finish, or padded "
+        "batches (same greedy text up to float near-ties; bench/bench_generation.py)."))
     nll_batch_size: int = Field(8, ge=1)
     nll_max_length: int = Field(512, ge=16, description="Prompt + reference tokens; longer references are cut.")
     refusal_judge: str = Field("keyword", description="Refusal judge of the harmful answers (refused / incoherent / "

@@ -25,8 +25,9 @@ from typing import Any, get_args
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.distributed import ProcessShard
 from safeunits.errors import UserError, UserValueError
-from safeunits.eval.generation import Backend, DecodingConfig, generate_rows
+from safeunits.eval.generation import Backend, DecodingConfig, Engine, generate_rows, in_batches
 from safeunits.models.loading import save_model
 from safeunits.paths import cache_dir
 
@@ -69,9 +70,13 @@ class VllmGenerator:
         return self._llm
 
     def generate(self, prompts: list[str], *, system_prompt: str | None = None, response_prefix: str = "",
-                 max_new_tokens: int = 128, batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, out_path: Path | None = None, progress: bool = True) -> list[str]:
-        """`eval.generation.generate` on vLLM: same arguments, same rows in `out_path`, same resume."""
+                 max_new_tokens: int = 128, batch_size: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, out_path: Path | None = None,
+                 progress: bool = True, engine: Engine = "continuous", shard: ProcessShard | None = None) -> list[str]:
+        """`eval.generation.generate` on vLLM: same arguments, same rows in `out_path`, same resume, same sharding.
+
+        `engine` is accepted for the same signature and ignored: vLLM batches continuously itself; `batch_size`
+        (default 256) is how many prompts go to vLLM at once, i.e. how often rows are written."""
         from vllm import SamplingParams
 
         decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -84,9 +89,9 @@ class VllmGenerator:
             outputs = self._engine(seed).generate(requests, params, use_tqdm=False)
             return [o.outputs[0].text for o in outputs]
 
-        return generate_rows(self.tokenizer, prompts, answer, decoding, system_prompt=system_prompt,
-                             response_prefix=response_prefix, batch_size=batch_size, out_path=out_path,
-                             progress=progress)
+        return generate_rows(self.tokenizer, prompts, in_batches(answer, batch_size or 256), decoding,
+                             system_prompt=system_prompt, response_prefix=response_prefix, out_path=out_path,
+                             progress=progress, shard=shard)
 
     def close(self) -> None:
         """Drop the engine and delete the temporary model folder."""
@@ -105,14 +110,15 @@ class VllmGenerator:
 
 def generate_vllm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
                   system_prompt: str | None = None, response_prefix: str = "", max_new_tokens: int = 128,
-                  batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                  seed: int = 0, out_path: Path | None = None, progress: bool = True) -> list[str]:
+                  batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  seed: int = 0, out_path: Path | None = None, progress: bool = True, engine: Engine = "continuous",
+                  shard: ProcessShard | None = None) -> list[str]:
     """One-shot `generate` on vLLM (starts and closes an engine; evaluations share one through `VllmGenerator`)."""
     with VllmGenerator(model, tokenizer) as generator:
         return generator.generate(prompts, system_prompt=system_prompt, response_prefix=response_prefix,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
                                   temperature=temperature, top_p=top_p, seed=seed, out_path=out_path,
-                                  progress=progress)
+                                  progress=progress, shard=shard)
 
 
 def _scratch_dir() -> Path:
