@@ -46,8 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "with --harm on harm."),
     "train": ("safeunits.train.cli", "Run a training recipe: `align` (optionally --budget ru) or `finetune` "
               "(optionally --freeze ...)."),
-    "ssah-budget": ("safeunits.train.cli", "SSAH experiment (a): full align vs align --budget ru; safety gained and "
-                    "alignment tax of each."),
+    "ssah-budget": ("safeunits.train.cli", "SSAH experiment (a): full align vs align on a unit budget; safety gained "
+                    "and alignment tax of each."),
     "ssah-freeze": ("safeunits.train.cli", "SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) "
                     "scu+cu; ASR before/after."),
     "attribute": ("safeunits.units.cli", "Score every MLP channel and head on safety and utility data, classify them "
