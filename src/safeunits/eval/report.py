@@ -252,6 +252,7 @@ def _delta_row(d: PairedDelta) -> dict[str, Any]:
     pct = d.kind == "rate"
     show = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
     detail = (f"discordant {d.discordant[0]}/{d.discordant[1]}" if d.discordant is not None
+              else f"95% CI [{100 * d.ci95[0]:+.1f}, {100 * d.ci95[1]:+.1f}] pts" if d.ci95 and pct
               else f"95% CI [{d.ci95[0]:+.3f}, {d.ci95[1]:+.3f}]" if d.ci95 else "")
     delta = f"{100 * d.delta:+.1f} pts" if pct else f"{d.delta:+.3f}"
     return {"metric": d.metric, "n": d.n, "base": show(d.base), "other": show(d.other), "delta": delta,
