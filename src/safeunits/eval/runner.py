@@ -281,11 +281,11 @@ def _claim_run_dir(out: Path, config: SuiteConfig, identity: ModelIdentity, data
 
 
 def _answer_settings(suite: dict | None) -> dict | None:
-    """A suite's settings that decide the answers (not the batching, not the judges, which only read them)."""
+    """A suite's settings that decide the answers (not its description, batching or judges, which only read them)."""
     if not isinstance(suite, dict):
         return suite
     suite = SuiteConfig.model_validate(suite).model_dump(mode="json")  # old spellings (asr_judge) read alike
-    for key in ("batch_size", "generation", "refusal_judge", "harm_judge"):
+    for key in ("description", "batch_size", "generation", "refusal_judge", "harm_judge"):
         suite.pop(key, None)
     if suite.get("over_safety"):
         suite["over_safety"].pop("judge")
