@@ -36,27 +36,11 @@ def main() -> None:
     judged = time.perf_counter() - start
 
     enc = judge.encoder
-    ids = [enc._ids(q, r)[0] for q, r in zip(requests, responses)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    body = enc._body
     start = time.perf_counter()
-    with torch.inference_mode():
-        kept = body.layers
-        body.layers = kept[:max(enc.config.layers)]
-        try:
-            for b in range(0, len(order), enc.config.batch_size):
-                idx = order[b:b + enc.config.batch_size]
-                width = max(len(ids[i]) for i in idx)
-                x = torch.zeros((len(idx), width), dtype=torch.long)
-                m = torch.zeros((len(idx), width), dtype=torch.long)
-                for j, i in enumerate(idx):
-                    x[j, :len(ids[i])] = torch.tensor(ids[i])
-                    m[j, :len(ids[i])] = 1
-                body(input_ids=x, attention_mask=m)
-        finally:
-            body.layers = kept
+    tokens = 0
+    for _, pairs, _ in enc.forward_batches(requests, responses, hidden_states=False):  # the same passes, no pooling
+        tokens += sum(len(ids) for ids, _ in pairs)
     floor = time.perf_counter() - start
-    tokens = sum(len(t) for t in ids)
     print(f"pairs={len(rows)} tokens={tokens} threads={args.threads} harmful={sum(verdicts)}")
     print(f"harm judge: {judged:.1f} s ({len(rows) / judged:.1f} pairs/s, {tokens / judged:.0f} tok/s)")
     print(f"floor (forward of the same blocks): {floor:.1f} s; ratio={judged / floor:.2f} "

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +136,16 @@ class HarmEncoder:
         start = len(self._head) + len(req) + len(self._tail)
         return self._head + req + self._tail + res, start
 
-    def encode(self, requests: list[str], responses: list[str], *, progress: bool = False) -> np.ndarray:
-        """One float32 row per pair: [mean over response tokens, last token] at each layer, then LEXICAL."""
+    def forward_batches(self, requests: list[str], responses: list[str], *, progress: bool = False,
+                        hidden_states: bool = True) -> Iterator[tuple[list[int], list[tuple[list[int], int]], Any]]:
+        """The truncated backbone over length-sorted, right-padded batches of pairs: (row indices, their (ids, response
+        start), hidden states). `encode` pools these; `bench/bench_harm_judge.py` times the same passes as its floor."""
         check_lengths(requests, responses)
         encoded = [self._ids(q, r) for q, r in zip(requests, responses)]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
-        hidden = self.model.config.hidden_size
-        out = np.zeros((len(encoded), 2 * len(self.config.layers) * hidden), dtype=np.float32)
         pad = self.tokenizer.pad_token_id or 0
         bs = self.config.batch_size
-        body = self._body
-        with torch.inference_mode(), _first_blocks(body, self._n_blocks):
+        with torch.inference_mode(), _first_blocks(self._body, self._n_blocks):
             for b in tqdm(range(0, len(order), bs), desc="harm features", unit="batch", disable=not progress):
                 idx = order[b:b + bs]
                 width = max(len(encoded[i][0]) for i in idx)
@@ -155,17 +155,23 @@ class HarmEncoder:
                     seq = encoded[i][0]
                     ids[j, :len(seq)] = torch.tensor(seq)
                     mask[j, :len(seq)] = 1
-                states = body(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-                for j, i in enumerate(idx):
-                    seq, start = encoded[i]
-                    end = len(seq)
-                    parts = []
-                    for layer in self.config.layers:
-                        h = states[layer][j].float()
-                        parts += [h[start:end].mean(0) if end > start else h[end - 1], h[end - 1]]
-                    out[i] = torch.cat(parts).numpy()
+                out = self._body(input_ids=ids, attention_mask=mask, output_hidden_states=hidden_states)
+                yield idx, [encoded[i] for i in idx], out.hidden_states
+
+    def encode(self, requests: list[str], responses: list[str], *, progress: bool = False) -> np.ndarray:
+        """One float32 row per pair: [mean over response tokens, last token] at each layer, then LEXICAL."""
+        hidden = self.model.config.hidden_size
+        out = np.zeros((len(requests), 2 * len(self.config.layers) * hidden), dtype=np.float32)
+        for idx, pairs, states in self.forward_batches(requests, responses, progress=progress):
+            for j, (i, (seq, start)) in enumerate(zip(idx, pairs)):
+                end = len(seq)
+                parts = []
+                for layer in self.config.layers:
+                    h = states[layer][j].float()
+                    parts += [h[start:end].mean(0) if end > start else h[end - 1], h[end - 1]]
+                out[i] = torch.cat(parts).numpy()
         lexical = np.array([lexical_features(q, r) for q, r in zip(requests, responses)], dtype=np.float32)
-        return np.concatenate([out, lexical.reshape(len(encoded), len(LEXICAL))], axis=1)
+        return np.concatenate([out, lexical.reshape(len(requests), len(LEXICAL))], axis=1)
 
 
 def _render(tokenizer: Any) -> str:
