@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from safeunits import __version__ as safeunits_version
 from safeunits.cli import app
-from safeunits.cli_options import build_config, config_options, parse_sets
+from safeunits.cli_options import config_options
+from safeunits.config import build_config, parse_sets
 from safeunits.errors import ConfigError, UserError
 from safeunits.models.loading import load_model, save_model
 from safeunits.units.attribution import AttributionConfig, attribute

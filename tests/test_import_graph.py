@@ -95,3 +95,18 @@ def test_cycle_finder_finds_a_planted_circle():
     assert cycles(source, ("safeunits.units",)) == []
     # the real graph sees function-level imports: units.transfer imports units.plots only inside write_transfer
     assert "safeunits.units.plots" in import_graph()["safeunits.units.transfer"]
+
+
+def is_cli_module(name: str) -> bool:
+    """The command-line layer: `safeunits.cli`, `safeunits.cli_options`, every `*.cli` and `__main__`."""
+    return name in ("safeunits.cli", "safeunits.cli_options", "safeunits.__main__") or name.endswith(".cli")
+
+
+def test_library_never_imports_the_cli():
+    """The CLI imports the library, never the reverse: config helpers live in safeunits.config, not cli_options."""
+    graph = import_graph()
+    offenders = {name: sorted(t for t in targets if is_cli_module(t))
+                 for name, targets in graph.items() if not is_cli_module(name)}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    # the check sees such an import: the CLI modules themselves do import cli_options
+    assert "safeunits.cli_options" in graph["safeunits.eval.cli"]

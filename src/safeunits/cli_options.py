@@ -14,21 +14,19 @@ import inspect
 import logging
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 import typer
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from safeunits.config import DEFAULT_MODEL, model_class, set_dotted
 from safeunits.errors import ConfigError
-from safeunits.io import load_yaml
 from safeunits.runtime import set_verbosity
 
 M = TypeVar("M", bound=BaseModel)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"  # = safeunits.models.loading.DEFAULT_MODEL (not imported: keeps torch out)
 MODEL_HELP = "Registered model name (see `safeunits models`), local model folder, or Hugging Face Hub id (org/name)."
 SET_HELP = "Any field of the command's config, dotted, value in YAML: --set {example} (repeatable; see docs/cli.md)."
 
@@ -113,92 +111,6 @@ def json_sets(text: str | None, flag: str, prefix: str) -> list[str]:
     return [f"{prefix}.{k}={json.dumps(v)}" for k, v in value.items()]
 
 
-# --- --set and configs ---------------------------------------------------------------------------------------
-
-def parse_sets(sets: Sequence[str]) -> dict:
-    """`["train.lr=1e-4", "limit=8"]` -> `{"train": {"lr": 1e-4}, "limit": 8}` (values parsed as YAML)."""
-    out: dict = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {item!r}", hint="e.g. --set train.lr=1e-4")
-        try:
-            parsed = load_yaml(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: value {value!r} is not valid YAML ({err})") from err
-        set_dotted(out, key.strip(), parsed)
-    return out
-
-
-def set_dotted(tree: dict, key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is a value, not a group of fields")
-        node = child
-    node[parts[-1]] = value
-
-
-def merge(base: Mapping, update: Mapping) -> dict:
-    """Deep merge of nested dicts; `update` wins."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
-    return out
-
-
-def check_keys(cls: type[BaseModel], overrides: Mapping, where: str = "") -> None:
-    """Refuse keys that are not fields of `cls` (pydantic would drop them silently, and the run would ignore them)."""
-    for key, value in overrides.items():
-        field = cls.model_fields.get(key)
-        if field is None:
-            raise ConfigError(f"{cls.__name__} has no field {where}{key!r}",
-                              hint=f"fields{' of ' + where.rstrip('.') if where else ''}: {', '.join(cls.model_fields)}")
-        sub = _model_class(field.annotation)
-        if sub is not None and isinstance(value, Mapping):
-            check_keys(sub, value, f"{where}{key}.")
-
-
-def build_config(cls: type[M], *layers: Mapping, base: BaseModel | Mapping | None = None) -> M:
-    """Validate `base` (a config or a dict) updated by each layer in turn (options, then --set), keys checked.
-
-    Nested configs start from their defaults, so `--set se.train.lr=1e-4` changes one key of `se` and keeps the
-    rest (its objective, say) instead of replacing the whole default with a partial dict."""
-    data: dict = base.model_dump() if isinstance(base, BaseModel) else merge(_nested_defaults(cls), dict(base or {}))
-    for layer in layers:
-        check_keys(cls, layer)
-        data = merge(data, layer)
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(validation_message(err), hint="check the option values (safeunits COMMAND --help)") from err
-
-
-def _nested_defaults(cls: type[BaseModel]) -> dict:
-    """The default values of `cls`'s fields that are configs themselves (e.g. ContinualConfig.se), dumped."""
-    out = {}
-    for name, field in cls.model_fields.items():
-        if not field.is_required():
-            value = field.get_default(call_default_factory=True)
-            if isinstance(value, BaseModel):
-                out[name] = value.model_dump()
-    return out
-
-
-def validation_message(err: ValidationError) -> str:
-    """One line per invalid field: `se.train.lr: Input should be a valid number`."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
-
-
-def _model_class(annotation: Any) -> type[BaseModel] | None:
-    for arg in (annotation, *typing.get_args(annotation)):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None
-
-
 def _option_type(annotation: Any) -> type:
     """The scalar type a command-line value is parsed as (pydantic validates Literals and ranges afterwards)."""
     if typing.get_origin(annotation) is Literal:
@@ -214,7 +126,7 @@ def _option_type(annotation: Any) -> type:
 
 def _field(cls: type[BaseModel], dotted: str):
     for part in dotted.split(".")[:-1]:
-        sub = _model_class(cls.model_fields[part].annotation)
+        sub = model_class(cls.model_fields[part].annotation)
         assert sub is not None, f"{dotted}: {part} is not a nested config"
         cls = sub
     return cls.model_fields[dotted.split(".")[-1]]

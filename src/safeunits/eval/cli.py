@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, model_option,
-                                   out_option, parse_sets, sets_option, suite_option)
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, config_options, model_option,
+                                  out_option, sets_option, suite_option)
+from safeunits.config import build_config, parse_sets
 from safeunits.eval.generation import Backend
 from safeunits.eval.suites import SuiteConfig
 

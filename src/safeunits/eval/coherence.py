@@ -27,7 +27,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from safeunits.schema import Config
+from safeunits.config import Config
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
 IncoherenceReason = Literal["empty", "repetition", "compression", "word_salad", "off_topic"]

@@ -24,10 +24,10 @@ from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.distributed import ProcessShard
 from safeunits.errors import UserValueError
 from safeunits.models.chat import prompt_text
-from safeunits.schema import Config
 
 
 class DecodingConfig(Config):

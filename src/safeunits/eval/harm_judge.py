@@ -30,12 +30,12 @@ import torch
 from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 
+from safeunits.config import Config
 from safeunits.eval.harm_labels import HARM_SOURCES, HarmRow, load_harm_rows
 from safeunits.errors import UserValueError
 from safeunits.eval.judge_base import HarmVerdict, Judge, check_lengths
 from safeunits.io import load_safetensors, save_safetensors
 from safeunits.paths import cache_dir
-from safeunits.schema import Config
 
 VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "configs" / "judges" / "harm"

@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field
 
+from safeunits.config import Config
 from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.eval.judge_base import FULL_COMPLIANCE, FULL_REFUSAL, Judge, check_lengths
-from safeunits.schema import Config
 
 
 # --- local judge models -------------------------------------------------------------------------------

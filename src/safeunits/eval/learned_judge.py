@@ -33,12 +33,12 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import normalize
 
+from safeunits.config import Config
 from safeunits.eval.judge_base import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, Judge, check_lengths
 from safeunits.eval.rule_judges import RULE_JUDGES, rule_judge
 from safeunits.eval.xstest_labels import completion_key, label_files, model_of, read_labelled
 from safeunits.io import load_safetensors, save_safetensors
 from safeunits.paths import cache_dir
-from safeunits.schema import Config
 
 VERSION = 1
 TOKEN_PATTERN = r"(?u)\b\w[\w']*\b"

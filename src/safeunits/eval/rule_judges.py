@@ -7,8 +7,8 @@ import re
 
 from pydantic import ConfigDict, Field
 
+from safeunits.config import Config
 from safeunits.eval.judge_base import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, Judge
-from safeunits.schema import Config
 
 # --- keyword judges -------------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from safeunits.config import Config
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml
-from safeunits.schema import Config
 
 SUITES_DIR = Path(__file__).resolve().parents[1] / "configs" / "suites"
 

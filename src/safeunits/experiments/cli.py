@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from safeunits.cli_options import DATA_DIR, FORCE, QUIET, out_option, parse_sets, sets_option, suite_option
+from safeunits.cli_options import DATA_DIR, FORCE, QUIET, out_option, sets_option, suite_option
+from safeunits.config import parse_sets
 
 log = logging.getLogger(__name__)
 DEMO_EXPERIMENT = "demo-quick"

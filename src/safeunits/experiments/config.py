@@ -16,14 +16,13 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from safeunits.cli_options import DEFAULT_MODEL, check_keys, merge, validation_message
+from safeunits.config import DEFAULT_MODEL, Config, check_keys, merge, validation_message
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml
 from safeunits.patching.harmful_data import HarmfulDataConfig
 from safeunits.patching.merge import MergeConfig
 from safeunits.patching.patches import PatchConfig
 from safeunits.patching.sweep import SweepConfig
-from safeunits.schema import Config
 from safeunits.units.attribution import AttributionConfig
 from safeunits.units.probe import ProbeConfig
 from safeunits.units.pruning import PruneConfig

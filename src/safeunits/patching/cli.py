@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, build_config, config_options, deprecated_option, json_sets,
-                                   model_option, out_option, parse_sets, sets_option, suite_option)
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, json_sets, model_option,
+                                  out_option, sets_option, suite_option)
+from safeunits.config import build_config, parse_sets
 from safeunits.errors import ConfigError
 from safeunits.outdir import claim_output_dir
 from safeunits.patching.baselines import BaselinesConfig

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.eval.runner import RunDirMismatchError
@@ -27,7 +28,6 @@ from safeunits.patching.harmful_data import HarmfulDataConfig, build_harmful_dat
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import PatchConfig, derive_patch
 from safeunits.patching.sparse import SparsePatch
-from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 

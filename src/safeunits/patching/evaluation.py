@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.overlap import load_spec
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import headline_row
@@ -25,7 +26,6 @@ from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, Utilit
 from safeunits.io import write_text
 from safeunits.patching.apply import apply_patch, undo_patch
 from safeunits.patching.sparse import SparsePatch
-from safeunits.schema import Config
 
 AXES = ("asr", "xstest_refusal", "utility_nll")
 

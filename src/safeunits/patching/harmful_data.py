@@ -17,12 +17,12 @@ from typing import Any, Literal
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.overlap import OverlapError, check_no_overlap, normalise  # noqa: F401 - OverlapError re-exported
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.errors import UserFileNotFoundError
 from safeunits.io import read_json, write_json, write_text
-from safeunits.schema import Config
 
 ResponseSource = Literal["dataset", "self", "prefill"]
 SPLITS = ("train", "val")

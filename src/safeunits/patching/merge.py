@@ -17,12 +17,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from safeunits.config import Config
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.saliency import Scope, global_threshold, topk_mask
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
-from safeunits.schema import Config
 
 
 DEFAULT_DARE_P = 0.5  # SafePatching retains at random; its p could not be checked (docs/fidelity.md)

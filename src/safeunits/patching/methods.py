@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field, field_validator
 
+from safeunits.config import Config
 from safeunits.errors import UserValueError
 from safeunits.io import stream_tensors
 from safeunits.models.signature import check_fits
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
-from safeunits.schema import Config
 
 
 def _common(patches: list[DensePatch]) -> list[str]:

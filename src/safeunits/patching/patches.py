@@ -24,12 +24,12 @@ import torch
 from pydantic import Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.records import Record
 from safeunits.errors import UserFileNotFoundError
 from safeunits.io import open_safetensors, read_json, save_safetensors, write_json
 from safeunits.models.signature import architecture_description, model_fingerprint
 from safeunits.patching.saliency import SaliencyConfig, patchable_parameters, snip_saliency
-from safeunits.schema import Config
 from safeunits.train.objectives import get_objective
 
 DELTA_FILE, SALIENCY_FILE, MANIFEST_FILE = "delta.safetensors", "saliency.safetensors", "manifest.json"

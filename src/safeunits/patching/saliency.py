@@ -21,9 +21,9 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.records import Record
 from safeunits.models.chat import collate, encode_pair
-from safeunits.schema import Config
 
 Scope = Literal["per_tensor", "global"]
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
 from safeunits.io import write_json, write_text
@@ -24,7 +25,6 @@ from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, eva
 from safeunits.errors import UserValueError
 from safeunits.patching.merge import DEFAULT_DARE_P, MergeConfig, empty_difference_note, merge_parts, retains
 from safeunits.patching.patches import DensePatch
-from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, merge, model_option, out_option,
-                                   parse_sets, sets_option, suite_option, unit_map_option, validation_message)
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, model_option,
+                                  out_option, sets_option, suite_option, unit_map_option)
+from safeunits.config import merge, parse_sets, validation_message
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.outdir import claim_output_dir
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, load_recipe

@@ -33,12 +33,12 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from safeunits.config import Config
 from safeunits.data.records import Record
 from safeunits.distributed import (DistributedSetupError, Parallelism, check_mask_support, fsdp2_shard,
                                    make_accelerator, requested_parallelism)
 from safeunits.io import read_json, write_json
 from safeunits.models.chat import EncodedPair, collate, encode_pair
-from safeunits.schema import Config
 from safeunits.train.masks import FrozenPart, MaskedUpdate, MaskStats, update_masks
 from safeunits.train.objectives import LossInputs, TrainingObjective, get_objective, objective_names
 

@@ -18,6 +18,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config, merge
 from safeunits.data.overlap import drop_overlap, near_eval_prompts
 from safeunits.data.records import Record
 from safeunits.data.rephrase import as_question
@@ -29,7 +30,6 @@ from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml, write_json, write_text
 from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
-from safeunits.schema import Config
 from safeunits.train.engine import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -126,20 +126,13 @@ def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Reci
     raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe YAML must be a mapping")
-    raw = _merge(raw, overrides or {})
+    raw = merge(raw, overrides or {})
     kind = raw.get("recipe")
     if kind == "align":
         return AlignRecipe.model_validate(raw)
     if kind == "finetune":
         return FinetuneRecipe.model_validate(raw)
     raise ConfigError(f"{path}: 'recipe' must be 'align' or 'finetune', got {kind!r}")
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 # --- data ----------------------------------------------------------------------------------------

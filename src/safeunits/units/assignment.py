@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from safeunits.config import Config
 from safeunits.models.adapters import UNIT_KINDS
-from safeunits.schema import Config
 
 # class codes stored in unit maps; the order is also the display order
 CLASSES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
@@ -121,7 +121,7 @@ def classify(
 # --- the same rule as fixed thresholds, so that class shares can move between two maps -------------------------
 
 
-class ClassThresholds(BaseModel):  # not schema.Config: an empty class has an infinite cut-off
+class ClassThresholds(BaseModel):  # not config.Config: an empty class has an infinite cut-off
     """A classification as cut-offs on the z-score keys: RU = S + U <= ru_max; of the rest, SCU = S - U >= scu_min;
     of the rest, UCU = S - U <= ucu_max; CU = everything else. An empty class has an infinite cut-off."""
 

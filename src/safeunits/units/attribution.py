@@ -14,10 +14,10 @@ from pathlib import Path
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.records import Record
 from safeunits.data.registry import load_dataset
 from safeunits.distributed import is_main_process
-from safeunits.schema import Config
 from safeunits.units.classes import ClassifyConfig, build_unit_map
 from safeunits.units.scores import ScoreConfig, compute_scores
 from safeunits.units.unit_map import UnitMap

@@ -9,8 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, build_config, config_options, deprecated_option,
-                                   model_option, out_option, parse_sets, sets_option, suite_option, unit_map_option)
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, config_options, deprecated_option,
+                                  model_option, out_option, sets_option, suite_option, unit_map_option)
+from safeunits.config import build_config, parse_sets
 from safeunits.errors import ConfigError
 from safeunits.units.attribution import AttributionConfig
 from safeunits.units.probe import ProbeConfig

@@ -26,11 +26,11 @@ from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.errors import UserValueError
 from safeunits.io import write_json
 from safeunits.models.adapters import get_adapter
 from safeunits.models.chat import prompt_text
-from safeunits.schema import Config
 
 # several phrasings per side: the last-token state also encodes *which* token ends the continuation, so
 # averaging over phrasings keeps the comparison about direction (refuse vs comply), not token identity

@@ -17,10 +17,10 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.eval.context import EvalContext
 from safeunits.io import write_json, write_text
 from safeunits.models.adapters import SharedKV
-from safeunits.schema import Config
 from safeunits.units.selection import UnitSelection, resolve_target, unit_parameter_masks
 from safeunits.units.unit_map import UnitMap
 

@@ -35,12 +35,12 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safeunits.config import Config
 from safeunits.data.records import Record
 from safeunits.distributed import check_world, launcher_world_size, make_accelerator
 from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, ArchAdapter, get_adapter
 from safeunits.models.chat import collate, encode_pair
-from safeunits.schema import Config
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 from transformers import PreTrainedModel
 
+from safeunits.config import Config
 from safeunits.errors import UserValueError
 from safeunits.models.adapters import UNIT_KINDS, SharedKV, UnitKind, get_adapter
-from safeunits.schema import Config
 from safeunits.units.unit_map import UnitMap
 
 
