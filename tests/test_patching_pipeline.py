@@ -331,10 +331,15 @@ def test_sweep_refuses_a_point_whose_difference_sets_are_empty(tmp_path, monkeyp
         sweep.run_sweep(model, None, se, osm, tmp_path, sweep.SweepConfig(a=[20], b=[5], alpha=[1]), tmp_path / "s2", ctx)
 
 
-def test_dare_keep_rate_is_a_sweep_dimension_and_old_best_files_keep_their_point():
+def test_dare_keep_rate_is_a_sweep_dimension_and_old_best_files_keep_their_point(tmp_path):
     from pydantic import ValidationError
 
-    from safeunits.patching.sweep import SweepConfig, _key, chosen_point
+    from safeunits.io import write_json
+    from safeunits.patching.sweep import SweepChoice, SweepConfig, _key
+
+    def chosen_point(best_json: dict) -> dict:
+        write_json(tmp_path / "best.json", best_json)
+        return SweepChoice.read(tmp_path / "best.json").point
 
     assert SweepConfig().dare_p == [0.5] and SweepConfig(dare_p=None).dare_p == [1.0]
     assert SweepConfig(dare_p=[0.3, 1]).dare_p == [0.3, 1.0]
@@ -346,3 +351,5 @@ def test_dare_keep_rate_is_a_sweep_dimension_and_old_best_files_keep_their_point
     # a best.json written before the grid: no p per point, the sweep's one keep-rate (None: no retention) in its config
     assert chosen_point({"best": point, "config": {"dare_p": None}}) == {**point, "dare_p": None}
     assert chosen_point({"best": None}) == {}
+    write_json(tmp_path / "best.json", {"best": {**point, "dare_p": 0.3}, "held_out_xstest": "xstest:safe[:25]"})
+    assert SweepChoice.read(tmp_path / "best.json").held_out == ["xstest:safe[:25]"]

@@ -193,15 +193,14 @@ def sweep_step(step: SweepStep, ctx: StepContext) -> Outputs:
 
 @register_step("merge")
 def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
-    from safeunits.io import read_json
     from safeunits.patching import MergeConfig, controllable_merge
     from safeunits.patching.patches import DensePatch
 
     config = step.settings
     if step.best:
-        from safeunits.patching.sweep import chosen_point
+        from safeunits.patching.sweep import SweepChoice
 
-        point = chosen_point(read_json(ctx.path(step.best, "best")))
+        point = SweepChoice.read(ctx.path(step.best, "best")).point
         config = MergeConfig(**{**config.model_dump(), **point, **config.model_dump(include=config.model_fields_set)})
     patch = controllable_merge(DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")), config,
                                progress=ctx.evaluation.progress)

@@ -47,16 +47,12 @@ def _best_point(best: Path | None) -> tuple[dict, list[str]]:
     without --best)."""
     if best is None:
         return {}, []
-    from safeunits.io import read_json
+    from safeunits.patching.sweep import SweepChoice
 
-    from safeunits.patching.sweep import chosen_point
-
-    sweep = read_json(best)
-    point = chosen_point(sweep)
-    if not point:
+    choice = SweepChoice.read(best)
+    if not choice.point:
         raise ConfigError(f"{best} has no chosen point", hint="no sweep point met the utility tolerance; pass a, b, α, β")
-    held_out = sweep.get("held_out_xstest")
-    return point, [held_out] if held_out else []
+    return choice.point, choice.held_out
 
 
 def _context(suite: Optional[str], data_dir: Optional[Path], quiet: bool):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safeunits.config import Config
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
-from safeunits.io import write_json, write_text
+from safeunits.io import read_json, write_json, write_text
 from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
 from safeunits.errors import UserValueError
@@ -59,16 +61,25 @@ def _key(a: float, b: float, alpha: float, beta: float, dare_p: float = 1.0) -> 
     return f"a={a:g},b={b:g},alpha={alpha:g},beta={beta:g}" + (f",p={dare_p:g}" if retains(dare_p) else "")
 
 
-def chosen_point(best_json: dict[str, Any]) -> dict[str, Any]:
-    """The merge settings (a, b, α, β, DARE p) of the point a sweep's best.json chose ({} when none was chosen).
+@dataclass(frozen=True)
+class SweepChoice:
+    """What a sweep's best.json says: the merge settings (a, b, α, β, DARE p) of the chosen point ({} when none
+    was chosen) and the XSTest prompt sets it was chosen on (to leave out of test evaluations). The one reader of
+    best.json, for `patch merge|baselines --best` and the experiment's merge step."""
 
-    A sweep written before the DARE grid has no p per point: its one keep-rate (None: none) is in its config."""
-    best = best_json.get("best") or {}
-    if not best:
-        return {}
-    point = {k: best[k] for k in ("a", "b", "alpha", "beta")}
-    point["dare_p"] = best["dare_p"] if "dare_p" in best else (best_json.get("config") or {}).get("dare_p")
-    return point
+    point: dict[str, Any]
+    held_out: list[str]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> SweepChoice:
+        """A sweep written before the DARE grid has no p per point: its one keep-rate (None: none) is in its config."""
+        best_json = read_json(Path(path))
+        best = best_json.get("best") or {}
+        point = {k: best[k] for k in ("a", "b", "alpha", "beta")} if best else {}
+        if best:
+            point["dare_p"] = best["dare_p"] if "dare_p" in best else (best_json.get("config") or {}).get("dare_p")
+        held_out = best_json.get("held_out_xstest")
+        return cls(point, [held_out] if held_out else [])
 
 
 def select_default(rows: list[dict[str, Any]], baseline: dict[str, Any], tolerance: float) -> dict[str, Any]:
