@@ -129,12 +129,13 @@ def test_rerun_is_all_cached_and_a_failing_step_keeps_the_finished_ones(small_ru
     # a bug (any other exception) keeps its type and traceback, with a note naming the step
     def crash(step, ctx):
         raise RuntimeError("boom")
-    steps.STEP_FUNCTIONS["probe"], saved = crash, steps.STEP_FUNCTIONS["probe"]
+    saved = steps.STEP_FUNCTIONS.get("probe")
+    steps.STEP_FUNCTIONS.add("probe", crash, replace=True)
     try:
         with pytest.raises(RuntimeError, match="boom") as info:
             runner.run_experiment(experiment, run_dir, progress=False)
     finally:
-        steps.STEP_FUNCTIONS["probe"] = saved
+        steps.STEP_FUNCTIONS.add("probe", saved, replace=True)
     assert any("step 'probe' (probe)" in note for note in info.value.__notes__)
     # fixed: only the failed step runs
     assert runner.run_experiment(experiment, run_dir, progress=False).ran == ["probe"]

@@ -95,7 +95,7 @@ def test_unknown_method_and_missing_patch_fail_before_any_evaluation(sources, tm
 
 def test_a_registered_method_runs_through_the_baselines(sources, tmp_path, monkeypatch):
     model, src = sources
-    monkeypatch.setattr(methods, "_PATCH_METHODS", dict(methods._PATCH_METHODS))
+    monkeypatch.setattr(methods, "_PATCH_METHODS", methods._PATCH_METHODS.copy())
 
     @register_patch_method("se_minus_osm", "δ_SE − δ_OSM")
     def _diff(s: PatchSources, config: BaselinesConfig):

@@ -29,7 +29,7 @@ def test_builtin_objectives_and_unknown_name():
 @pytest.fixture()
 def registry(monkeypatch):
     """A private copy of the registry, so test objectives do not leak into other tests."""
-    monkeypatch.setattr(objectives, "_OBJECTIVES", dict(objectives._OBJECTIVES))
+    monkeypatch.setattr(objectives, "_OBJECTIVES", objectives._OBJECTIVES.copy())
 
 
 def test_registered_objective_trains_by_name_with_its_needs_met(registry):

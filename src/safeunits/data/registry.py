@@ -20,6 +20,7 @@ from safeunits.data.readers import SUFFIXES, MalformedRowError, Row, read_rows
 from safeunits.data.records import Record
 from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.paths import data_dir as default_data_dir
+from safeunits.registry import Registry
 
 # candidate column names for local files without an explicit mapping, first match wins
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -48,15 +49,15 @@ class DatasetEntry:
     rows: Callable[[list[Path]], Iterator[Row]] | None = None  # rows joined across files, instead of file by file
 
 
-_REGISTRY: dict[str, DatasetEntry] = {}
+_REGISTRY: Registry[DatasetEntry] = Registry("dataset")
 
 
 def register_dataset(entry: DatasetEntry) -> None:
-    _REGISTRY[entry.name] = entry
+    _REGISTRY.add(entry.name, entry, replace=True)
 
 
 def registered_datasets() -> dict[str, DatasetEntry]:
-    return dict(_REGISTRY)
+    return _REGISTRY.items()
 
 
 class DatasetNotFoundError(UserFileNotFoundError):
@@ -83,7 +84,7 @@ def load_dataset(
                 f"unknown dataset {name!r}: not a file with one of the suffixes {', '.join(SUFFIXES)} and not a "
                 f"registered name ({', '.join(sorted(_REGISTRY))})"
             )
-        entry = _REGISTRY[name]
+        entry = _REGISTRY.get(name)
         paths = _locate(entry, data_dir)
         mapping = {**entry.columns, **(columns or {})}
         if entry.rows is not None:

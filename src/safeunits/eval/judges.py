@@ -24,6 +24,9 @@ minimum) or "complied" (the attack succeeded). `complied` / `complied_many` are 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
 
 from safeunits.errors import UserValueError
 from safeunits.eval.coherence import CoherenceConfig
@@ -33,38 +36,48 @@ from safeunits.eval.judge_models import JUDGE_MODEL_PRESETS, ModelJudge, ModelJu
 from safeunits.eval.learned_judge import LearnedJudge, load_or_train
 from safeunits.eval.rule_judges import (KEYWORD_PRESETS, RULE_JUDGES, KeywordJudge, KeywordJudgeConfig, XSTestJudge,
                                         XSTestJudgeConfig, rule_judge)
+from safeunits.registry import Registry
 
 __all__ = ["FULL_COMPLIANCE", "FULL_REFUSAL", "PARTIAL_REFUSAL", "XSTEST_LABELS", "HARM_VERDICTS", "HarmVerdict", "Judge",
            "check_lengths", "KEYWORD_PRESETS", "KeywordJudge", "KeywordJudgeConfig", "XSTestJudge", "XSTestJudgeConfig",
-           "ModelJudge", "ModelJudgeConfig", "JUDGE_NAMES", "get_judge"]
+           "ModelJudge", "ModelJudgeConfig", "JUDGES", "JUDGE_NAMES", "get_judge"]
 
 # --- registry ----------------------------------------------------------------------------------------
 
-JUDGE_NAMES = (*RULE_JUDGES, "learned", "harm")
+JudgeFactory = Callable[[Optional[Path]], Judge]
+"""Builds a named judge; takes the data folder (where `learned` finds XSTest's labels on first use)."""
+JUDGES: Registry[JudgeFactory] = Registry("judge")
+for _rule in RULE_JUDGES:
+    JUDGES.add(_rule, lambda data_dir, _name=_rule: rule_judge(_name))
+
+
+@JUDGES.register("learned")
+def _learned(data_dir: Path | None) -> Judge:
+    return LearnedJudge(load_or_train(data_dir))
+
+
+@JUDGES.register("harm")
+def _harm(data_dir: Path | None) -> Judge:
+    from safeunits.eval.harm_judge import load_harm_judge  # loads the default model: only when asked for
+
+    return load_harm_judge()
+
+
+JUDGE_NAMES = tuple(JUDGES.names())
 
 
 def get_judge(name: str = "keyword", *, data_dir: str | os.PathLike | None = None,
               coherence: CoherenceConfig | None = None) -> Judge:
-    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, `learned`, `model:PATH` / a model folder path, or
-    a judge-model preset `PRESET:PATH_OR_HUB_ID` (`llama-guard-3`, `harmbench-cls`, `wildguard`, ...;
+    """A judge by name: `keyword`, `prefix`, `strmatch`, `xstest`, `learned`, `harm`, `model:PATH` / a model folder
+    path, or a judge-model preset `PRESET:PATH_OR_HUB_ID` (`llama-guard-3`, `harmbench-cls`, `wildguard`, ...;
     eval/judge_models.py).
 
     `data_dir` is where `learned` finds XSTest's labels on first use (default `$SAFEUNITS_DATA_DIR`);
     `coherence` replaces the default coherence rule of the harm verdicts.
     """
-    judge: Judge | None
-    if name in RULE_JUDGES:
-        judge = rule_judge(name)
-    elif name == "learned":
-        judge = LearnedJudge(load_or_train(data_dir))
-    elif name == "harm":
-        from safeunits.eval.harm_judge import load_harm_judge  # loads the default model: only when asked for
-
-        judge = load_harm_judge()
-    else:
-        judge = judge_from_spec(name)
+    judge = JUDGES.get(name)(Path(data_dir) if data_dir else None) if name in JUDGES else judge_from_spec(name)
     if judge is None:
-        raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGE_NAMES)}, model:PATH for a local "
+        raise UserValueError(f"unknown judge {name!r}; choose one of {', '.join(JUDGES)}, model:PATH for a local "
                              f"judge model, or PRESET:PATH_OR_HUB_ID with PRESET one of {', '.join(JUDGE_MODEL_PRESETS)}")
     if coherence is not None:
         judge.coherence = coherence

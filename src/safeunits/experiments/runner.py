@@ -185,7 +185,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
         ctx = StepContext(experiment, folder, evaluation, outputs, out)
         started = time.time()
         try:
-            step_outputs = STEP_FUNCTIONS[p.step.kind](p.step, ctx)
+            step_outputs = STEP_FUNCTIONS.get(p.step.kind)(p.step, ctx)
         except UserError as err:
             raise StepFailedError(f"step {p.step.name!r} ({p.step.kind}) failed: {err}",
                                   hint=(err.hint + "; " if err.hint else "") +

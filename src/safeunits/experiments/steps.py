@@ -22,11 +22,12 @@ from safeunits.experiments.config import (STEP_CLASSES, AlignStep, AttributeStep
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
 from safeunits.models.loading import load_model
+from safeunits.registry import Registry
 
 Outputs = dict[str, Any]
 S = TypeVar("S", bound=StepBase)
 StepFunction = Callable[[Any, "StepContext"], Outputs]
-STEP_FUNCTIONS: dict[str, StepFunction] = {}
+STEP_FUNCTIONS: Registry[StepFunction] = Registry("step kind")
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,7 @@ def register_step(kind: str) -> Callable[[Callable[[S, StepContext], Outputs]], 
     if kind not in STEP_CLASSES:
         raise ValueError(f"no step model for kind {kind!r}; add one to experiments/config.py")
 
-    def decorate(fn: Callable[[S, StepContext], Outputs]) -> Callable[[S, StepContext], Outputs]:
-        STEP_FUNCTIONS[kind] = fn
-        return fn
-
-    return decorate
+    return STEP_FUNCTIONS.register(kind)
 
 
 def _rel(path: str | os.PathLike, folder: Path) -> str:

@@ -36,6 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from safeunits.errors import UnsupportedArchitectureError
+from safeunits.registry import Registry
 
 UnitKind = Literal["mlp", "head"]  # an MLP channel or an attention head: the one vocabulary of unit kinds
 UNIT_KINDS: tuple[UnitKind, ...] = get_args(UnitKind)  # in storage and display order
@@ -58,13 +59,13 @@ class FamilySpec:
     mlp_in_fused: int = 1  # >1: each mlp_in module stacks this many [part_0 | part_1 | ...] blocks of channels
 
 
-_FAMILIES: dict[str, FamilySpec] = {}
+_FAMILIES: Registry[FamilySpec] = Registry("model type", error=UnsupportedArchitectureError)
 
 
 def register_family(spec: FamilySpec) -> None:
     """Make every `model_type` of `spec` supported (replacing a previous entry of the same type)."""
     for model_type in spec.model_types:
-        _FAMILIES[model_type] = spec
+        _FAMILIES.add(model_type, spec, replace=True)
 
 
 def supported_model_types() -> list[str]:
@@ -290,10 +291,9 @@ def _first_attr(cfg: object, names: tuple[str, ...]) -> int:
 def get_adapter(model: PreTrainedModel) -> ArchAdapter:
     """The adapter for `model`'s family; unsupported families get an error naming the supported ones."""
     model_type = getattr(model.config, "model_type", None)
-    spec = _FAMILIES.get(model_type)
-    if spec is None:
+    if model_type not in _FAMILIES:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported for unit attribution; supported model types: "
             f"{', '.join(supported_model_types())}. Add one with safeunits.models.adapters.register_family(FamilySpec(...))."
         )
-    return ArchAdapter(model, spec)
+    return ArchAdapter(model, _FAMILIES.get(model_type))

@@ -23,6 +23,7 @@ from safeunits.errors import CorruptFileError, ModelNotFoundError, UserFileNotFo
 from safeunits.models.signature import model_fingerprint  # noqa: F401  (re-exported: its long-standing home)
 from safeunits.outdir import build_into
 from safeunits.paths import cache_dir
+from safeunits.registry import Registry
 from safeunits.runtime import TRUST_REMOTE_CODE_ENV
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class NamedModel:
 BUILD_KEY_FILE = "safeunits_named.json"
 
 
-_NAMED: dict[str, NamedModel] = {}
+_NAMED: Registry[NamedModel] = Registry("named model")
 
 # modules that register further named models (they import this module, so they load lazily on first lookup)
 NAMED_MODEL_MODULES = ("safeunits.train.named",)
@@ -72,12 +73,12 @@ def register_named_model(name: str, build: Callable[[Path], None], description: 
 
     `key` says what the build depends on; when it changes (a bundled recipe was edited), the cached folder is rebuilt
     instead of silently serving a model the current recipe would not produce."""
-    _NAMED[name] = NamedModel(name, description, build, key)
+    _NAMED.add(name, NamedModel(name, description, build, key), replace=True)
 
 
 def named_models() -> dict[str, NamedModel]:
     _load_named_modules()
-    return dict(_NAMED)
+    return _NAMED.items()
 
 
 def named_model_dir(name: str) -> Path:
@@ -88,7 +89,7 @@ def resolve_model(name_or_path: str, *, rebuild: bool = False) -> str:
     """Turn a registered name into its cached folder (building it if needed); pass paths and hub ids through."""
     _load_named_modules()
     if name_or_path in _NAMED:
-        named = _NAMED[name_or_path]
+        named = _NAMED.get(name_or_path)
         target = named_model_dir(name_or_path)
         key = named.key()
         if (target / "config.json").is_file() and not rebuild:

@@ -20,6 +20,7 @@ from safeunits.models.signature import check_fits
 from safeunits.patching.merge import MergeConfig, controllable_merge
 from safeunits.patching.patches import DensePatch
 from safeunits.patching.sparse import SparsePatch, SparseTensorDelta, _index_dtype
+from safeunits.registry import Registry
 
 
 def _common(patches: list[DensePatch]) -> list[str]:
@@ -141,7 +142,8 @@ class PatchMethod:
         return self.build(sources, config)
 
 
-_PATCH_METHODS: dict[str, PatchMethod] = {}
+_PATCH_METHODS: Registry[PatchMethod] = Registry(
+    "patch method", error=UnknownPatchMethodError, hint="or register one with safeunits.patching.methods.register_patch_method")
 
 
 def register_patch_method(name: str, description: str, *,
@@ -152,9 +154,7 @@ def register_patch_method(name: str, description: str, *,
         raise ValueError(f"patch method {name!r} needs unknown sources {unknown}; choose from {', '.join(_DERIVED_BY)}")
 
     def register(build: PatchBuilder) -> PatchBuilder:
-        if name in _PATCH_METHODS:
-            raise ValueError(f"a patch method named {name!r} is already registered")
-        _PATCH_METHODS[name] = PatchMethod(name, description, build, needs)
+        _PATCH_METHODS.add(name, PatchMethod(name, description, build, needs))
         return build
 
     return register
@@ -162,16 +162,12 @@ def register_patch_method(name: str, description: str, *,
 
 def patch_method_names() -> list[str]:
     """Registered patch method names, in registration order."""
-    return list(_PATCH_METHODS)
+    return _PATCH_METHODS.names()
 
 
 def get_patch_method(name: str) -> PatchMethod:
     """The method registered as `name`; unknown names list the known ones."""
-    try:
-        return _PATCH_METHODS[name]
-    except KeyError:
-        raise UnknownPatchMethodError(f"unknown patch method {name!r}; choose from {', '.join(patch_method_names())} "
-                                      "(or register one with safeunits.patching.methods.register_patch_method)") from None
+    return _PATCH_METHODS.get(name)
 
 
 def build_method_patch(method: str, sources: PatchSources, config: BaselinesConfig) -> SparsePatch | None:

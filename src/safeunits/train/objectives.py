@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from safeunits.errors import UserValueError
+from safeunits.registry import Registry
 
 
 class ObjectiveSettings(Protocol):
@@ -61,31 +62,24 @@ class TrainingObjective(ABC):
         """The scalar to back-propagate for this micro-batch."""
 
 
-_OBJECTIVES: dict[str, type[TrainingObjective]] = {}
+_OBJECTIVES: Registry[type[TrainingObjective]] = Registry(
+    "training objective", error=UnknownObjectiveError, hint="or register one with safeunits.train.objectives.register_objective")
 T = TypeVar("T", bound=type[TrainingObjective])
 
 
 def register_objective(cls: T) -> T:
     """Class decorator: make `cls` selectable as `TrainConfig(objective=cls.name)`."""
-    if cls.name in _OBJECTIVES:
-        raise ValueError(f"a training objective named {cls.name!r} is already registered")
-    _OBJECTIVES[cls.name] = cls
-    return cls
+    return _OBJECTIVES.add(cls.name, cls)
 
 
 def objective_names() -> list[str]:
     """Registered objective names, in registration order."""
-    return list(_OBJECTIVES)
+    return _OBJECTIVES.names()
 
 
 def get_objective(name: str) -> type[TrainingObjective]:
     """The objective class registered as `name`; unknown names list the known ones."""
-    try:
-        return _OBJECTIVES[name]
-    except KeyError:
-        raise UnknownObjectiveError(f"unknown training objective {name!r}; choose one of: "
-                                    f"{', '.join(objective_names())} (or register one with "
-                                    "safeunits.train.objectives.register_objective)") from None
+    return _OBJECTIVES.get(name)
 
 
 @register_objective
