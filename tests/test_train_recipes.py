@@ -279,7 +279,7 @@ def test_named_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
         builds.append(key["value"])
         (target / "config.json").write_text("{}")
 
-    monkeypatch.setattr(loading, "_NAMED", dict(loading._NAMED))
+    monkeypatch.setattr(loading, "_NAMED", loading._NAMED.copy())
     loading.register_named_model("toy-named", build, "a test model", key=lambda: key["value"])
     folder = Path(loading.resolve_model("toy-named"))
     assert loading.resolve_model("toy-named") == str(folder) and builds == ["a"]

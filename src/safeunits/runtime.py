@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 TRUST_REMOTE_CODE_ENV = "SAFEUNITS_TRUST_REMOTE_CODE"
@@ -95,3 +96,13 @@ def set_verbosity(level: int) -> None:
             from huggingface_hub.utils import disable_progress_bars
 
             disable_progress_bars()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What any step of work needs besides its own settings: the data folder datasets load from and whether to
+    show progress. Training takes this; evaluation (`EvalContext`) adds a suite and a backend on top."""
+
+    data_dir: Path | None = None
+    progress: bool = True
+

@@ -21,7 +21,7 @@ from safeunits.eval.runner import evaluate
 from safeunits.eval.suites import SuiteConfig, optional_suite
 from safeunits.eval.vllm_backend import check_backend
 from safeunits.paths import data_dir as resolve_data_dir
-from safeunits.runtime import set_threads
+from safeunits.runtime import RunContext, set_threads
 
 
 class NoEvaluationError(UserValueError):
@@ -51,6 +51,11 @@ class EvalContext:
         if config is not None and limit is not None:
             config = config.with_limit(limit)
         return cls(config, resolve_data_dir(data_dir), progress, check_backend(backend))
+
+    @property
+    def run(self) -> RunContext:
+        """The data folder and progress setting alone (what training needs; it never sees the suite)."""
+        return RunContext(self.data_dir, self.progress)
 
     @property
     def enabled(self) -> bool:

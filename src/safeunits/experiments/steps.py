@@ -8,7 +8,6 @@ label -> evaluation folder, `figures`: [path, caption], `tables`: Markdown files
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
 
     unit_map = str(ctx.path(step.unit_map, "unit_map")) if step.unit_map else None
     recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
-    report = run_recipe(recipe, ctx.out, dataclasses.replace(ctx.evaluation, suite=None))  # evaluate steps evaluate
+    report = run_recipe(recipe, ctx.out, ctx.evaluation.run)  # trains only: evaluate steps evaluate
     train = report["train"]
     return {"model": "model", "notes": [f"{train['steps']} optimizer steps, final loss {train['final_loss']:.3f}, "
                                         f"{train['tokens_per_s']:.0f} tokens/s; data {report['data']}"]}

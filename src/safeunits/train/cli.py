@@ -83,7 +83,7 @@ def train_command(
         extra["train"] = {"checkpoint_every": checkpoint_every, "checkpoint_dir": str(out / "checkpoints")}
     rec = _recipe(recipe, config, model, extra, options or {}, parse_sets(sets))
     claim_output_dir(out, "train", force=force)
-    report = run_recipe(rec, out, evaluation)
+    report = run_recipe(rec, out, evaluation.run, evaluation)
     summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
     summary["trainable_share"] = report["train"]["mask"]["trainable_share"]
     if "eval" in report:

@@ -62,8 +62,7 @@ def _run(recipe: AlignRecipe | FinetuneRecipe, out_dir: Path, evaluation: EvalCo
     warm = None
     if warmup is not None:
         warm, _ = train_recipe(warmup, model, tokenizer, data_dir=evaluation.data_dir, progress=evaluation.progress)
-    result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir,
-                                   progress=evaluation.progress)
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir, progress=evaluation.progress)
     wall = time.perf_counter() - t0
     if save_model:
         save(model, tokenizer, out_dir / "model")

@@ -30,6 +30,7 @@ from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml, write_json, write_text
 from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
+from safeunits.runtime import RunContext
 from safeunits.train.engine import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -283,14 +284,15 @@ def train_recipe(
     return result, records
 
 
-def run_recipe(recipe: Recipe, out_dir: Path, evaluation: EvalContext | None = None) -> dict:
-    """Load the model, train, save `out_dir/model` and `out_dir/train_report.json` (+ metrics when `evaluation`
-    has a suite). The context's data folder serves the training data too.
+def run_recipe(recipe: Recipe, out_dir: Path, run: RunContext | None = None,
+               evaluation: EvalContext | None = None) -> dict:
+    """Load the model, train (data from `run`'s data folder), save `out_dir/model` and `out_dir/train_report.json`
+    (+ metrics when `evaluation` has a suite).
 
     Under a multi-process launcher every process trains, only the main one writes and evaluates (the others
     return the training result alone); FSDP2-sharded weights are gathered into a plain model first.
     """
-    evaluation = evaluation or EvalContext.create(None)
+    run = run or RunContext()
     out_dir = Path(out_dir)
     main = is_main_process()
     if main:
@@ -298,8 +300,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, evaluation: EvalContext | None = N
         write_text(out_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     model, tokenizer = load_model(recipe.model)
     base_fp = model_fingerprint(model)
-    result, records = train_recipe(recipe, model, tokenizer, data_dir=evaluation.data_dir,
-                                   progress=evaluation.progress)
+    result, records = train_recipe(recipe, model, tokenizer, data_dir=run.data_dir, progress=run.progress)
     if is_sharded(model):
         full = gather_full_state_dict(model)  # collective: every process calls it
         if main:
@@ -312,7 +313,7 @@ def run_recipe(recipe: Recipe, out_dir: Path, evaluation: EvalContext | None = N
               "model_fingerprint": model_fingerprint(model), "data": data_manifest(records),
               "train": result.to_dict()}
     write_json(out_dir / "train_report.json", report)  # before evaluating: a failed evaluation loses no training
-    if evaluation.enabled:
+    if evaluation is not None and evaluation.enabled:
         report["eval"] = evaluation.evaluate(model, tokenizer, out_dir / "eval", name=recipe.model).headline.as_dict()
         write_json(out_dir / "train_report.json", report)
     return report
