@@ -242,26 +242,15 @@ def test_options_generated_from_config_fields_carry_their_description():
     assert "DARE keep-rate" in help_of["--dare-p"] and "(default: 5.0)" in help_of["--a"]
 
 
-def test_deprecated_names_still_work_and_warn(tmp_path):
-    res = run("train", "--recipe", "align", "--eval", "qiuck", "--out", tmp_path / "t")
-    assert "--eval is deprecated" in res.output and "use --suite" in res.output
-    assert_short_error(res, "unknown suite 'qiuck'")  # the old option's value was used
-    res = run("prune", "--map", tmp_path / "missing", "--out", tmp_path / "p")
-    assert "--map is deprecated" in res.output and "missing" in res.output and res.exit_code == 2
-    res = run("ssah-freeze", "--unit-map", tmp_path / "missing", "--out", tmp_path / "f", "--no-progress")
-    assert "--no-progress is deprecated" in res.output and "use --quiet" in res.output and res.exit_code == 2
-    res = run("patch", "continual", "--out", tmp_path / "c", "--se-train", "[1]")
-    assert "--se-train is deprecated" in res.output and "use --set se.train.KEY=VALUE" in res.output
-    assert_short_error(res, "must be a JSON object")
-
-
-def test_json_train_option_becomes_set_items():
-    from safeunits.cli_options import json_sets
-
-    assert parse_sets(json_sets('{"lr": 1e-4, "max_steps": 3}', "--se-train", "se.train")) == \
-        {"se": {"train": {"lr": 1e-4, "max_steps": 3}}}
-    with pytest.raises(ConfigError, match="must be a JSON object"):
-        json_sets("[1]", "--se-train", "se.train")
+def test_removed_deprecated_names_are_refused(tmp_path):
+    """0.1's deprecated spellings are gone (CHANGELOG.md): each is an unknown option, nothing is written."""
+    for args in (("train", "--recipe", "align", "--eval", "quick"), ("prune", "--map", tmp_path / "m"),
+                 ("ssah-freeze", "--unit-map", tmp_path / "m", "--no-progress"),
+                 ("patch", "continual", "--se-train", "{}"), ("patch", "continual", "--osm-train", "{}"),
+                 ("patch", "derive", "--train-json", "{}"), ("patch", "sweep", "--tolerance", "0.1")):
+        res = run(*args, "--out", tmp_path / "o")
+        assert res.exit_code == 2 and "No such option" in res.output, args
+    assert not (tmp_path / "o").exists()
 
 
 def test_config_options_hand_only_given_values_to_the_command():

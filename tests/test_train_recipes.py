@@ -136,7 +136,7 @@ def test_cli_finetune_freeze_keeps_units_bit_identical(tmp_path, tiny_dir, data_
     res = CliRunner().invoke(app, ["train", "--recipe", "finetune", "--model", str(tiny_dir), "--data",
                                    str(data_files["benign"]), "--freeze", "scu+cu", "--unit-map", str(unit_map_path),
                                    "--out", str(out), "--epochs", "2", "--lr", "1e-2", "--batch-size", "4",
-                                   "--set", "train.weight_decay=0.1", "--set", "train.max_length=64", "--no-progress"])
+                                   "--set", "train.weight_decay=0.1", "--set", "train.max_length=64", "--quiet"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "train_report.json").read_text())
     assert report["recipe"]["freeze"] == "scu+cu" and report["train"]["steps"] == 16
@@ -155,7 +155,7 @@ def test_cli_align_budget_trains_only_ru(tmp_path, tiny_dir, data_files, unit_ma
                                    "--budget", "ru", "--unit-map", str(unit_map_path), "--n-examples", "16",
                                    "--set", f"safety_data={data_files['harm']}", "--set",
                                    f"benign_data=[{data_files['benign']}]", "--set", "train.max_length=64",
-                                   "--lr", "1e-2", "--epochs", "1", "--eval", "none", "--no-progress"])
+                                   "--lr", "1e-2", "--epochs", "1", "--suite", "none", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "eval" not in json.loads((out / "train_report.json").read_text()) and not (out / "eval").exists()
     before, after = _weights(tiny_dir), _weights(out / "model")
@@ -174,14 +174,14 @@ def test_cli_errors(tmp_path, unit_map_path):
     assert res.exit_code != 0 and "unit map" in res.output
     res = runner.invoke(app, ["ssah-freeze", "--unit-map", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path)])
     assert res.exit_code != 0 and "does not exist" in res.output
-    res = runner.invoke(app, ["train", "--recipe", "align", "--eval", "qiuck", "--out", str(tmp_path / "typo")])
+    res = runner.invoke(app, ["train", "--recipe", "align", "--suite", "qiuck", "--out", str(tmp_path / "typo")])
     assert res.exit_code == 2 and "unknown suite 'qiuck'" in res.output  # a short message, not a traceback
     assert not (tmp_path / "typo").exists()  # rejected before any training or writing
 
 
 def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_path):
     runner = CliRunner()
-    common = ["--model", str(tiny_dir), "--unit-map", str(unit_map_path), "--eval", "none", "--no-progress",
+    common = ["--model", str(tiny_dir), "--unit-map", str(unit_map_path), "--suite", "none", "--quiet",
               "--set", "train.max_length=64", "--set", "train.lr=1e-2"]
     res = runner.invoke(app, ["ssah-freeze", "--out", str(tmp_path / "freeze"), "--set", f"data=[{data_files['benign']}]",
                               "--set", "n_examples=8", "--frozen-epochs-factor", "2", *common])

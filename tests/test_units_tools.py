@@ -243,7 +243,7 @@ def test_cli_end_to_end(data_dir, tmp_path):
     info = json.loads((tmp_path / "map" / "unit_map.json").read_text())
     assert info["settings"]["safety_data"]["dataset"] == "advbench-refusals" and info["model_type"] == "qwen2"
     assert (tmp_path / "map" / "unit_map.png").is_file() and (tmp_path / "map" / "class_shares.png").is_file()
-    res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--target", "scu", "--save-model",
+    res = runner.invoke(app, ["prune", "--unit-map", str(tmp_path / "map"), "--target", "scu", "--save-model",
                               "--out", str(tmp_path / "pruned"), *common[:2]])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "pruned" / "config.json").is_file()
@@ -255,7 +255,7 @@ def test_cli_end_to_end(data_dir, tmp_path):
     assert json.loads((tmp_path / "probe" / "probe.json").read_text())["n_prompts"] == 2
     # a map refuses a model of another architecture
     other = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "other")
-    res = runner.invoke(app, ["prune", "--map", str(tmp_path / "map"), "--out", str(tmp_path / "x"), "--model", str(other)])
+    res = runner.invoke(app, ["prune", "--unit-map", str(tmp_path / "map"), "--out", str(tmp_path / "x"), "--model", str(other)])
     assert res.exit_code != 0 and "architecture hash" in res.output
 
 

@@ -3,8 +3,9 @@
 Why a module: the same option (`--model`, `--suite`, `--data-dir`, `--out`, `--quiet`, `--set`) used to be
 written out again in every command with drifting names and defaults. Options that mirror a pydantic config
 field are generated from the field (`config_options`), and `--set key=value` reaches any field of the
-command's config, so a new config field needs no new hand-written option. Deprecated spellings keep working
-for one release with a message on stderr.
+command's config, so a new config field needs no new hand-written option. The deprecated spellings of 0.1
+(`--eval`, `--no-progress`, `--map`, `--tolerance`, `--train-json`, `--se-train`, `--osm-train`) are gone
+(CHANGELOG.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import typer
 from pydantic import BaseModel
 
 from safeunits.config import DEFAULT_MODEL, model_class, set_dotted
-from safeunits.errors import ConfigError
 from safeunits.runtime import set_verbosity
 
 M = TypeVar("M", bound=BaseModel)
@@ -73,42 +73,6 @@ DEVICE: Any = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cud
 LIMIT: Any = typer.Option(None, "--limit", min=1, help="Cut every evaluation set to at most this many items (smoke runs).")
 FORCE: Any = typer.Option(False, "--force", help="Write into an --out folder that is not empty and was not made by "
                           "this command (files named like its outputs are replaced; nothing else is touched).")
-
-
-# --- deprecated spellings -----------------------------------------------------------------------------------
-
-def warn_deprecated(old: str, new: str) -> None:
-    typer.echo(f"warning: {old} is deprecated and will be removed in the next release; use {new}", err=True)
-
-
-def deprecated_option(old: str, new: str, *, flag: bool = False) -> Any:
-    """A hidden option still accepted under its old name; using it prints what replaces it."""
-
-    def _callback(value: Any) -> Any:
-        if value:
-            warn_deprecated(old, new)
-            if flag and new == "--quiet":
-                set_verbosity(logging.WARNING)
-        return value
-
-    return typer.Option(False if flag else None, old, hidden=True, callback=_callback)
-
-
-def json_sets(text: str | None, flag: str, prefix: str) -> list[str]:
-    """A deprecated JSON-object option (`--se-train '{"lr": 1e-4}'`) as the `--set` items that replace it."""
-    if not text:
-        return []
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"lr\": 1e-4}}': {exc}",
-                          hint=f"use --set {prefix}.lr=1e-4 instead") from exc
-    if not isinstance(value, dict):
-        raise ConfigError(f"{flag} must be a JSON object, got {type(value).__name__}",
-                          hint=f"use --set {prefix}.lr=1e-4 instead")
-    return [f"{prefix}.{k}={json.dumps(v)}" for k, v in value.items()]
 
 
 def _option_type(annotation: Any) -> type:

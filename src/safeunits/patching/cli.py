@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, json_sets, model_option,
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, model_option,
                                   out_option, sets_option, suite_option)
 from safeunits.config import build_config, parse_sets
 from safeunits.errors import ConfigError
@@ -116,7 +116,6 @@ def derive(
     sets: list[str] = sets_option("train.weight_decay=0.01"),
     quiet: bool = QUIET,
     force: bool = FORCE,
-    train_json: Optional[str] = deprecated_option("--train-json", "--set train.KEY=VALUE"),
 ) -> None:
     """Derive δ_SE by bounded gradient ascent and δ_OSM by descent on D_h's train split, with SNIP saliency."""
     from safeunits.patching.harmful_data import load_harmful_data
@@ -125,7 +124,7 @@ def derive(
     train = {k: v for k, v in {"lr": lr, "max_steps": max_steps, "batch_size": batch_size}.items() if v is not None}
     saliency = {k: v for k, v in {"exclude": exclude or None, "max_examples": saliency_examples}.items() if v is not None}
     given = {"train": train, "saliency": saliency, **({"saliency_on": saliency_on} if saliency_on else {})}
-    overrides = parse_sets(json_sets(train_json, "--train-json", "train") + list(sets))
+    overrides = parse_sets(sets)
     configs = {}
     for obj in objective:
         stop = {"train": {"stop_nll_above": stop_nll_above}} if stop_nll_above is not None and obj != "descent" else {}
@@ -210,7 +209,6 @@ def sweep(
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    tolerance: Optional[float] = deprecated_option("--tolerance", "--utility-tolerance"),
     options: Optional[dict] = None,
 ) -> None:
     """Grid over (a, b, α, β, DARE p) on held-out prompts; Pareto plot and table; writes the chosen point to best.json."""
@@ -218,8 +216,7 @@ def sweep(
     from safeunits.patching.sweep import run_sweep
 
     grid = {k: v for k, v in {"a": _floats(a, "--a"), "b": _floats(b, "--b"), "alpha": _floats(alpha, "--alpha"),
-                              "beta": _floats(beta, "--beta"), "dare_p": _floats(dare_p, "--dare-p"),
-                              "utility_tolerance": tolerance}.items() if v is not None}
+                              "beta": _floats(beta, "--beta"), "dare_p": _floats(dare_p, "--dare-p")}.items() if v is not None}
     config = build_config(SweepConfig, grid, options or {}, parse_sets(sets))
     evaluation = _context(None, data_dir, quiet)  # the sweep builds its held-out suite itself
     claim_output_dir(out, "sweep", force=force)
@@ -244,15 +241,12 @@ def continual(
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    se_train: Optional[str] = deprecated_option("--se-train", "--set se.train.KEY=VALUE"),
-    osm_train: Optional[str] = deprecated_option("--osm-train", "--set osm.train.KEY=VALUE"),
     options: Optional[dict] = None,
 ) -> None:
     """Continual post-safety alignment: one SafePatching step per harm category, the three axes after each."""
     from safeunits.patching.continual import run_continual
 
-    overrides = parse_sets(json_sets(se_train, "--se-train", "se.train") + json_sets(osm_train, "--osm-train", "osm.train")
-                           + list(sets))
+    overrides = parse_sets(sets)
     point, held_out = _best_point(best)
     given: dict = {"merge": point}
     if prompts:

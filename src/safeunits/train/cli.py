@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, deprecated_option, model_option,
+from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, model_option,
                                   out_option, sets_option, suite_option, unit_map_option)
 from safeunits.config import merge, parse_sets, validation_message
 from safeunits.errors import ConfigError, UserFileNotFoundError
@@ -36,11 +36,11 @@ def _recipe(recipe: str, config: Path | None, model: str | None, *layers: dict) 
     return loaded
 
 
-def _context(suite: str | None, old: str | None, default: str | None, data_dir: Optional[Path], progress: bool):
-    """The evaluation context of `--suite` (or its deprecated `--eval` spelling), resolved before any training."""
+def _context(suite: str | None, default: str | None, data_dir: Optional[Path], progress: bool):
+    """The evaluation context of `--suite`, resolved before any training."""
     from safeunits.eval.context import EvalContext
 
-    return EvalContext.create(suite or old or default, data_dir=data_dir, progress=progress)
+    return EvalContext.create(suite or default, data_dir=data_dir, progress=progress)
 
 
 @app.command("train")
@@ -63,8 +63,6 @@ def train_command(
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
-    no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
     options: Optional[dict] = None,
 ) -> None:
     """Run a training recipe: `align` (optionally --budget ru) or `finetune` (optionally --freeze ...)."""
@@ -72,7 +70,7 @@ def train_command(
 
     if recipe not in ("align", "finetune"):
         raise typer.BadParameter(f"--recipe must be align or finetune, got {recipe!r}")
-    evaluation = _context(suite, old_eval, None, data_dir, not (quiet or no_progress))
+    evaluation = _context(suite, None, data_dir, not quiet)
     if budget and recipe != "align":
         raise typer.BadParameter("--budget belongs to --recipe align (use --freeze with finetune)")
     if freeze and recipe != "finetune":
@@ -115,8 +113,6 @@ def ssah_budget_command(
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
-    no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
 ) -> None:
     """SSAH experiment (a): full align vs align on a unit budget; safety gained and alignment tax of each.
 
@@ -124,7 +120,7 @@ def ssah_budget_command(
     from safeunits.train.experiments import ssah_budget
 
     _check_map(unit_map)
-    evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
+    evaluation = _context(suite, "quick", data_dir, not quiet)
     rec = _recipe("align", config, model, parse_sets(sets))
     claim_output_dir(out, "ssah-budget", force=force)
     ssah_budget(rec, unit_map, out, settings=tuple(settings) or None, protocol=protocol, evaluation=evaluation,
@@ -151,14 +147,12 @@ def ssah_freeze_command(
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    old_eval: Optional[str] = deprecated_option("--eval", "--suite"),
-    no_progress: bool = deprecated_option("--no-progress", "--quiet", flag=True),
 ) -> None:
     """SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) scu+cu; ASR before/after."""
     from safeunits.train.experiments import ssah_freeze
 
     _check_map(unit_map)
-    evaluation = _context(suite, old_eval, "quick", data_dir, not (quiet or no_progress))
+    evaluation = _context(suite, "quick", data_dir, not quiet)
     rec = _recipe("finetune", config, model, parse_sets(sets))
     claim_output_dir(out, "ssah-freeze", force=force)
     ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,

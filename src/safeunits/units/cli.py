@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, config_options, deprecated_option,
+from safeunits.cli_options import (DATA_DIR, DEVICE, DTYPE, FORCE, LIMIT, QUIET, config_options,
                                   model_option, out_option, sets_option, suite_option, unit_map_option)
 from safeunits.config import build_config, parse_sets
 from safeunits.errors import ConfigError
@@ -76,7 +76,6 @@ def prune_command(
     device: str = DEVICE,
     quiet: bool = QUIET,
     force: bool = FORCE,
-    old_map: Optional[Path] = deprecated_option("--map", "--unit-map"),
     options: Optional[dict] = None,
 ) -> None:
     """Zero the units of chosen classes (or equally large random controls) and evaluate: the SSAH Table-1 check."""
@@ -86,7 +85,6 @@ def prune_command(
     from safeunits.units.pruning import prune_and_save, pruning_table
     from safeunits.units.unit_map import UnitMap
 
-    unit_map = unit_map or old_map
     if unit_map is None:
         raise typer.BadParameter("missing --unit-map (a unit map from `safeunits attribute`)", param_hint="--unit-map")
     if save_model and len(target) != 1:
