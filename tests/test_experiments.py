@@ -226,3 +226,22 @@ def test_report_renders_offline_in_headless_chromium(browser_packages, small_run
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 10  # text, tables and figures, not a blank page
     assert (pixels < 128).mean() > 0.005  # dark ink covers part of the page
+
+
+def test_a_unit_map_file_named_by_a_step_is_keyed_by_its_content(tmp_path):
+    """A train step may name a unit map file instead of an attribute step; replacing the file re-runs the step, a
+    step name used before its step exists is refused."""
+    from safeunits.eval.context import EvalContext
+
+    unit_map = tmp_path / "unit_map.safetensors"
+    unit_map.write_bytes(b"first")
+    raw = {"name": "x", "suite": "none", "steps": [{"name": "ft", "kind": "finetune", "model": "some-model",
+                                                     "unit_map": str(unit_map), "freeze": "scu"}]}
+    experiment, evaluation = build_experiment(raw, {}), EvalContext.create(None)
+    first = runner.step_keys(experiment, evaluation)
+    assert runner.step_keys(build_experiment(raw, {}), evaluation) == first
+    unit_map.write_bytes(b"second")
+    assert runner.step_keys(experiment, evaluation) != first
+    later = {**raw, "steps": [{**raw["steps"][0], "model": "ev"}, {"name": "ev", "kind": "evaluate"}]}
+    with pytest.raises(ConfigError, match="comes later"):
+        build_experiment(later, {})

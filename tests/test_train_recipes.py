@@ -193,6 +193,18 @@ def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_pat
     # SSAH Table 2's setting (i): one epoch of setting (ii) first (as many steps as the 1-epoch full run), then 2x
     assert rows[2]["warmup_steps"] == rows[1]["steps"] and rows[2]["steps"] == 3 * rows[1]["steps"]
     assert rows[3]["warmup_steps"] == 0 and rows[3]["steps"] == 2 * rows[1]["steps"]
+    # an experiment under the hood: the runner's step folders and report; a rerun runs nothing and writes the same table
+    freeze = tmp_path / "freeze"
+    steps = ["full", "freeze-scu_cu_top0_06-warmup", "freeze-scu_cu_top0_06", "freeze-scu_cu"]
+    assert all((freeze / s / "done.json").is_file() and (freeze / s / "model").is_dir() for s in steps)
+    assert (freeze / "report.md").is_file() and (freeze / "report.html").is_file()
+    done = {s: (freeze / s / "done.json").read_bytes() for s in steps}
+    table = (freeze / "table.json").read_bytes()
+    res = runner.invoke(app, ["ssah-freeze", "--out", str(freeze), "--set", f"data=[{data_files['benign']}]",
+                              "--set", "n_examples=8", "--frozen-epochs-factor", "2", *common])
+    assert res.exit_code == 0, res.output
+    assert {s: (freeze / s / "done.json").read_bytes() for s in steps} == done
+    assert json.loads((freeze / "table.json").read_bytes())["rows"] == json.loads(table)["rows"]
     res = runner.invoke(app, ["ssah-freeze", "--out", str(tmp_path / "direct"), "--protocol", "direct", "--setting",
                               "scu+cu:top0.06", "--set", f"data=[{data_files['benign']}]", "--set", "n_examples=8",
                               *common])
@@ -224,15 +236,13 @@ def test_ssah_freeze_setting_i_is_one_epoch_of_setting_ii_then_setting_i(tmp_pat
     """Issue 24 (U3): the saved model of the (i) run is bit for bit two recipe runs by hand: (ii) frozen for one epoch,
     then (i) frozen; and the units frozen in both phases never moved."""
     from safeunits.models.loading import load_model
-    from safeunits.train.experiments import ssah_freeze
+    from safeunits.experiments.presets import ssah_freeze
     from safeunits.train.recipes import load_recipe, train_recipe
-    from safeunits.eval.context import EvalContext
 
     recipe = load_recipe("finetune", {"model": str(tiny_dir), "data": [str(data_files["benign"])], "n_examples": 8,
                                       "train": {"max_length": 64, "lr": 1e-2}})
-    ssah_freeze(recipe, unit_map_path, tmp_path / "run", settings=("scu+cu:top0.5",), save_models=True,
-                evaluation=EvalContext.create(None, progress=False))
-    done = _weights(tmp_path / "run" / "freeze-scu+cu_top0.5" / "model")
+    ssah_freeze(recipe, unit_map_path, tmp_path / "run", settings=("scu+cu:top0.5",), suite="none", progress=False)
+    done = _weights(tmp_path / "run" / "freeze-scu_cu_top0_5" / "model")  # the experiment's step folder
     model, tok = load_model(str(tiny_dir))
     for spec, epochs in (("scu+cu", 1), ("scu+cu:top0.5", 1)):
         train_recipe(recipe.model_copy(update={"freeze": spec, "unit_map": unit_map_path,

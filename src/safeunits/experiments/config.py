@@ -39,6 +39,7 @@ class StepBase(Config):
 
     name: str = Field(..., pattern=STEP_NAME, description="unique step name; also its folder under the run folder")
     refs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    external: ClassVar[tuple[str, ...]] = ("model",)  # fields that may name something outside the experiment
     uses_suite: ClassVar[bool] = False  # the experiment's suite (and limit) is part of the cache key
 
     @model_validator(mode="before")
@@ -75,10 +76,12 @@ class TrainStep(StepBase):
     """What align and finetune share: a recipe, its overrides, the unit map that picks the units."""
 
     model: str = Field(DEFAULT_MODEL, description="the model to train: a step or a model name/folder/hub id")
-    unit_map: str | None = Field(None, description="an attribute step whose unit map gives the units")
+    unit_map: str | None = Field(None, description="an attribute step whose unit map gives the units, or a unit map "
+                                                    "file (unit_map.safetensors or its folder)")
     settings: dict[str, Any] = Field(default_factory=dict, description="recipe fields overriding the recipe YAML, "
                                      "e.g. {n_examples: 64, train: {epochs: 1}}")
     refs: ClassVar = {"unit_map": ("attribute",)}
+    external: ClassVar = ("model", "unit_map")
     STEP_FIELDS: ClassVar = ("model", "unit_map", "budget", "freeze")  # set on the step, not in settings
 
     @model_validator(mode="after")
@@ -241,8 +244,8 @@ class Experiment(Config):
                 if ref == step.name:
                     raise ValueError(f"step {step.name!r}: {field} names the step itself")
                 if ref not in kinds:
-                    if field == "model":
-                        continue  # a model name, folder or hub id
+                    if field in step.external and not any(s.name == ref for s in self.steps):
+                        continue  # a model name, folder or hub id; a unit map file
                     later = any(s.name == ref for s in self.steps)
                     raise ValueError(f"step {step.name!r}: {field}={ref!r} " + (
                         "comes later; a step can only use earlier steps" if later else

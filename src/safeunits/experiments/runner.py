@@ -64,6 +64,20 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _file_digests(experiment: Experiment, step: StepBase) -> dict[str, str]:
+    """Content hashes of the files a step names directly (a unit map file, not a step's output): replacing the
+    file re-runs the step. Model folders and names are keyed by name, as before."""
+    internal = experiment.inputs(step)
+    out = {}
+    for name, ref in sorted(step.references().items()):
+        path = Path(ref)
+        if name not in internal and path.is_dir() and (path / "unit_map.safetensors").is_file():
+            path = path / "unit_map.safetensors"
+        if name not in internal and name != "model" and path.is_file():
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
 def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]:
     """The cache key of every step, in order (a step's key includes the keys of the steps it consumes)."""
     suite = evaluation.suite.model_dump(mode="json") if evaluation.suite is not None else None
@@ -76,6 +90,7 @@ def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]
             "load": {"dtype": experiment.dtype, "device": experiment.device},
             "suite": suite if step.uses_suite else None,
             "safeunits": safeunits.__version__,
+            **({"files": files} if (files := _file_digests(experiment, step)) else {}),  # older keys stay valid
         })
     return keys
 

@@ -85,7 +85,8 @@ def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
 def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
     from safeunits.train.recipes import run_recipe
 
-    unit_map = str(ctx.path(step.unit_map, "unit_map")) if step.unit_map else None
+    unit_map = (str(ctx.path(step.unit_map, "unit_map")) if step.unit_map in ctx.outputs else step.unit_map) \
+        if step.unit_map else None  # an attribute step's map, or a unit map file
     recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
     report = run_recipe(recipe, ctx.out, ctx.evaluation.run)  # trains only: evaluate steps evaluate
     train = report["train"]

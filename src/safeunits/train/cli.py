@@ -98,7 +98,8 @@ def _check_map(unit_map: Path) -> None:
 @app.command("ssah-budget")
 def ssah_budget_command(
     unit_map: Path = unit_map_option(),
-    out: Path = out_option("Run directory; table.md / table.json land here."),
+    out: Path = out_option("Experiment run folder: one folder per step (models, evaluations), report.md/.html, "
+                           "table.md / table.json; a rerun resumes."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP.format(recipe="align")),
     model: Optional[str] = model_option(None, "Model to align; default: the recipe's."),
     settings: list[str] = typer.Option([], "--setting", help=SETTING_HELP.format(what="the budget run trains")
@@ -109,7 +110,6 @@ def ssah_budget_command(
                                       "classes, same epochs (before issue 24)."),
     sets: list[str] = sets_option("train.epochs=1"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),
-    save_models: bool = typer.Option(False, "--save-models", help="Also save both trained models."),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
@@ -117,21 +117,20 @@ def ssah_budget_command(
     """SSAH experiment (a): full align vs align on a unit budget; safety gained and alignment tax of each.
 
     `--setting ru` alone skips the full run (e.g. when the full run is an already-built named model)."""
-    from safeunits.train.experiments import ssah_budget
+    from safeunits.experiments.presets import ssah_budget
 
     _check_map(unit_map)
-    evaluation = _context(suite, "quick", data_dir, not quiet)
     rec = _recipe("align", config, model, parse_sets(sets))
-    claim_output_dir(out, "ssah-budget", force=force)
-    ssah_budget(rec, unit_map, out, settings=tuple(settings) or None, protocol=protocol, evaluation=evaluation,
-                save_models=save_models)
+    ssah_budget(rec, unit_map, out, settings=tuple(settings) or None, protocol=protocol, suite=suite or "quick",
+                data_dir=data_dir, progress=not quiet, force=force)
     typer.echo((out / "table.md").read_text())
 
 
 @app.command("ssah-freeze")
 def ssah_freeze_command(
     unit_map: Path = unit_map_option(),
-    out: Path = out_option("Run directory; table.md / table.json land here."),
+    out: Path = out_option("Experiment run folder: one folder per step (models, evaluations), report.md/.html, "
+                           "table.md / table.json; a rerun resumes."),
     config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP.format(recipe="finetune")),
     model: Optional[str] = model_option(None, "Aligned model to fine-tune; default: the recipe's."),
     settings: list[str] = typer.Option(["full", "scu+cu:top0.06", "scu+cu"], "--setting",
@@ -143,18 +142,15 @@ def ssah_freeze_command(
                                       "(SSAH Table 2); direct: setting (i) from the first step (before issue 24)."),
     sets: list[str] = sets_option("n_examples=100"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),
-    save_models: bool = typer.Option(False, "--save-models", help="Also save the fine-tuned models."),
     data_dir: Optional[Path] = DATA_DIR,
     quiet: bool = QUIET,
     force: bool = FORCE,
 ) -> None:
     """SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) scu+cu; ASR before/after."""
-    from safeunits.train.experiments import ssah_freeze
+    from safeunits.experiments.presets import ssah_freeze
 
     _check_map(unit_map)
-    evaluation = _context(suite, "quick", data_dir, not quiet)
     rec = _recipe("finetune", config, model, parse_sets(sets))
-    claim_output_dir(out, "ssah-freeze", force=force)
     ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,
-                evaluation=evaluation, save_models=save_models)
+                suite=suite or "quick", data_dir=data_dir, progress=not quiet, force=force)
     typer.echo((out / "table.md").read_text())
