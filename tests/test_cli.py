@@ -18,7 +18,7 @@ from safeunits import __version__ as safeunits_version
 from safeunits.cli import app
 from safeunits.cli_options import config_options
 from safeunits.config import build_config, parse_sets
-from safeunits.errors import ConfigError, UserError
+from safeunits.errors import UserError
 from safeunits.models.loading import load_model, save_model
 from safeunits.units.attribution import AttributionConfig, attribute
 from safeunits.units.classes import build_unit_map

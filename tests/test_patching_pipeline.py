@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from safeunits.data.overlap import load_spec
 from safeunits.data.records import Record
-from safeunits.eval.runner import RunDirMismatchError
 from safeunits.models.loading import model_fingerprint, save_model
 from safeunits.patching.harmful_data import (HarmfulDataConfig, OverlapError, build_harmful_data, check_no_overlap,
                                              load_harmful_data, select_prompts)
@@ -210,7 +209,7 @@ def test_sweep_saturation_note_only_when_the_backbone_refuses_every_held_out_pro
 def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.eval.context import EvalContext
     from safeunits.patching.baselines import BaselinesConfig, run_baselines
-    from safeunits.patching.continual import ContinualConfig, run_continual
+    from safeunits.patching.continual import ContinualConfig
     from test_patching_merge import _fake_patch
 
     monkeypatch.delenv("SAFEUNITS_DATA_DIR", raising=False)  # the real evaluation path, data folder from the context
@@ -226,43 +225,52 @@ def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     assert "| ties |" in (tmp_path / "b/baselines.md").read_text()
     assert (tmp_path / "b/ga/metrics.json").is_file() and rows[0]["significant"] == "-"
     # continual: two Do-Not-Answer categories, tiny budgets; the model ends patched by both steps
+    import yaml
+
+    import safeunits.patching as patching
+    from safeunits.experiments.presets import continual
+    from safeunits.models.loading import load_model
+    from safeunits.patching.apply import apply_patch
+    from safeunits.patching.sparse import SparsePatch
+
+    save_model(model, tok, tmp_path / "m")
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(yaml.safe_dump(_tiny_suite(data_dir).model_dump(mode="json")))
     cconf = ContinualConfig(categories=["malicious_uses", "information_hazard"],
                             data=HarmfulDataConfig(prompts="donotanswer", offset=0, n_train=3, n_val=0, max_new_tokens=4,
                                                    require_compliance=False, eval_sets=["advbench[:100]"]),
                             se=PatchConfig(objective="ascent", train={"max_steps": 1, "batch_size": 3}),
                             osm=PatchConfig(objective="descent", train={"max_steps": 1, "batch_size": 3}))
-    crows = run_continual(model, tok, cconf, tmp_path / "c", ctx)
+    run = dict(suite=str(suite), data_dir=data_dir, progress=False)
+    crows = continual(cconf, str(tmp_path / "m"), tmp_path / "c", **run)
     assert [r["step"] for r in crows] == [0, 1, 2]
-    from safeunits.patching.sparse import SparsePatch
-
-    steps = [SparsePatch.load(tmp_path / f"c/step{i}_{c}/patch") for i, c in ((1, "malicious_uses"), (2, "information_hazard"))]
-    fresh = tiny_model()
-    from safeunits.patching.apply import apply_patch
-
+    names = ("step1_malicious_uses", "step2_information_hazard")
+    steps = [SparsePatch.load(tmp_path / f"c/{n}-merge/patch") for n in names]
+    fresh, _ = load_model(str(tmp_path / "m"))
     for p in steps:
         apply_patch(fresh, p)
-    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), model.parameters()))
-    assert {r.category for r in load_harmful_data(tmp_path / "c/step1_malicious_uses/data")[0]} == {"malicious_uses"}
+    final, _ = load_model(str(tmp_path / f"c/{names[1]}/model"))
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), final.parameters()))
+    assert any(not torch.equal(p, before[n]) for n, p in final.named_parameters())
+    assert {r.category for r in load_harmful_data(tmp_path / f"c/{names[0]}-data")[0]} == {"malicious_uses"}
+    # step 2's D_h is built on step 1's model: the chain of keys makes every later step depend on every earlier one
+    assert json.loads((tmp_path / f"c/{names[1]}-data/done.json").read_text())["settings"]["model"] == names[0]
 
     # a rerun into the same folder resumes: no data, no derivation, no generation; same rows, same final model
-    import safeunits.patching.continual as continual
-
     def fail(*a, **k):
         raise AssertionError("a resumed continual run should reuse what the first run saved")
 
-    again = tiny_model()
+    done = {p: p.read_bytes() for p in (tmp_path / "c").glob("*/done.json")}
     for name in ("build_harmful_data", "derive_patch"):
-        monkeypatch.setattr(continual, name, fail)
-    monkeypatch.setattr(again, "generate", fail)
-    resumed = run_continual(again, tok, cconf, tmp_path / "c", ctx)
+        monkeypatch.setattr(patching, name, fail)
+    resumed = continual(cconf, str(tmp_path / "m"), tmp_path / "c", **run)
     keys = ("step", "n_train", "nnz", "se_steps", "asr", "xstest_refusal", "utility_nll")
     assert [{k: r.get(k) for k in keys} for r in resumed] == [{k: r.get(k) for k in keys} for r in crows]
-    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters()))
-    # another config into the same folder is refused; a saved step patch of another model is refused
-    with pytest.raises(RunDirMismatchError, match="another configuration"):
-        run_continual(tiny_model(), tok, cconf.model_copy(update={"categories": ["malicious_uses"]}), tmp_path / "c", ctx)
-    with pytest.raises(RunDirMismatchError, match="derived from another model"):
-        continual._saved_patch(tmp_path / "c/step2_information_hazard/patch", tiny_model())
+    assert {p: p.read_bytes() for p in (tmp_path / "c").glob("*/done.json")} == done
+    # fewer categories into the same folder: the first category's steps are the same steps (cached), nothing runs
+    fewer = continual(cconf.model_copy(update={"categories": ["malicious_uses"]}), str(tmp_path / "m"), tmp_path / "c",
+                      **run)
+    assert [r["step"] for r in fewer] == [0, 1] and fewer[1]["nnz"] == crows[1]["nnz"]
 
 
 def test_cli_patch_baselines_with_data_dir_only(tmp_path, data_dir, monkeypatch):

@@ -29,7 +29,7 @@ from safeunits.units.pruning import PruneConfig
 
 EXPERIMENT_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # no dots: --set steps.<name>.<field> splits on them
-MODEL_MAKERS = ("align", "finetune")  # step kinds whose output is a model folder
+MODEL_MAKERS = ("align", "finetune", "apply")  # step kinds whose output is a model folder
 
 
 class StepBase(Config):
@@ -214,8 +214,18 @@ class MergeStep(StepBase):
     refs: ClassVar = {"se": ("derive",), "osm": ("derive",), "best": ("sweep",)}
 
 
+class ApplyStep(StepBase):
+    """A model with a merged SafePatching patch added to its weights, saved as a model folder (continual PSA chains
+    these: each category's patch is derived on the model the previous one made)."""
+
+    kind: Literal["apply"] = "apply"
+    model: str = DEFAULT_MODEL
+    patch: str = Field(..., description="a merge step whose patch is added")
+    refs: ClassVar = {"patch": ("merge",)}
+
+
 Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttributeStep, PruneStep, ProbeStep, TransferStep,
-                       HarmfulDataStep, DeriveStep, SweepStep, MergeStep], Field(discriminator="kind")]
+                       HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep], Field(discriminator="kind")]
 STEP_CLASSES: dict[str, type[StepBase]] = {c.model_fields["kind"].default: c for c in Step.__origin__.__args__}
 
 
@@ -231,6 +241,8 @@ class Experiment(Config):
     data_dir: str | None = Field(None, description="offline data folder (default $SAFEUNITS_DATA_DIR)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype models load in")
     device: str = Field("cpu", description="torch device models load on (training uses the engine's device)")
+    held_out_xstest: list[str] = Field([], description="XSTest prompt sets a choice was made on (e.g. a sweep's, via "
+                                                         "--best): left out of every evaluation of the run")
     steps: list[Step] = Field(..., min_length=1)
 
     @model_validator(mode="after")

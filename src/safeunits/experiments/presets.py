@@ -1,5 +1,6 @@
-"""The SSAH training studies as experiments: `ssah-budget` and `ssah-freeze` build a chain of steps, the runner
-runs it (cached, resumable, with a report like any experiment), and a table is written from the step outputs.
+"""Multi-step studies as experiments: `ssah-budget`, `ssah-freeze` and `patch continual` build a chain of steps,
+the runner runs it (cached, resumable, with a report like any experiment), and a table is written from the step
+outputs.
 
 (a) `ssah_budget`: full `align` vs `align` on a unit budget (SSAH Table 4): safety gained and alignment tax of
     each. Protocol `ssah` (default): the budget is RU of the pretrained model classed by utility alone
@@ -12,6 +13,10 @@ runs it (cached, resumable, with a report like any experiment), and a table is w
     fine-tuned "with Setting (ii) for one epoch prior to applying Setting (i)", as quoted in issue 24). Protocol
     `direct`: setting (i) from the first step (before issue 24). SSAH gave frozen runs ~2x the epochs so their
     final loss matched; `frozen_epochs_factor` does the same.
+
+(c) `continual`: continual post-safety alignment (SafePatching §4.4): per harm category, D_h built on the
+    current model, δ_SE and δ_OSM derived from it, merged, added to the model (an `apply` step: the next category
+    starts from it), and the three axes evaluated.
 
 Why experiments: these studies used to have their own loop with no resume; now a rerun into the same folder
 skips every finished step, and `--set` / a changed recipe re-runs exactly what depends on it.
@@ -29,6 +34,8 @@ from safeunits.eval.result import EvalResult
 from safeunits.experiments.config import STEP_NAME, Experiment, build_experiment
 from safeunits.experiments.runner import RunResult, run_experiment
 from safeunits.io import read_json, write_json, write_text
+from safeunits.patching.continual import ContinualConfig
+from safeunits.patching.sparse import SparsePatch
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, Recipe
 
 BudgetProtocol = Literal["ssah", "equal"]
@@ -72,12 +79,13 @@ def _evaluate_step(name: str, model: str, label: str) -> dict[str, Any]:
 
 
 def _experiment(name: str, description: str, suite: str | None, data_dir: str | Path | None,
-                steps: list[dict[str, Any]]) -> Experiment:
+                steps: list[dict[str, Any]], held_out_xstest: list[str] | None = None) -> Experiment:
     evaluating = suite not in (None, "none")
     if not evaluating:
         steps = [s for s in steps if s["kind"] != "evaluate"]
     return build_experiment({"name": name, "description": description, "suite": suite if evaluating else "none",
-                             "data_dir": str(data_dir) if data_dir else None, "steps": steps}, {})
+                             "data_dir": str(data_dir) if data_dir else None, "steps": steps,
+                             "held_out_xstest": list(held_out_xstest or [])}, {})
 
 
 def budget_experiment(recipe: AlignRecipe, unit_map: Path, *, settings: tuple[str, ...] | None = None,
@@ -237,3 +245,56 @@ def _columns(ev: EvalResult | None, base: EvalResult | None) -> dict:
 
 def _report_note(result: RunResult) -> str:
     return ", ".join(p.name for p in result.report.values()) if result.report else "none"
+
+
+def continual_experiment(config: ContinualConfig, model: str, *, suite: str | None = "quick",
+                         data_dir: str | Path | None = None, held_out_xstest: list[str] | None = None) -> Experiment:
+    """Continual PSA as steps: evaluate the backbone, then per category harmful-data -> derive δ_SE, δ_OSM -> merge ->
+    apply (the next category's model) -> evaluate."""
+    steps = [_evaluate_step("step0-eval", model, "step 0: backbone")]
+    current = model
+    for k, category in enumerate(config.categories, 1):
+        name = f"step{k}_{category}"
+        data = config.data.model_copy(update={"prompts": config.prompts, "categories": [category]})
+        steps += [
+            {"name": f"{name}-data", "kind": "harmful-data", "model": current, "settings": data.model_dump(mode="json")},
+            {"name": f"{name}-se", "kind": "derive", "model": current, "data": f"{name}-data",
+             "settings": config.se.model_dump(mode="json")},
+            {"name": f"{name}-osm", "kind": "derive", "model": current, "data": f"{name}-data",
+             "settings": config.osm.model_dump(mode="json")},
+            {"name": f"{name}-merge", "kind": "merge", "se": f"{name}-se", "osm": f"{name}-osm",
+             "settings": config.merge.model_dump(mode="json")},
+            {"name": name, "kind": "apply", "model": current, "patch": f"{name}-merge"},
+            _evaluate_step(f"{name}-eval", name, f"step {k}: + {category}"),
+        ]
+        current = name
+    return _experiment("continual", f"Continual SafePatching of {model} over {', '.join(config.categories)}", suite,
+                       data_dir, steps, held_out_xstest)
+
+
+def continual(config: ContinualConfig, model: str, out_dir: Path, *, suite: str | None = "quick",
+              data_dir: str | Path | None = None, held_out_xstest: list[str] | None = None, progress: bool = True,
+              force: bool = False) -> list[dict]:
+    """Run `continual_experiment` into `out_dir`; write continual.md / continual.json (one row per step; the
+    significance of each against the backbone). The final model is the last step's `model/` folder."""
+    experiment = continual_experiment(config, model, suite=suite, data_dir=data_dir, held_out_xstest=held_out_xstest)
+    result = run_experiment(experiment, out_dir, progress=progress, force=force)
+    got, out = _Outputs(Path(out_dir), experiment), Path(out_dir)
+    backbone = got.evaluation("step0-eval")
+    rows = [{"step": 0, "category": "(backbone)", **_columns(backbone, backbone)}]
+    for k, category in enumerate(config.categories, 1):
+        name = f"step{k}_{category}"
+        se = read_json(out / f"{name}-se" / "manifest.json")
+        rows.append({"step": k, "category": category, "n_train": se["data"]["n_records"],
+                     "nnz": SparsePatch.load(out / f"{name}-merge" / "patch").nnz, "se_steps": se["steps"],
+                     "se_stopped": se["stopped_reason"], **_columns(got.evaluation(f"{name}-eval"), backbone)})
+    write_json(out / "continual.json", {"config": config.model_dump(mode="json"), "rows": rows})
+    columns = [("step", "step", ""), ("category", "category added", ""), ("asr", "harmful %", "%"),
+               ("asr_system", "harmful % (+sys)", "%"), ("refusal", "refused %", "%"),
+               ("xstest_refusal", "XSTest refusal %", "%"),
+               ("incoherent", "incoherent %", "%"), ("utility_nll", "utility NLL", ".3f"),
+               ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ",")]
+    write_text(out / "continual.md", f"# Continual SafePatching (suite `{experiment.suite}`)\n\n{SIGNIFICANCE_NOTE} "
+               f"Steps, models and the report: {_report_note(result)}.\n\n" + rows_markdown(rows, columns))
+    return rows
+

@@ -167,11 +167,12 @@ def check_models(experiment: Experiment) -> None:
 
 def evaluation_context(experiment: Experiment, *, progress: bool = True) -> EvalContext:
     """The experiment's suite and data folder, resolved once (a typo fails here, before any step runs); the
-    XSTest prompts a sweep step selects on are left out of every evaluation of the run (test != validation)."""
+    XSTest prompts a sweep step selects on, and those of `held_out_xstest` (a sweep's choice given as a file), are
+    left out of every evaluation of the run (test != validation): the one place that applies that rule."""
     evaluation = EvalContext.create(experiment.suite, data_dir=experiment.data_dir, progress=progress,
                                     limit=experiment.limit)
     held_out = [step.settings.validation.xstest_prompts for step in experiment.steps if isinstance(step, SweepStep)]
-    return evaluation.excluding_over_safety(held_out)
+    return evaluation.excluding_over_safety([*held_out, *experiment.held_out_xstest])
 
 
 def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: bool = True,

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
-from safeunits.experiments.config import (STEP_CLASSES, AlignStep, AttributeStep, DeriveStep, EvaluateStep,
+from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, AttributeStep, DeriveStep, EvaluateStep,
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
 from safeunits.models.loading import load_model
@@ -203,4 +203,17 @@ def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
                                progress=ctx.evaluation.progress)
     patch.save(ctx.out / "patch")
     return {"patch": "patch", "notes": [f"a={config.a:g} %, b={config.b:g} %, α={config.alpha:g}, β={config.beta:g}: "
+                                        f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}
+
+
+@register_step("apply")
+def apply_step(step: ApplyStep, ctx: StepContext) -> Outputs:
+    from safeunits.models.loading import save_model
+    from safeunits.patching import SparsePatch, apply_patch
+
+    model, tokenizer = ctx.load(step.model)
+    patch = SparsePatch.load(ctx.path(step.patch, "patch"))
+    apply_patch(model, patch)
+    save_model(model, tokenizer, ctx.out / "model")
+    return {"model": "model", "notes": [f"{step.model} + the patch of {step.patch}: "
                                         f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}

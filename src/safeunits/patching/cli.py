@@ -228,8 +228,8 @@ def sweep(
 @app.command("continual")
 @config_options(ContinualConfig, ["data.n_train", *MERGE_FIELDS])
 def continual(
-    out: Path = out_option("Run folder (per-step data, patches, evaluations, table); the same command rerun "
-                           "into it resumes."),
+    out: Path = out_option("Experiment run folder: per category its D_h, patches, patched model and evaluation; "
+                           "continual.md/.json, report.md/.html; the same command rerun into it resumes."),
     model: str = model_option(),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Dataset whose categories are the steps (default: donotanswer)."),
     category: list[str] = typer.Option([], "--category", help="Harm categories in order (repeatable; default: "
@@ -244,7 +244,7 @@ def continual(
     options: Optional[dict] = None,
 ) -> None:
     """Continual post-safety alignment: one SafePatching step per harm category, the three axes after each."""
-    from safeunits.patching.continual import run_continual
+    from safeunits.experiments.presets import continual as run_continual
 
     overrides = parse_sets(sets)
     point, held_out = _best_point(best)
@@ -256,10 +256,8 @@ def continual(
     if max_steps:
         given.update(se={"train": {"max_steps": max_steps}}, osm={"train": {"max_steps": max_steps}})
     config = build_config(ContinualConfig, given, options or {}, overrides)
-    evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
-    claim_output_dir(out, "continual", force=force)
-    m, tok = _load(model)
-    run_continual(m, tok, config, out, evaluation)
+    run_continual(config, model, out, suite=suite or "quick", data_dir=data_dir, held_out_xstest=held_out,
+                  progress=not quiet, force=force)
     typer.echo((out / "continual.md").read_text())
 
 
