@@ -197,6 +197,20 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     lines = (tmp_path / "sweep/sweep.jsonl").read_text().count("\n")
     run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)
     assert (tmp_path / "sweep/sweep.jsonl").read_text().count("\n") == lines
+    # the command: an experiment of one sweep step on the patch and D_h folders; `--best` takes its run folder
+    from safeunits.cli import app
+
+    save_model(model, tok, tmp_path / "m")
+    args = ["patch", "sweep", "--se", str(tmp_path / "se"), "--osm", str(tmp_path / "osm"), "--data", str(tmp_path / "dh"),
+            "--model", str(tmp_path / "m"), "--out", str(tmp_path / "cli"), "--a", "50", "--b", "5", "--alpha", "1",
+            "--beta", "1", "--n-xstest", "3", "--n-utility", "2", "--max-new-tokens", "3", "--data-dir", str(data_dir),
+            "--quiet"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli/sweep/done.json").is_file() and (tmp_path / "cli/report.md").is_file()
+    assert _best_point(tmp_path / "cli")[0]["a"] == 50 and "Pareto" in res.output
+    done = (tmp_path / "cli/sweep/done.json").read_bytes()
+    assert CliRunner().invoke(app, args).exit_code == 0 and (tmp_path / "cli/sweep/done.json").read_bytes() == done
 
 
 def test_sweep_saturation_note_only_when_the_backbone_refuses_every_held_out_prompt():
@@ -290,7 +304,8 @@ def test_cli_patch_baselines_with_data_dir_only(tmp_path, data_dir, monkeypatch)
                                    "--out", str(tmp_path / "b"), "--model", str(tmp_path / "m"), "--methods", "none,ga",
                                    "--suite", str(suite), "--data-dir", str(data_dir), "--quiet"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "b/ga/config.json").read_text())["data_dir"] == str(data_dir)
+    assert json.loads((tmp_path / "b/baselines/ga/config.json").read_text())["data_dir"] == str(data_dir)
+    assert (tmp_path / "b/baselines/done.json").is_file() and (tmp_path / "b/report.md").is_file()  # an experiment
 
 
 def _tiny_suite(data_dir):

@@ -21,6 +21,7 @@ from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.io import load_yaml
 from safeunits.patching.harmful_data import HarmfulDataConfig
 from safeunits.patching.merge import MergeConfig
+from safeunits.patching.methods import BaselinesConfig
 from safeunits.patching.patches import PatchConfig
 from safeunits.patching.sweep import SweepConfig
 from safeunits.units.attribution import AttributionConfig
@@ -196,11 +197,28 @@ class SweepStep(StepBase):
 
     kind: Literal["sweep"] = "sweep"
     model: str = DEFAULT_MODEL
-    se: str = Field(..., description="a derive step (objective ascent)")
-    osm: str = Field(..., description="a derive step (objective descent)")
-    data: str = Field(..., description="the harmful-data step (its val split is the held-out set)")
+    se: str = Field(..., description="a derive step (objective ascent), or a patch folder")
+    osm: str = Field(..., description="a derive step (objective descent), or a patch folder")
+    data: str = Field(..., description="the harmful-data step (its val split is the held-out set), or a D_h folder")
     settings: SweepConfig = Field(default_factory=SweepConfig)
     refs: ClassVar = {"se": ("derive",), "osm": ("derive",), "data": ("harmful-data",)}
+    external: ClassVar = ("model", "se", "osm", "data")
+
+
+class BaselinesStep(StepBase):
+    """SafePatching Table 1: no intervention, GA, GD, NPO, task arithmetic, TIES and SafePatching, each applied to
+    the same model and evaluated on the experiment's suite (significance against the first method)."""
+
+    kind: Literal["baselines"] = "baselines"
+    model: str = DEFAULT_MODEL
+    se: str = Field(..., description="a derive step (objective ascent), or a patch folder")
+    osm: str = Field(..., description="a derive step (objective descent), or a patch folder")
+    npo: str | None = Field(None, description="a derive step (objective npo), or a patch folder: enables npo")
+    best: str | None = Field(None, description="a sweep step: SafePatching's a, b, α, β (settings.merge still wins)")
+    settings: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    refs: ClassVar = {"se": ("derive",), "osm": ("derive",), "npo": ("derive",), "best": ("sweep",)}
+    external: ClassVar = ("model", "se", "osm", "npo")
+    uses_suite: ClassVar = True
 
 
 class MergeStep(StepBase):
@@ -225,7 +243,8 @@ class ApplyStep(StepBase):
 
 
 Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttributeStep, PruneStep, ProbeStep, TransferStep,
-                       HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep], Field(discriminator="kind")]
+                       HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep],
+                 Field(discriminator="kind")]
 STEP_CLASSES: dict[str, type[StepBase]] = {c.model_fields["kind"].default: c for c in Step.__origin__.__args__}
 
 

@@ -14,7 +14,9 @@ outputs.
     `direct`: setting (i) from the first step (before issue 24). SSAH gave frozen runs ~2x the epochs so their
     final loss matched; `frozen_epochs_factor` does the same.
 
-(c) `continual`: continual post-safety alignment (SafePatching §4.4): per harm category, D_h built on the
+(c) `sweep` / `baselines`: one step each (`patch sweep`, `patch baselines` on patch and D_h folders), so that
+    they are cached, resumed and reported like every other study.
+(d) `continual`: continual post-safety alignment (SafePatching §4.4): per harm category, D_h built on the
     current model, δ_SE and δ_OSM derived from it, merged, added to the model (an `apply` step: the next category
     starts from it), and the three axes evaluated.
 
@@ -297,4 +299,13 @@ def continual(config: ContinualConfig, model: str, out_dir: Path, *, suite: str 
     write_text(out / "continual.md", f"# Continual SafePatching (suite `{experiment.suite}`)\n\n{SIGNIFICANCE_NOTE} "
                f"Steps, models and the report: {_report_note(result)}.\n\n" + rows_markdown(rows, columns))
     return rows
+
+
+def single_step(kind: str, fields: dict[str, Any], settings: Any, *, suite: str | None = "quick",
+                data_dir: str | Path | None = None, held_out_xstest: list[str] | None = None) -> Experiment:
+    """An experiment of one step named after its kind (`patch sweep` -> OUT/sweep/, `patch baselines` ->
+    OUT/baselines/); `fields` are the step's references (folders or model names)."""
+    step = {"name": kind, "kind": kind, **{k: str(v) for k, v in fields.items() if v is not None},
+            "settings": settings.model_dump(mode="json")}
+    return _experiment(kind, f"{kind} of {fields.get('model')}", suite, data_dir, [step], held_out_xstest)
 

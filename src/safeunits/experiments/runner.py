@@ -65,16 +65,20 @@ def _hash(payload: Any) -> str:
 
 
 def _file_digests(experiment: Experiment, step: StepBase) -> dict[str, str]:
-    """Content hashes of the files a step names directly (a unit map file, not a step's output): replacing the
-    file re-runs the step. Model folders and names are keyed by name, as before."""
+    """Fingerprints of what a step names outside the experiment (a unit map file, a patch or D_h folder): replacing
+    it re-runs the step. A file by its content; a folder by its files' names, sizes and modification times (a
+    dense patch is as large as the model). Models are keyed by name, as before."""
     internal = experiment.inputs(step)
     out = {}
     for name, ref in sorted(step.references().items()):
         path = Path(ref)
-        if name not in internal and path.is_dir() and (path / "unit_map.safetensors").is_file():
-            path = path / "unit_map.safetensors"
-        if name not in internal and name != "model" and path.is_file():
+        if name in internal or name == "model" or not path.exists():
+            continue
+        if path.is_file():
             out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            out[name] = _hash([(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     return out
 
 

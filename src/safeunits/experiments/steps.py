@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
-from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, AttributeStep, DeriveStep, EvaluateStep,
+from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, AttributeStep, DeriveStep, EvaluateStep,
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
 from safeunits.models.loading import load_model
@@ -39,9 +39,12 @@ class StepContext:
     outputs: dict[str, Outputs]  # step name -> outputs (paths relative to that step's folder)
     run_dir: Path
 
-    def path(self, step_name: str, key: str) -> Path:
-        """The output `key` of an earlier step, as a path."""
-        return self.run_dir / step_name / self.outputs[step_name][key]
+    def path(self, ref: str, key: str) -> Path:
+        """The output `key` of an earlier step, as a path; a reference that names no step is a path itself (a
+        field the step kind lets name an outside file or folder: a unit map, a patch, D_h)."""
+        if ref not in self.outputs:
+            return Path(ref)
+        return self.run_dir / ref / self.outputs[ref][key]
 
     def model_source(self, ref: str) -> str:
         """A model reference as load_model takes it: an align/finetune step's model folder, or the reference itself."""
@@ -85,8 +88,7 @@ def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
 def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
     from safeunits.train.recipes import run_recipe
 
-    unit_map = (str(ctx.path(step.unit_map, "unit_map")) if step.unit_map in ctx.outputs else step.unit_map) \
-        if step.unit_map else None  # an attribute step's map, or a unit map file
+    unit_map = str(ctx.path(step.unit_map, "unit_map")) if step.unit_map else None  # a step's map, or a map file
     recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
     report = run_recipe(recipe, ctx.out, ctx.evaluation.run)  # trains only: evaluate steps evaluate
     train = report["train"]
@@ -217,3 +219,22 @@ def apply_step(step: ApplyStep, ctx: StepContext) -> Outputs:
     save_model(model, tokenizer, ctx.out / "model")
     return {"model": "model", "notes": [f"{step.model} + the patch of {step.patch}: "
                                         f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}
+
+
+@register_step("baselines")
+def baselines_step(step: BaselinesStep, ctx: StepContext) -> Outputs:
+    from safeunits.patching.baselines import run_baselines
+    from safeunits.patching.patches import DensePatch
+    from safeunits.patching.sweep import SweepChoice
+
+    config = step.settings
+    if step.best:  # the sweep's chosen point; merge fields given in settings win
+        point = SweepChoice.read(ctx.path(step.best, "best")).point
+        given = config.merge.model_dump(include=config.merge.model_fields_set)
+        config = config.model_copy(update={"merge": config.merge.model_copy(update={**point, **given})})
+    model, tokenizer = ctx.load(step.model)
+    npo = DensePatch(ctx.path(step.npo, "patch")) if step.npo else None
+    rows = run_baselines(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
+                         config, ctx.out, ctx.evaluation, npo=npo)
+    return {"evals": {f"{step.model} - {row['method']}": row["method"] for row in rows}, "tables": ["baselines.md"]}
+

@@ -25,7 +25,7 @@ app = typer.Typer(name="patch", help="SafePatching: safety / over-safety patches
                   "patch files, sweep, continual alignment, baselines.", no_args_is_help=True)
 
 MERGE_FIELDS = ["merge.a", "merge.b", "merge.alpha", "merge.beta"]
-BEST = typer.Option(None, "--best", help="best.json from `patch sweep`: a, b, α, β of its chosen point "
+BEST = typer.Option(None, "--best", help="The run folder of `patch sweep` (or its best.json): a, b, α, β of its chosen point "
                     "(options given on the command line still win); evaluations leave out the XSTest prompts "
                     "the sweep selected on.")
 SE = typer.Option(..., "--se", help="Safety patch folder δ_SE (from `patch derive`).")
@@ -53,13 +53,6 @@ def _best_point(best: Path | None) -> tuple[dict, list[str]]:
     if not choice.point:
         raise ConfigError(f"{best} has no chosen point", hint="no sweep point met the utility tolerance; pass a, b, α, β")
     return choice.point, choice.held_out
-
-
-def _context(suite: Optional[str], data_dir: Optional[Path], quiet: bool):
-    """Suite and data folder resolved once, before any model is loaded (a typo fails in a second)."""
-    from safeunits.eval.context import EvalContext
-
-    return EvalContext.create(suite, data_dir=data_dir, progress=not quiet)
 
 
 def _load(model: str):
@@ -197,7 +190,8 @@ def sweep(
     se: Path = SE,
     osm: Path = OSM,
     data: Path = typer.Option(..., "--data", "-d", help="D_h folder (its val split is the held-out harmful set)."),
-    out: Path = out_option("Folder for sweep.jsonl/.md, pareto.png, best.json."),
+    out: Path = out_option("Experiment run folder: the sweep step's folder `sweep/` (sweep.jsonl/.md, pareto.png, "
+                           "best.json), report.md/.html; `--best OUT` takes the choice; a rerun resumes."),
     model: str = model_option(),
     a: Optional[str] = typer.Option(None, "--a", help="Comma-separated top-a % values (default: 1,5,20)."),
     b: Optional[str] = typer.Option(None, "--b", help="Comma-separated top-b % values (default: 1,5)."),
@@ -212,16 +206,16 @@ def sweep(
     options: Optional[dict] = None,
 ) -> None:
     """Grid over (a, b, α, β, DARE p) on held-out prompts; Pareto plot and table; writes the chosen point to best.json."""
-    from safeunits.patching.patches import DensePatch
-    from safeunits.patching.sweep import run_sweep
+    from safeunits.experiments.presets import single_step
+    from safeunits.experiments.runner import run_experiment
 
     grid = {k: v for k, v in {"a": _floats(a, "--a"), "b": _floats(b, "--b"), "alpha": _floats(alpha, "--alpha"),
                               "beta": _floats(beta, "--beta"), "dare_p": _floats(dare_p, "--dare-p")}.items() if v is not None}
     config = build_config(SweepConfig, grid, options or {}, parse_sets(sets))
-    evaluation = _context(None, data_dir, quiet)  # the sweep builds its held-out suite itself
-    claim_output_dir(out, "sweep", force=force)
-    m, tok = _load(model)
-    run_sweep(m, tok, DensePatch(se), DensePatch(osm), data, config, out, evaluation)
+    experiment = single_step("sweep", {"model": model, "se": se, "osm": osm, "data": data}, config,
+                             suite="none", data_dir=data_dir)  # the sweep builds its held-out suite itself
+    run_experiment(experiment, out, progress=not quiet, force=force)
+    out = out / "sweep"
     typer.echo((out / "sweep.md").read_text())
 
 
@@ -266,7 +260,8 @@ def continual(
 def baselines(
     se: Path = typer.Option(..., "--se", help="Safety patch folder (GA = θ_B + δ_SE)."),
     osm: Path = typer.Option(..., "--osm", help="Over-safety patch folder (GD = θ_B + δ_OSM)."),
-    out: Path = out_option("Run folder: one evaluation per method + baselines.md."),
+    out: Path = out_option("Experiment run folder: `baselines/` (one evaluation per method, baselines.md/.json), "
+                           "report.md/.html; a rerun resumes."),
     model: str = model_option(),
     npo: Optional[Path] = typer.Option(None, "--npo", help="NPO patch folder (`patch derive --objective npo`)."),
     methods: str = typer.Option(",".join(patch_method_names()), "--methods",
@@ -282,8 +277,8 @@ def baselines(
     options: Optional[dict] = None,
 ) -> None:
     """Compare no intervention, GA, GD, NPO, task arithmetic, TIES and SafePatching on the same evaluation."""
-    from safeunits.patching.baselines import run_baselines
-    from safeunits.patching.patches import DensePatch
+    from safeunits.experiments.presets import single_step
+    from safeunits.experiments.runner import run_experiment
 
     chosen = [x.strip() for x in methods.split(",") if x.strip()]
     if npo is None and any("npo" in get_patch_method(m).needs for m in chosen):
@@ -296,9 +291,8 @@ def baselines(
     if ties_density is not None:
         given["ties"] = {"density": ties_density}
     config = build_config(BaselinesConfig, given, options or {}, parse_sets(sets))
-    evaluation = _context(suite or "quick", data_dir, quiet).excluding_over_safety(held_out)
-    claim_output_dir(out, "baselines", force=force)
-    m, tok = _load(model)
-    run_baselines(m, tok, DensePatch(se), DensePatch(osm), config, out, evaluation,
-                  npo=DensePatch(npo) if npo else None)
+    experiment = single_step("baselines", {"model": model, "se": se, "osm": osm, "npo": npo}, config,
+                             suite=suite or "quick", data_dir=data_dir, held_out_xstest=held_out)
+    run_experiment(experiment, out, progress=not quiet, force=force)
+    out = out / "baselines"
     typer.echo((out / "baselines.md").read_text())

@@ -72,8 +72,14 @@ class SweepChoice:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> SweepChoice:
-        """A sweep written before the DARE grid has no p per point: its one keep-rate (None: none) is in its config."""
-        best_json = read_json(Path(path))
+        """`path`: a best.json, a sweep step's folder, or the run folder of `patch sweep` (its `sweep/` step).
+        A sweep written before the DARE grid has no p per point: its one keep-rate (None: none) is in its config."""
+        path = Path(path)
+        for candidate in (path / "best.json", path / "sweep" / "best.json"):
+            if path.is_dir() and candidate.is_file():
+                path = candidate
+                break
+        best_json = read_json(path)
         best = best_json.get("best") or {}
         point = {k: best[k] for k in ("a", "b", "alpha", "beta")} if best else {}
         if best:
