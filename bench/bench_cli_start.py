@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMAND_MODULES = ["safeunits.models.cli", "safeunits.data.cli", "safeunits.eval.cli", "safeunits.train.cli",
-                   "safeunits.patching.cli", "safeunits.units.cli", "safeunits.experiments.cli"]
+COMMAND_MODULES = ["safeunits.commands.models", "safeunits.commands.data", "safeunits.commands.eval", "safeunits.commands.train",
+                   "safeunits.commands.patch", "safeunits.commands.units", "safeunits.commands.experiments"]
 CASES = {
     "safeunits --help": ["-m", "safeunits", "--help"],
     "safeunits --version": ["-m", "safeunits", "--version"],

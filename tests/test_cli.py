@@ -226,7 +226,7 @@ def test_the_lazy_command_table_matches_the_commands():
 
 def test_help_version_and_a_mistyped_command_import_no_command_module():
     code = ("import sys; from safeunits.cli import main; sys.argv = ['safeunits'] + sys.argv[1:]\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    heavy = {'torch', 'transformers', 'safeunits.eval.cli'}\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    heavy = {'torch', 'transformers', 'safeunits.commands.eval'}\n"
             "    print('LOADED', sorted(heavy & set(sys.modules)), e.code)")
     env = {**os.environ, "PYTHONPATH": str(SRC), "COLUMNS": "200"}
     for args, code_expected in ((["--help"], 0), (["--version"], 0), (["evall"], 2), ([], 2)):

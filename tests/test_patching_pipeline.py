@@ -182,7 +182,7 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     assert len(result["rows"]) == 3 + 4 and result["best"]["method"] == "safepatching"
     assert (tmp_path / "sweep/pareto.png").stat().st_size > 1000 and "Pareto" in (tmp_path / "sweep/sweep.md").read_text()
     # what `--best` hands on: the chosen point and the XSTest prompts it was chosen on (left out of test scores)
-    from safeunits.patching.cli import _best_point
+    from safeunits.commands.patch import _best_point
 
     point, held_out = _best_point(tmp_path / "sweep/best.json")
     assert point == {**{k: result["best"][k] for k in ("a", "b", "alpha", "beta")}, "dare_p": 0.5}

@@ -29,40 +29,40 @@ USER_ERROR_EXIT = 2  # as click's usage errors
 # command -> (module defining it in its `app`, the first paragraph of its help, shown by `safeunits --help`);
 # tests/test_cli.py checks that this copy matches the commands' own help
 COMMANDS: dict[str, tuple[str, str]] = {
-    "models": ("safeunits.models.cli", "List the named models (built on first use and cached), or build some now."),
-    "datasets": ("safeunits.data.cli", "List the registered datasets with their row counts, or show a few records of one."),
-    "eval": ("safeunits.eval.cli", "Evaluate a model on the three axes (safety: harmful rate = ASR and refusal rate; "
+    "models": ("safeunits.commands.models", "List the named models (built on first use and cached), or build some now."),
+    "datasets": ("safeunits.commands.data", "List the registered datasets with their row counts, or show a few records of one."),
+    "eval": ("safeunits.commands.eval", "Evaluate a model on the three axes (safety: harmful rate = ASR and refusal rate; "
              "XSTest over-refusal; utility NLL) into a run directory."),
-    "rejudge": ("safeunits.eval.cli", "Recompute a finished run's metrics from its saved answers with other judges (no "
+    "rejudge": ("safeunits.commands.eval", "Recompute a finished run's metrics from its saved answers with other judges (no "
                 "model, no generation)."),
-    "judge-train": ("safeunits.eval.cli", "Train the `harm` judge on every human-labelled harm source; on the same "
+    "judge-train": ("safeunits.commands.eval", "Train the `harm` judge on every human-labelled harm source; on the same "
                     "machine and software it reproduces the shipped parameters bit for bit (`cmp` the two "
                     "weights.safetensors)."),
-    "eval-compare": ("safeunits.eval.cli", "Print the three-axis table of earlier runs side by side, and whether each "
+    "eval-compare": ("safeunits.commands.eval", "Print the three-axis table of earlier runs side by side, and whether each "
                      "difference from the first run is significant (paired tests on the same prompts: McNemar exact "
                      "for rates, bootstrap for NLL)."),
-    "judge-check": ("safeunits.eval.cli", "Agreement of each judge with humans: on refusal (XSTest's human labels of 5 "
+    "judge-check": ("safeunits.commands.eval", "Agreement of each judge with humans: on refusal (XSTest's human labels of 5 "
                     "models' completions: accuracy, binary, per-class F1; the learned judge leave-one-file-out), or "
                     "with --harm on harm."),
-    "train": ("safeunits.train.cli", "Run a training recipe: `align` (optionally --budget ru) or `finetune` "
+    "train": ("safeunits.commands.train", "Run a training recipe: `align` (optionally --budget ru) or `finetune` "
               "(optionally --freeze ...)."),
-    "ssah-budget": ("safeunits.train.cli", "SSAH experiment (a): full align vs align on a unit budget; safety gained "
+    "ssah-budget": ("safeunits.commands.train", "SSAH experiment (a): full align vs align on a unit budget; safety gained "
                     "and alignment tax of each."),
-    "ssah-freeze": ("safeunits.train.cli", "SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) "
+    "ssah-freeze": ("safeunits.commands.train", "SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) "
                     "scu+cu; ASR before/after."),
-    "attribute": ("safeunits.units.cli", "Score every MLP channel and head on safety and utility data, classify them "
+    "attribute": ("safeunits.commands.units", "Score every MLP channel and head on safety and utility data, classify them "
                   "(SCU/UCU/CU/RU), save the unit map."),
-    "prune": ("safeunits.units.cli", "Zero the units of chosen classes (or equally large random controls) and "
+    "prune": ("safeunits.commands.units", "Zero the units of chosen classes (or equally large random controls) and "
               "evaluate: the SSAH Table-1 check."),
-    "transfer": ("safeunits.units.cli", "Role transfer: the 4x4 class transition matrix between two unit maps "
+    "transfer": ("safeunits.commands.units", "Role transfer: the 4x4 class transition matrix between two unit maps "
                  "(units and parameters)."),
-    "probe": ("safeunits.units.cli", "Reasoning-direction probe: is the clean prompt's state closer to a refusal or a "
+    "probe": ("safeunits.commands.units", "Reasoning-direction probe: is the clean prompt's state closer to a refusal or a "
               "compliance continuation?"),
-    "run": ("safeunits.experiments.cli", "Run a declarative experiment: cached steps (evaluate, align, attribute, "
+    "run": ("safeunits.commands.experiments", "Run a declarative experiment: cached steps (evaluate, align, attribute, "
             "prune, probe, finetune, patch) and a report."),
-    "demo": ("safeunits.experiments.cli", "The SPEC §6 story on the default model: `safeunits run demo-quick` "
+    "demo": ("safeunits.commands.experiments", "The SPEC §6 story on the default model: `safeunits run demo-quick` "
              "(see docs/experiments.md)."),
-    "patch": ("safeunits.patching.cli", "SafePatching: safety / over-safety patches, controllable merge, sparse "
+    "patch": ("safeunits.commands.patch", "SafePatching: safety / over-safety patches, controllable merge, sparse "
               "patch files, sweep, continual alignment, baselines."),
 }
 THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS, else the CPUs this process may use: its affinity "
