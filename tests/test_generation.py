@@ -270,3 +270,15 @@ def test_generate_many_refuses_two_jobs_on_one_file(gen_model, tokenizer, tmp_pa
     jobs = [GenerationJob(["a"], out_path=tmp_path / "x.jsonl"), GenerationJob(["b"], out_path=tmp_path / "x.jsonl")]
     with pytest.raises(ValueError, match="same file"):
         generate_many(gen_model, tokenizer, jobs, progress=False)
+
+
+def test_prefill_chunks_trade_padding_against_forwards():
+    """New prompts go in one forward unless splitting by own length saves more padding than a forward costs."""
+    from safeunits.eval.continuous import PREFILL_OVERHEAD, _prefill_chunks
+
+    assert _prefill_chunks([20] * 50) == [(0, 50)]
+    assert _prefill_chunks([25] * 6 + [13] * 100) == [(0, 6), (6, 106)]  # saves 1,200 padded tokens
+    k = PREFILL_OVERHEAD // 12  # 12 padded tokens a short prompt: a forward of their own pays from k + 1 of them
+    assert _prefill_chunks([25] * 3 + [13] * k) == [(0, 3 + k)]
+    assert _prefill_chunks([25] * 3 + [13] * (k + 1)) == [(0, 3), (3, 4 + k)]
+    assert _prefill_chunks([]) == []
