@@ -1,15 +1,17 @@
 """Generation engines against the model's forward ceiling, on the quick suite's prompts, in one process.
 
-    python bench/bench_generation.py [--max-new-tokens 64] [--threads N] [--slots N]
+    python bench/bench_generation.py [--max-new-tokens 64] [--threads N] [--slots N] [--limit N]
 
 Measures, on the same prompts (the quick suite: AdvBench first 32 without and with the safety system prompt,
-XSTest safe first 48; three `generate` calls, as the suite makes them) and under the same machine load:
+XSTest safe first 48) and under the same machine load:
   ceiling     a plain no-grad forward over the same prompts + answers, batches of 16, logits at every position
               (a decoded token costs one position of such a forward: the rate decoding could reach at best)
-  batched     `engine="batched"`: `model.generate` on length-sorted, left-padded batches of 16 (the old path)
-  continuous  `engine="continuous"` (the default): KV-cache slots refilled as rows finish
-The engines alternate call by call (old-new, new-old, old-new) so that a change of machine load hits both;
-process CPU times are printed beside the wall times. Every answer string is compared. A differing row is traced:
+  batched     the old path: three `generate(engine="batched")` calls, `model.generate` on length-sorted,
+              left-padded batches of 16
+  continuous  the new path, as the suite now runs it: ONE `generate_many` call over the three jobs, KV-cache slots
+              refilled as rows finish, each job's chat-template prefix run once
+The new run sits between the old path's first call and its other two (old, new, old, old), so that a change of
+machine load hits both; process CPU times are printed beside the wall times. Every answer string is compared. A differing row is traced:
 the first differing token's context is run alone (no padding) and the logits of the two engines' tokens are
 printed; a gap of a few 1e-5..1e-3 is a near-tie that float reduction order decides. Last line: `speedup=<continuous/batched> ceiling_share=<continuous/forward>
 identical=<k>/<n>` (tok/s ratios; new tokens counted by re-tokenising the answers).
@@ -23,15 +25,15 @@ import time
 import torch
 
 from safeunits.data.registry import load_dataset
-from safeunits.eval.generation import generate
+from safeunits.eval.generation import GenerationJob, generate, generate_many
 from safeunits.models.chat import SAFETY_SYSTEM_PROMPT, prompt_text
 from safeunits.models.loading import load_model
 
 
-def quick_suite_calls() -> list[tuple[list[str], str | None]]:
-    """The quick suite's generate calls: (prompts, system prompt)."""
-    advbench = [r.prompt for r in load_dataset("advbench", limit=32)]
-    xstest = [r.prompt for r in load_dataset("xstest:safe", limit=48)]
+def quick_suite_calls(limit: int | None = None) -> list[tuple[list[str], str | None]]:
+    """The quick suite's generations: (prompts, system prompt) per file; `limit`: at most that many prompts each."""
+    advbench = [r.prompt for r in load_dataset("advbench", limit=min(32, limit or 32))]
+    xstest = [r.prompt for r in load_dataset("xstest:safe", limit=min(48, limit or 48))]
     return [(advbench, None), (advbench, SAFETY_SYSTEM_PROMPT), (xstest, None)]
 
 
@@ -42,30 +44,41 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 avoids spin-wait thrash on a loaded machine)")
     ap.add_argument("--slots", type=int, default=None, help="continuous engine's rows per step (default: from memory)")
+    ap.add_argument("--limit", type=int, default=None, help="at most N prompts a set (a smoke run; not the measure)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    calls = quick_suite_calls()
+    calls = quick_suite_calls(args.limit)
     n = args.max_new_tokens
 
     def count(texts: list[str]) -> int:
         return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
 
-    engines = {"batched": dict(engine="batched", batch_size=16), "continuous": dict(batch_size=args.slots)}
-    answers: dict[str, list[str]] = {name: [] for name in engines}
-    wall = dict.fromkeys(engines, 0.0)
-    cpu = dict.fromkeys(engines, 0.0)
+    answers: dict[str, list[list[str]]] = {"batched": [], "continuous": []}
+    wall = dict.fromkeys(answers, 0.0)
+    cpu = dict.fromkeys(answers, 0.0)
+
+    def timed(name: str, run) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        answers[name] += run()
+        wall[name] += time.perf_counter() - t0
+        cpu[name] += time.process_time() - c0
+
+    def old_call(k: int) -> None:
+        prompts, system = calls[k]
+        timed("batched", lambda: [generate(model, tok, prompts, system_prompt=system, max_new_tokens=n,
+                                           progress=False, engine="batched", batch_size=16)])
+
     generate(model, tok, calls[0][0][:4], max_new_tokens=4, progress=False, engine="batched")  # warm-up
     generate(model, tok, calls[0][0][:4], max_new_tokens=4, progress=False)
-    for k, (prompts, system) in enumerate(calls):  # the engines alternate call by call: load drifts hit both
-        for name in (list(engines) if k % 2 == 0 else list(engines)[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            answers[name] += generate(model, tok, prompts, system_prompt=system, max_new_tokens=n, progress=False,
-                                      **engines[name])
-            wall[name] += time.perf_counter() - t0
-            cpu[name] += time.process_time() - c0
-    old, new = answers["batched"], answers["continuous"]
+    old_call(0)
+    jobs = [GenerationJob(prompts, system_prompt=system) for prompts, system in calls]
+    timed("continuous", lambda: generate_many(model, tok, jobs, max_new_tokens=n, progress=False,
+                                              batch_size=args.slots))
+    old_call(1)
+    old_call(2)
+    old, new = (sum(answers[name], []) for name in ("batched", "continuous"))
     t_old, t_new = wall["batched"], wall["continuous"]
     contexts = [prompt_text(tok, p, s) for prompts, s in calls for p in prompts]
     c0 = time.process_time()
@@ -76,7 +89,7 @@ def main() -> None:
     print(f"model={args.model} prompts={len(old)} max_new_tokens={n} threads={torch.get_num_threads()}")
     print(f"ceiling (forward, batch 16): {t_fwd:7.1f} s {r_fwd:7.1f} tok/s")
     print(f"batched (old, batch 16)    : {t_old:7.1f} s {r_old:7.1f} tok/s")
-    print(f"continuous (new)           : {t_new:7.1f} s {r_new:7.1f} tok/s")
+    print(f"continuous (new, one run)  : {t_new:7.1f} s {r_new:7.1f} tok/s")
     print(f"by process CPU time (less sensitive to other jobs on the cores): forward {n_fwd / c_fwd:.1f}, batched "
           f"{count(old) / cpu['batched']:.1f}, continuous {count(new) / cpu['continuous']:.1f} tok/s; speedup "
           f"{cpu['batched'] / cpu['continuous'] * count(new) / count(old):.2f}")

@@ -322,3 +322,25 @@ def test_rejudge_equals_a_fresh_evaluation_with_the_same_judges(eval_model, toke
     (out / "generations/advbench__none.jsonl").write_text("")
     with pytest.raises(IncompleteRunError):
         rejudge(out, progress=False)
+
+
+@pytest.mark.parametrize("engine", ["continuous", "batched"])
+def test_evaluate_generates_every_set_in_one_run_with_separate_calls_answers(eval_model, tokenizer, data_dir,
+                                                                              tmp_path, monkeypatch, engine):
+    """The suite's generations (each harmful set x system prompt, XSTest safe) go to `generate_many` in ONE call,
+    and every file holds what a separate `generate` call per set writes."""
+    from safeunits.eval.generation import generate
+
+    suite = tiny_suite(4).model_copy(update={"utility": [], "generation": engine, "lm_eval": None})
+    calls = []
+    many = runner.generate_many
+    monkeypatch.setattr(runner, "generate_many", lambda m, t, jobs, **kw: calls.append(len(jobs)) or many(m, t, jobs, **kw))
+    out = tmp_path / "run"
+    evaluate(eval_model, tokenizer, suite, out_dir=out, data_dir=data_dir, progress=False)
+    files = sorted(p.relative_to(out).as_posix() for p in (out / "generations").glob("*.jsonl"))
+    assert calls == [len(files)] and len(files) == 3
+    for rel in files:
+        rows = read_generations(out / rel)
+        alone = generate(eval_model, tokenizer, [r["prompt"] for r in rows], system_prompt=rows[0]["system_prompt"],
+                         max_new_tokens=suite.max_new_tokens, engine=engine, progress=False)
+        assert [r["response"] for r in rows] == alone, rel

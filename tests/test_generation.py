@@ -80,9 +80,9 @@ def test_resume_skips_done_rows(gen_model, tokenizer, tmp_path, monkeypatch, eng
 
     original_run = SlotDecoder.run
 
-    def counting_run(self, prompts, seeds=None):
+    def counting_run(self, prompts, *args, **kwargs):
         calls.append(len(prompts))
-        return original_run(self, prompts, seeds)
+        return original_run(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(gen_model, "generate", counting)
     monkeypatch.setattr(SlotDecoder, "run", counting_run)
@@ -194,3 +194,91 @@ def test_slots_follow_free_memory(gen_model, monkeypatch):
     assert continuous.slots_for_memory(gen_model, 100, 1000) == 1
     monkeypatch.setattr(continuous, "_available_ram", lambda: 1 << 50)
     assert continuous.slots_for_memory(gen_model, 100, 1000) == continuous.MAX_SLOTS
+
+
+def _jobs(tmp_path=None):
+    from safeunits.eval.generation import GenerationJob
+
+    out = (lambda name: tmp_path / f"{name}.jsonl") if tmp_path is not None else (lambda name: None)
+    return [GenerationJob(RAGGED[:7], out_path=out("plain")),
+            GenerationJob(RAGGED[:7], system_prompt="You are a careful assistant. Refuse harmful requests.",
+                          out_path=out("safety")),
+            GenerationJob(RAGGED[7:], system_prompt="Be brief.", response_prefix="Sure,", out_path=out("prefix")),
+            GenerationJob([], out_path=out("empty"))]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_many_equals_separate_runs(family, do_sample, tokenizer, tmp_path):
+    """One run over several jobs (other system prompts: one prefix group each, rows of every job decoded together)
+    gives each job the answers and the file a separate `generate` call gives, greedy and sampled; and resumes."""
+    from safeunits.eval.generation import generate_many
+
+    model = tiny_model(family, initializer_range=0.2, max_position_embeddings=1024)
+    kw = dict(max_new_tokens=10, do_sample=do_sample, temperature=0.9, seed=5, progress=False)
+    (tmp_path / "one").mkdir()
+    separate = [generate(model, tokenizer, job.prompts, system_prompt=job.system_prompt,
+                         response_prefix=job.response_prefix, out_path=job.out_path, **kw)
+                for job in _jobs(tmp_path / "one")]
+    assert len({tuple(s) for s in separate[:2]}) == 2  # the system prompt changes the answers: groups matter
+    for slots in (None, 5):  # every row at once; slots refilled across jobs
+        many_dir = tmp_path / f"many{slots}"
+        many_dir.mkdir()
+        assert generate_many(model, tokenizer, _jobs(many_dir), batch_size=slots, **kw) == separate
+        for name in ("plain", "safety", "prefix"):
+            assert read_generations(many_dir / f"{name}.jsonl") == read_generations(tmp_path / "one" / f"{name}.jsonl")
+        assert not (many_dir / "empty.jsonl").exists()
+    # resume: one job's file cut to 2 rows, another's gone; only the missing rows are generated again
+    many_dir = tmp_path / "manyNone"
+    (many_dir / "plain.jsonl").write_text("".join((many_dir / "plain.jsonl").read_text().splitlines(True)[:2]))
+    (many_dir / "prefix.jsonl").unlink()
+    assert generate_many(model, tokenizer, _jobs(many_dir), **kw) == separate
+    assert [r["response"] for r in read_generations(many_dir / "prefix.jsonl")] == separate[2]
+
+
+def test_generate_many_batched_engine_and_sliding_window_fallback(tokenizer, monkeypatch):
+    """`engine="batched"` and jobs the slots cannot serve run padded batches of their own, numbered per job (the
+    same seeds as separate calls), beside the jobs the slots serve."""
+    from safeunits.eval import continuous
+    from safeunits.eval.generation import generate_many
+
+    model = tiny_model(initializer_range=0.2, max_position_embeddings=1024)
+    kw = dict(max_new_tokens=8, do_sample=True, seed=2, progress=False, batch_size=3)
+    jobs = _jobs()[:3]
+    for engine in ("batched", "continuous"):
+        separate = [generate(model, tokenizer, job.prompts, system_prompt=job.system_prompt,
+                             response_prefix=job.response_prefix, engine=engine, **kw) for job in jobs]
+        assert generate_many(model, tokenizer, jobs, engine=engine, **kw) == separate
+    # a window shorter than the safety job's prompts: that job alone falls back to padded batches
+    from safeunits.models.chat import prompt_text
+
+    longest = [max(len(tokenizer(prompt_text(tokenizer, p, job.system_prompt) + job.response_prefix,
+                                 add_special_tokens=False)["input_ids"]) for p in job.prompts) for job in jobs]
+    assert longest[1] > max(longest[0], longest[2])  # the safety job's system prompt is the longest
+    original = continuous.unsupported_reason
+    monkeypatch.setattr(continuous, "unsupported_reason",
+                        lambda m, n: "window" if n >= longest[1] + kw["max_new_tokens"] else original(m, n))
+    mixed = [generate(model, tokenizer, job.prompts, system_prompt=job.system_prompt,
+                      response_prefix=job.response_prefix, engine=e, **kw)
+             for job, e in zip(jobs, ["continuous", "batched", "continuous"])]
+    assert generate_many(model, tokenizer, jobs, **kw) == mixed
+
+
+def test_generate_many_refuses_two_jobs_on_one_file(gen_model, tokenizer, tmp_path):
+    from safeunits.eval.generation import GenerationJob, generate_many
+
+    jobs = [GenerationJob(["a"], out_path=tmp_path / "x.jsonl"), GenerationJob(["b"], out_path=tmp_path / "x.jsonl")]
+    with pytest.raises(ValueError, match="same file"):
+        generate_many(gen_model, tokenizer, jobs, progress=False)
+
+
+def test_prefill_chunks_trade_padding_against_forwards():
+    """New prompts go in one forward unless splitting by own length saves more padding than a forward costs."""
+    from safeunits.eval.continuous import PREFILL_OVERHEAD, _prefill_chunks
+
+    assert _prefill_chunks([20] * 50) == [(0, 50)]
+    assert _prefill_chunks([25] * 6 + [13] * 100) == [(0, 6), (6, 106)]  # saves 1,200 padded tokens
+    k = PREFILL_OVERHEAD // 12  # 12 padded tokens a short prompt: a forward of their own pays from k + 1 of them
+    assert _prefill_chunks([25] * 3 + [13] * k) == [(0, 3 + k)]
+    assert _prefill_chunks([25] * 3 + [13] * (k + 1)) == [(0, 3), (3, 4 + k)]
+    assert _prefill_chunks([]) == []

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -149,6 +150,29 @@ def generate_batch(
     return answers
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """One set of prompts under one system prompt and response prefix, resumed from and written to one JSONL file.
+
+    `generate_many` answers several jobs in one run: the continuous engine then decodes all their rows together
+    (more rows a step run faster), each job's chat-template prefix run once."""
+
+    prompts: list[str]
+    system_prompt: str | None = None
+    response_prefix: str = ""
+    out_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A prompt still to answer: its job (position in the job list), rendered text (prefix included), ids, row key."""
+
+    job: int
+    text: str
+    ids: list[int]
+    key: str
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -175,9 +199,36 @@ def generate(
     `batch_size`: rows decoded together (None: `continuous` sizes it from free memory, `batched` uses 16).
     Sampling (`do_sample`) is reproducible per `seed`: `continuous` seeds each prompt's own generator from the
     seed and the prompt's row key, `batched` seeds batch k with seed + k. With `shard` (several processes),
-    each process answers its share and all get every answer (`generate_rows`).
+    each process answers its share and all get every answer (`generate_rows`). One job of `generate_many`.
     """
-    if tokenizer.pad_token_id is None and prompts:
+    job = GenerationJob(prompts, system_prompt=system_prompt, response_prefix=response_prefix, out_path=out_path)
+    return generate_many(model, tokenizer, [job], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, progress=progress,
+                         engine=engine, shard=shard)[0]
+
+
+def generate_many(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    jobs: Sequence[GenerationJob],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+    engine: Engine = "continuous",
+    shard: ProcessShard | None = None,
+) -> list[list[str]]:
+    """`generate` for several jobs in one run; each job's answers in prompt order, the same as separate calls give.
+
+    The continuous engine decodes the rows of every job together (one prefix group a job); a job its slots cannot
+    serve (a sliding window shorter than its prompts), and every job with `engine="batched"`, gets padded batches
+    of its own, numbered per job as `generate` numbers them, so greedy and sampled answers equal separate calls'.
+    """
+    if tokenizer.pad_token_id is None and any(job.prompts for job in jobs):
         raise ValueError("the tokenizer has no pad token; load models with safeunits.models.loading.load_model")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -194,105 +245,127 @@ def generate(
 
     batched = in_batches(answer, batch_size or 16)
 
-    def stream(texts: list[str], ids: list[list[int]], keys: list[str]) -> Iterator[tuple[int, str]]:
+    def stream(rows: list[PendingRow]) -> Iterator[tuple[int, str]]:
         from safeunits.eval.continuous import SlotDecoder, unsupported_reason
 
-        if engine == "batched" or unsupported_reason(model, max(map(len, ids)) + max_new_tokens) is not None:
-            yield from batched(texts, ids, keys)
+        longest: dict[int, int] = {}
+        for r in rows:
+            longest[r.job] = max(longest.get(r.job, 0), len(r.ids))
+        slot_jobs = {job for job, n in longest.items()
+                     if engine == "continuous" and unsupported_reason(model, n + max_new_tokens) is None}
+        slotted = [j for j, r in enumerate(rows) if r.job in slot_jobs]
+        if len(slotted) < len(rows):
+            rest = [j for j, r in enumerate(rows) if r.job not in slot_jobs]
+            yield from ((rest[k], text) for k, text in batched([rows[j] for j in rest]))
+        if not slotted:
             return
         decoder = SlotDecoder(model, max_new_tokens=max_new_tokens, eos=eos, pad_id=tokenizer.pad_token_id,
                               do_sample=do_sample, temperature=temperature, top_p=top_p, slots=batch_size)
-        for j, tokens in decoder.run(ids, [int(k, 16) ^ seed for k in keys]):
-            yield j, tokenizer.decode(tokens, skip_special_tokens=True)
+        run = decoder.run([rows[j].ids for j in slotted], [int(rows[j].key, 16) ^ seed for j in slotted],
+                          groups=[rows[j].job for j in slotted])
+        for k, tokens in run:
+            yield slotted[k], tokenizer.decode(tokens, skip_special_tokens=True)
 
-    return generate_rows(tokenizer, prompts, stream, decoding, system_prompt=system_prompt,
-                         response_prefix=response_prefix, out_path=out_path, progress=progress, shard=shard)
+    return generate_rows(tokenizer, jobs, stream, decoding, progress=progress, shard=shard)
 
 
 AnswerBatch = Callable[[list[str], int], list[str]]
 """A batch step: chat-rendered texts (prefix included) and the batch number -> answers without the prefix."""
 
-AnswerStream = Callable[[list[str], list[list[int]], list[str]], Iterable[tuple[int, str]]]
-"""A backend's answerer: the prompts' rendered texts (prefix included, longest first), their token ids and row
-keys -> (position in those lists, answer without the prefix), yielded as each answer is finished."""
+AnswerStream = Callable[[list[PendingRow]], Iterable[tuple[int, str]]]
+"""A backend's answerer: the rows to answer (longest first, jobs mixed) -> (position in that list, answer without
+the prefix), yielded as each answer is finished."""
 
 
 def in_batches(answer_batch: AnswerBatch, batch_size: int) -> AnswerStream:
-    """An `AnswerStream` over fixed batches of `batch_size` rendered texts (the padded-batch and vLLM backends)."""
+    """An `AnswerStream` over fixed batches of `batch_size` rendered texts (the padded-batch and vLLM backends).
+
+    Each job gets batches of its own, numbered from 0, as a separate call would: a padded batch's answers (its
+    padding, its sampling seed) then do not depend on which other jobs ran in the same call."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
-    def stream(texts: list[str], ids: list[list[int]], keys: list[str]) -> Iterator[tuple[int, str]]:
-        for b, start in enumerate(range(0, len(texts), batch_size)):
-            answers = answer_batch(texts[start:start + batch_size], b)
-            yield from ((start + j, a) for j, a in enumerate(answers))
+    def stream(rows: list[PendingRow]) -> Iterator[tuple[int, str]]:
+        for job in dict.fromkeys(r.job for r in rows):
+            at = [j for j, r in enumerate(rows) if r.job == job]
+            for b, start in enumerate(range(0, len(at), batch_size)):
+                answers = answer_batch([rows[j].text for j in at[start:start + batch_size]], b)
+                yield from ((at[start + k], a) for k, a in enumerate(answers))
     return stream
 
 
 def generate_rows(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
+    jobs: Sequence[GenerationJob],
     answer: AnswerStream,
     decoding: DecodingConfig,
     *,
-    system_prompt: str | None = None,
-    response_prefix: str = "",
-    out_path: Path | None = None,
     progress: bool = True,
     shard: ProcessShard | None = None,
-) -> list[str]:
+) -> list[list[str]]:
     """The resumable, length-sorted loop every generation backend shares (one JSONL format for all).
 
     Why shared: the transformers and vLLM backends must write the same rows and keys, so that a run folder
     reads the same whichever backend produced it. Prompts are rendered and tokenized once; the ones not yet
-    answered go to `answer` longest first (memory problems show up at once).
+    answered, of every job, go to `answer` together, longest first (memory problems show up at once). Each
+    job resumes from and appends to its own `out_path`.
 
     With `shard` (several processes, `safeunits.distributed.process_shard`), each process answers every N-th
     prompt still to do, the answers are gathered into every process, and the main process alone writes the
     rows (once the set is complete: an interrupted sharded run resumes from the last complete set).
     """
-    if not prompts:
-        return []
-    keys = [row_key(p, system_prompt, response_prefix, decoding) for p in prompts]
-    results: dict[int, str] = {}
-    if out_path is not None:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        results = read_done_rows(out_path, keys)
-    texts = [prompt_text(tokenizer, p, system_prompt) + response_prefix for p in prompts]
-    todo = [i for i in range(len(prompts)) if i not in results]
-    ids = {i: tokenizer(texts[i], add_special_tokens=False)["input_ids"] for i in todo}
-    todo.sort(key=lambda i: (-len(ids[i]), i))
+    paths = [Path(job.out_path) for job in jobs if job.out_path is not None]
+    if len(set(paths)) < len(paths):
+        raise ValueError("two generation jobs write the same file; give each its own out_path")
+    keys = [[row_key(p, job.system_prompt, job.response_prefix, decoding) for p in job.prompts] for job in jobs]
+    results: list[dict[int, str]] = [{} for _ in jobs]
+    pending: list[tuple[int, int]] = []  # (job, prompt index) still to answer
+    texts: dict[tuple[int, int], str] = {}
+    for b, job in enumerate(jobs):
+        if job.out_path is not None and job.prompts:
+            Path(job.out_path).parent.mkdir(parents=True, exist_ok=True)
+            results[b] = read_done_rows(Path(job.out_path), keys[b])
+        for i, p in enumerate(job.prompts):
+            if i not in results[b]:
+                pending.append((b, i))
+                texts[b, i] = prompt_text(tokenizer, p, job.system_prompt) + job.response_prefix
+    ids = {bi: tokenizer(text, add_special_tokens=False)["input_ids"] for bi, text in texts.items()}
+    todo = sorted(pending, key=lambda bi: (-len(ids[bi]), bi))
     shard = shard or ProcessShard()
     mine = shard.take(todo)
 
-    def answers() -> Iterator[tuple[int, str]]:
-        """(prompt index, answer) as they come (one process), or all at once after gathering (several)."""
-        stream = answer([texts[i] for i in mine], [ids[i] for i in mine], [keys[i] for i in mine]) if mine else []
+    def answers() -> Iterator[tuple[tuple[int, int], str]]:
+        """((job, prompt index), answer) as they come (one process), or all at once after gathering (several)."""
+        rows = [PendingRow(b, texts[b, i], ids[b, i], keys[b][i]) for b, i in mine]
+        stream = answer(rows) if rows else []
         if shard.world == 1:
             yield from ((mine[j], text) for j, text in stream)
             return
         local = dict(stream)
         yield from zip(todo, shard.gather([local[j] for j in range(len(mine))]))
 
-    bar = tqdm(total=len(prompts), initial=len(results), desc="generate", unit="prompt", disable=not progress)
-    sink = out_path.open("a", encoding="utf-8") if out_path is not None and shard.is_main else None
+    total = sum(len(job.prompts) for job in jobs)
+    bar = tqdm(total=total, initial=sum(map(len, results)), desc="generate", unit="prompt",
+               disable=not progress or not total)
+    sinks = {b: Path(job.out_path).open("a", encoding="utf-8") for b, job in enumerate(jobs)
+             if job.out_path is not None and job.prompts and shard.is_main}
     try:
-        for i, text in answers():
-            results[i] = response_prefix + text
-            if sink is not None:
-                row = {"index": i, "key": keys[i], "prompt": prompts[i], "system_prompt": system_prompt,
-                       "response_prefix": response_prefix, "response": results[i]}
-                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-                sink.flush()
+        for (b, i), text in answers():
+            job = jobs[b]
+            results[b][i] = job.response_prefix + text
+            if b in sinks:
+                row = {"index": i, "key": keys[b][i], "prompt": job.prompts[i], "system_prompt": job.system_prompt,
+                       "response_prefix": job.response_prefix, "response": results[b][i]}
+                sinks[b].write(json.dumps(row, ensure_ascii=False) + "\n")
+                sinks[b].flush()
             bar.update(1)
-        if sink is not None:
+        for sink in sinks.values():
             os.fsync(sink.fileno())
     finally:
         bar.close()
-        if sink is not None:
+        for sink in sinks.values():
             sink.close()
-    return [results[i] for i in range(len(prompts))]
+    return [[results[b][i] for i in range(len(job.prompts))] for b, job in enumerate(jobs)]
 
 
 def read_generations(path: Path) -> list[dict[str, Any]]:

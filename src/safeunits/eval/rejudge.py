@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safeunits.distributed import ProcessShard
 from safeunits.errors import UserFileNotFoundError, UserValueError
-from safeunits.eval.generation import read_generations
+from safeunits.eval.generation import GenerationJob, read_generations
 from safeunits.eval.nll import NLLStats
 from safeunits.eval.report import summary_markdown
 from safeunits.eval.result import EvalResult, ModelIdentity, Timing, UtilityMetrics
@@ -35,7 +35,10 @@ class _SavedAnswers(_Run):
         super().__init__(None, None, config, out, data_dir, progress, "transformers", ProcessShard())
         self.previous = previous
 
-    def _generate(self, prompts: list[str], rel_path: str, system_prompt: str | None) -> list[str]:
+    def _generate(self, jobs: list[tuple[str, GenerationJob]]) -> list[list[str]]:
+        return [self._saved(rel, job.prompts) for rel, job in jobs]
+
+    def _saved(self, rel_path: str, prompts: list[str]) -> list[str]:
         path = self.out / rel_path
         if not path.is_file():
             raise IncompleteRunError(f"{path} is missing", hint="finish the run with `safeunits eval` into the same "
@@ -79,6 +82,7 @@ def rejudge(run_dir: str | os.PathLike, *, harm_judge: str | None = None, refusa
     metrics_path = out / "metrics.json"
     previous = read_json(metrics_path) if metrics_path.is_file() else None
     run = _SavedAnswers(suite, out, data_dir, progress, previous)
+    run.generate()
     result = EvalResult(suite=suite.name, model=ModelIdentity.model_validate(saved["model"]), safety=run.safety(),
                         over_safety=run.over_safety(), utility=run.utility(), answers=run.answers(), out_dir=out)
     if previous is not None:

@@ -30,7 +30,7 @@ from safeunits.data.records import Record
 from safeunits.data.registry import DatasetNotFoundError, load_dataset
 from safeunits.distributed import ProcessShard, process_shard
 from safeunits.errors import UserValueError
-from safeunits.eval.generation import Backend, generate
+from safeunits.eval.generation import Backend, GenerationJob, generate_many
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.nll import NLLStats, response_nll_stats
 from safeunits.eval.report import summary_markdown
@@ -82,6 +82,7 @@ def evaluate(
         shard.barrier()
     run = _Run(model, tokenizer, config, out, data_dir, progress and shard.is_main, backend, shard)
     try:
+        run.generate()
         result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
                             utility=run.utility(), answers=run.answers(), out_dir=out)
     except BaseException:
@@ -114,13 +115,17 @@ def evaluate(
 
 
 class _Run:
-    """One evaluation in progress: the three axes one method each, generations written where the run folder says."""
+    """One evaluation in progress: every answer generated first in one run (`generate`), then the three axes one
+    method each, generations written where the run folder says."""
 
     def __init__(self, model, tokenizer, config: SuiteConfig, out: Path | None, data_dir, progress: bool,
                  backend: Backend, shard: ProcessShard) -> None:
         self.model, self.tokenizer, self.config, self.out, self.shard = model, tokenizer, config, out, shard
         self.data_dir, self.progress = data_dir, progress
         self.gen_seconds, self.gen_tokens, self.resumed, self.resumed_tokens = 0.0, 0, 0, 0
+        self.records: dict[str, list[Record] | None] = {}  # set name -> its records (None: optional, skipped)
+        self.skipped: dict[str, str] = {}  # optional harmful sets not available, with why
+        self.responses: dict[str, list[str]] = {}  # run-folder file -> its answers, in record order
         self.vllm = None
         if backend == "vllm":  # one engine for every generation of this evaluation, started on first use
             self.vllm = VllmGenerator(model, tokenizer)
@@ -129,19 +134,43 @@ class _Run:
         if self.vllm is not None:
             self.vllm.close()
 
+    def generate(self) -> None:
+        """Answer every prompt of the suite (harmful sets x system prompts, XSTest safe, answer sets) in one
+        generation run: the continuous engine then decodes all of them together, many rows a step, each set under
+        its own system prompt (one prefix group a file). Writes the same files a call per set would."""
+        jobs: dict[str, GenerationJob] = {}
+        for hs in self.config.harmful:
+            records = self._load(hs.dataset, hs.limit, hs.name, self.skipped if hs.optional else None)
+            self.records[hs.name] = records
+            for mode in hs.system_prompts if records is not None else []:
+                jobs[f"generations/{hs.name}__{mode}.jsonl"] = GenerationJob([r.prompt for r in records],
+                                                                             system_prompt=SYSTEM_PROMPTS[mode])
+        cfg = self.config.over_safety
+        if cfg is not None:
+            records = self._load(cfg.dataset, cfg.limit, cfg.name, None)
+            if cfg.exclude:
+                records, _ = drop_overlap(records, cfg.exclude, self.data_dir, strict=True)
+            self.records[cfg.name] = records
+            jobs[f"generations/{cfg.name}.jsonl"] = GenerationJob([r.prompt for r in records])
+        for ans in self.config.answers:
+            self.records[ans.name] = self._load(ans.dataset, ans.limit, ans.name, None)
+            jobs[f"answers/{ans.name}.jsonl"] = GenerationJob([r.prompt for r in self.records[ans.name]])
+        self.responses = dict(zip(jobs, self._generate(list(jobs.items()))))
+
     def safety(self) -> SafetyMetrics:
         refusal_judge = get_judge(self.config.refusal_judge, data_dir=self.data_dir)
         harm_judge = (refusal_judge if self.config.harm_judge == self.config.refusal_judge
                       else get_judge(self.config.harm_judge, data_dir=self.data_dir))
-        metrics = SafetyMetrics(judge=self.config.refusal_judge, harm_judge=self.config.harm_judge)
+        metrics = SafetyMetrics(judge=self.config.refusal_judge, harm_judge=self.config.harm_judge,
+                                skipped=dict(self.skipped))
         for hs in self.config.harmful:
-            records = self._load(hs.dataset, hs.limit, hs.name, metrics.skipped if hs.optional else None)
+            records = self.records[hs.name]
             if records is None:
                 continue
             prompts = [r.prompt for r in records]
             per_mode: dict[SystemPromptMode, HarmfulMetrics] = {}
             for mode in hs.system_prompts:
-                responses = self._generate(prompts, f"generations/{hs.name}__{mode}.jsonl", SYSTEM_PROMPTS[mode])
+                responses = self.responses[f"generations/{hs.name}__{mode}.jsonl"]
                 verdicts = refusal_judge.harm_verdicts(prompts, responses)
                 harmful = harm_judge.harmful_many(prompts, responses)
                 self._write_judgements(f"{hs.name}__{mode}", [{"verdict": v, "harmful": h}
@@ -154,11 +183,9 @@ class _Run:
         cfg = self.config.over_safety
         if cfg is None:
             return None
-        records = self._load(cfg.dataset, cfg.limit, cfg.name, None)
-        if cfg.exclude:
-            records, _ = drop_overlap(records, cfg.exclude, self.data_dir, strict=True)
+        records = self.records[cfg.name]
         prompts = [r.prompt for r in records]
-        responses = self._generate(prompts, f"generations/{cfg.name}.jsonl", None)
+        responses = self.responses[f"generations/{cfg.name}.jsonl"]
         labels = get_judge(cfg.judge, data_dir=self.data_dir).classify_many(prompts, responses)
         self._write_judgements(cfg.name, [{"label": lab} for lab in labels])
         counts = Counter(labels)
@@ -208,9 +235,8 @@ class _Run:
     def answers(self) -> dict[str, AnswerSetInfo]:
         answers = {}
         for ans in self.config.answers:
-            records = self._load(ans.dataset, ans.limit, ans.name, None)
+            records = self.records[ans.name]
             rel = f"answers/{ans.name}.jsonl"
-            self._generate([r.prompt for r in records], rel, None)
             answers[ans.name] = AnswerSetInfo(dataset=ans.dataset, n=len(records),
                                               path=rel if self.out is not None else None)
         return answers
@@ -225,21 +251,24 @@ class _Run:
             skipped[name] = str(err)
             return None
 
-    def _generate(self, prompts: list[str], rel_path: str, system_prompt: str | None) -> list[str]:
-        path = self.out / rel_path if self.out is not None else None
-        before = _count_lines(path) if path is not None else 0
+    def _generate(self, jobs: list[tuple[str, GenerationJob]]) -> list[list[str]]:
+        """Answers of every (run-folder file, job) in one generation run; counts resumed and generated tokens."""
+        jobs = [(rel, dataclasses.replace(job, out_path=self.out / rel if self.out is not None else None))
+                for rel, job in jobs]
+        before = [_count_lines(job.out_path) if job.out_path is not None else 0 for _, job in jobs]
         t0 = time.perf_counter()
-        kwargs = dict(system_prompt=system_prompt, max_new_tokens=self.config.max_new_tokens,
-                      batch_size=self.config.batch_size, out_path=path, progress=self.progress,
-                      engine=self.config.generation, shard=self.shard)
-        responses = (self.vllm.generate(prompts, **kwargs) if self.vllm is not None
-                     else generate(self.model, self.tokenizer, prompts, **kwargs))
+        kwargs = dict(max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
+                      progress=self.progress, engine=self.config.generation, shard=self.shard)
+        plain = [job for _, job in jobs]
+        answers = (self.vllm.generate_many(plain, **kwargs) if self.vllm is not None
+                   else generate_many(self.model, self.tokenizer, plain, **kwargs))
         self.gen_seconds += time.perf_counter() - t0
-        self.resumed += before
-        # the first `before` rows came from disk, the rest were generated now (the rate counts only those)
-        self.resumed_tokens += sum(self._tokens(r) for r in responses[:before])
-        self.gen_tokens += sum(self._tokens(r) for r in responses[before:])
-        return responses
+        for responses, n in zip(answers, before):
+            self.resumed += n
+            # the first `n` rows came from disk, the rest were generated now (the rate counts only those)
+            self.resumed_tokens += sum(self._tokens(r) for r in responses[:n])
+            self.gen_tokens += sum(self._tokens(r) for r in responses[n:])
+        return answers
 
     def _tokens(self, response: str) -> int:
         return len(self.tokenizer(response, add_special_tokens=False)["input_ids"])

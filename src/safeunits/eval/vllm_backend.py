@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, get_args
@@ -27,7 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.distributed import ProcessShard
 from safeunits.errors import UserError, UserValueError
-from safeunits.eval.generation import Backend, DecodingConfig, Engine, generate_rows, in_batches
+from safeunits.eval.generation import (Backend, DecodingConfig, Engine, GenerationJob, generate_rows,
+                                       in_batches)
 from safeunits.models.loading import save_model
 from safeunits.paths import cache_dir
 
@@ -77,6 +79,16 @@ class VllmGenerator:
 
         `engine` is accepted for the same signature and ignored: vLLM batches continuously itself; `batch_size`
         (default 256) is how many prompts go to vLLM at once, i.e. how often rows are written."""
+        job = GenerationJob(prompts, system_prompt=system_prompt, response_prefix=response_prefix, out_path=out_path)
+        return self.generate_many([job], max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, seed=seed, progress=progress, shard=shard)[0]
+
+    def generate_many(self, jobs: Sequence[GenerationJob], *, max_new_tokens: int = 128,
+                      batch_size: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                      top_p: float = 1.0, seed: int = 0, progress: bool = True, engine: Engine = "continuous",
+                      shard: ProcessShard | None = None) -> list[list[str]]:
+        """`eval.generation.generate_many` on vLLM: each job's prompts go in batches of their own (seeds per batch,
+        as `generate` numbers them), so the answers equal separate calls'."""
         from vllm import SamplingParams
 
         decoding = DecodingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -89,8 +101,7 @@ class VllmGenerator:
             outputs = self._engine(seed).generate(requests, params, use_tqdm=False)
             return [o.outputs[0].text for o in outputs]
 
-        return generate_rows(self.tokenizer, prompts, in_batches(answer, batch_size or 256), decoding,
-                             system_prompt=system_prompt, response_prefix=response_prefix, out_path=out_path,
+        return generate_rows(self.tokenizer, jobs, in_batches(answer, batch_size or 256), decoding,
                              progress=progress, shard=shard)
 
     def close(self) -> None:
