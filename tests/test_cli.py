@@ -190,10 +190,10 @@ def _visible_options(cmd) -> set[str]:
     return {o for p in cmd.params if not getattr(p, "hidden", False) for o in p.opts + p.secondary_opts}
 
 
-LOADS_MODEL = {"eval", "train", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch build-data",
+LOADS_MODEL = {"eval", "train", "attack", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch build-data",
                "patch derive", "patch apply", "patch sweep", "patch continual", "patch baselines"}
 WRITES = LOADS_MODEL | {"judge-check", "transfer", "patch merge", "demo"}
-EVALUATES = {"eval", "train", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo", "run"}
+EVALUATES = {"eval", "train", "attack", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo", "run"}
 HAS_CONFIG = (EVALUATES | {"attribute", "probe", "patch build-data", "patch derive", "patch merge", "patch sweep"})
 PROGRESS = HAS_CONFIG | {"patch apply"}
 DEPRECATED = {"--eval", "--no-progress", "--map", "--train-json", "--se-train", "--osm-train", "--tolerance"}

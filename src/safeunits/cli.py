@@ -46,6 +46,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "with --harm on harm."),
     "train": ("safeunits.commands.train", "Run a training recipe: `align` (optionally --budget ru) or `finetune` "
               "(optionally --freeze ...)."),
+    "attack": ("safeunits.commands.train", "Fine-tuning attack: train a model on n examples, a share p of them harmful; "
+               "optionally under frozen units."),
     "ssah-budget": ("safeunits.commands.train", "SSAH experiment (a): full align vs align on a unit budget; safety gained "
                     "and alignment tax of each."),
     "ssah-freeze": ("safeunits.commands.train", "SSAH experiment (b): fine-tune full vs frozen (i) scu+cu:top0.06 and (ii) "

@@ -14,7 +14,7 @@ from safeunits.cli_options import (DATA_DIR, FORCE, QUIET, config_options, model
 from safeunits.config import merge, parse_sets, validation_message
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.outdir import claim_output_dir
-from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, load_recipe
+from safeunits.train.recipes import AlignRecipe, AttackRecipe, Recipe, load_recipe
 
 app = typer.Typer()
 
@@ -22,7 +22,7 @@ CONFIG_HELP = "Recipe YAML (default: the bundled {recipe}.yaml)."
 SETTING_HELP = "'full' or a unit selection {what} (repeatable)."
 
 
-def _recipe(recipe: str, config: Path | None, model: str | None, *layers: dict) -> AlignRecipe | FinetuneRecipe:
+def _recipe(recipe: str, config: Path | None, model: str | None, *layers: dict) -> Recipe:
     """The recipe YAML (or the bundled one) with the options, then the --set items, merged in and validated."""
     overrides: dict = {"model": model} if model else {}
     for layer in layers:
@@ -68,13 +68,13 @@ def train_command(
     """Run a training recipe: `align` (optionally --budget ru) or `finetune` (optionally --freeze ...)."""
     from safeunits.train.recipes import run_recipe
 
-    if recipe not in ("align", "finetune"):
-        raise typer.BadParameter(f"--recipe must be align or finetune, got {recipe!r}")
+    if recipe not in ("align", "finetune", "attack"):
+        raise typer.BadParameter(f"--recipe must be align, finetune or attack, got {recipe!r}")
     evaluation = _context(suite, None, data_dir, not quiet)
     if budget and recipe != "align":
         raise typer.BadParameter("--budget belongs to --recipe align (use --freeze with finetune)")
-    if freeze and recipe != "finetune":
-        raise typer.BadParameter("--freeze belongs to --recipe finetune (use --budget with align)")
+    if freeze and recipe == "align":
+        raise typer.BadParameter("--freeze belongs to --recipe finetune or attack (use --budget with align)")
     extra = {k: v for k, v in {"budget": budget, "freeze": freeze, "unit_map": str(unit_map) if unit_map else None,
                                "data": list(data) or None}.items() if v is not None}
     if checkpoint_every:
@@ -154,3 +154,41 @@ def ssah_freeze_command(
     ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,
                 suite=suite or "quick", data_dir=data_dir, progress=not quiet, force=force)
     typer.echo((out / "table.md").read_text())
+
+
+@app.command("attack")
+@config_options(AttackRecipe, ["n_examples", "harmful_share", "train.lr", "train.max_steps", "train.epochs",
+                               "train.batch_size", "data_seed"])
+def attack_command(
+    out: Path = out_option("Run directory: model/ (the attacked model), recipe.yaml, train_report.json (with the "
+                           "attack mix's manifest), eval/."),
+    config: Optional[Path] = typer.Option(None, "--config", help=CONFIG_HELP.format(recipe="attack")),
+    model: Optional[str] = model_option(None, "The model attacked; default: the recipe's (smollm2-135m-aligned)."),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="Defence: keep these units bit-identical during the "
+                                         "attack, e.g. 'scu+cu' ('random:scu+cu@1': a random set of the same size)."),
+    unit_map: Optional[Path] = unit_map_option(required=False),
+    lora: bool = typer.Option(False, "--lora", help="Attack with LoRA adapters (merged afterwards) instead of every "
+                              "weight; adapter settings: --set lora.r=16."),
+    sets: list[str] = sets_option("harmful_sources=[gptfuzz,pku]"),
+    suite: Optional[str] = suite_option(None, "Evaluates the attacked model; default or 'none': no evaluation."),
+    data_dir: Optional[Path] = DATA_DIR,
+    quiet: bool = QUIET,
+    force: bool = FORCE,
+    options: Optional[dict] = None,
+) -> None:
+    """Fine-tuning attack: train a model on n examples, a share p of them harmful; optionally under frozen units."""
+    from safeunits.train.recipes import run_recipe
+
+    evaluation = _context(suite, None, data_dir, not quiet)
+    extra = {k: v for k, v in {"freeze": freeze, "unit_map": str(unit_map) if unit_map else None,
+                               "lora": {} if lora else None}.items() if v is not None}
+    rec = _recipe("attack", config, model, extra, options or {}, parse_sets(sets))
+    claim_output_dir(out, "train", force=force)
+    report = run_recipe(rec, out, evaluation.run, evaluation)
+    summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
+    summary["data"] = report["data"]
+    if "eval" in report:
+        summary["eval"] = report["eval"]
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"model: {out / 'model'}  report: {out / 'train_report.json'}")
+

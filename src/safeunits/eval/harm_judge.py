@@ -359,6 +359,12 @@ class HarmJudge(Judge):
         return ["complied" if h else "harmless" for h in self.harmful_many(prompts, responses)]
 
 
+def shipped_config() -> HarmJudgeConfig:
+    """The shipped judge's configuration (which rows it was fitted on), without loading its backbone."""
+    meta = json.loads((SHIPPED_DIR / "judge.json").read_text(encoding="utf-8"))
+    return HarmJudgeConfig.model_validate(meta["config"])
+
+
 def load_harm_judge(folder: str | os.PathLike | None = None) -> HarmJudge:
     """The shipped harm judge (or one written by `safeunits judge-train --out FOLDER`); loaded once per process, as
     it holds the backbone model."""

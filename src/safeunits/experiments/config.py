@@ -30,7 +30,7 @@ from safeunits.units.pruning import PruneConfig
 
 EXPERIMENT_DIR = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 STEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # no dots: --set steps.<name>.<field> splits on them
-MODEL_MAKERS = ("align", "finetune", "apply")  # step kinds whose output is a model folder
+MODEL_MAKERS = ("align", "finetune", "attack", "apply")  # step kinds whose output is a model folder
 
 
 class StepBase(Config):
@@ -131,6 +131,14 @@ class FinetuneStep(TrainStep):
         if self.freeze and not self.unit_map:
             raise ValueError("freeze needs unit_map (an attribute step)")
         return self
+
+
+class AttackStep(FinetuneStep):
+    """A fine-tuning attack (`safeunits attack`, docs/attack.md): the `attack` recipe (n examples, a share p harmful,
+    full weights or LoRA), optionally under frozen units (`freeze` with `unit_map`: the defence)."""
+
+    kind: Literal["attack"] = "attack"  # type: ignore[assignment]
+    recipe: str = Field("attack", description="bundled recipe name (attack) or YAML path of an attack recipe")
 
 
 class AttributeStep(StepBase):
@@ -242,8 +250,8 @@ class ApplyStep(StepBase):
     refs: ClassVar = {"patch": ("merge",)}
 
 
-Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttributeStep, PruneStep, ProbeStep, TransferStep,
-                       HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep],
+Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttackStep, AttributeStep, PruneStep, ProbeStep,
+                       TransferStep, HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep],
                  Field(discriminator="kind")]
 STEP_CLASSES: dict[str, type[StepBase]] = {c.model_fields["kind"].default: c for c in Step.__origin__.__args__}
 

@@ -98,6 +98,7 @@ def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
 
 register_step("align")(_train)
 register_step("finetune")(_train)
+register_step("attack")(_train)
 
 
 @register_step("attribute")

@@ -32,6 +32,7 @@ from safeunits.models.chat import prompt_text
 from safeunits.models.loading import load_model, model_fingerprint, save_model
 from safeunits.runtime import RunContext
 from safeunits.train.engine import TrainConfig, TrainResult, train
+from safeunits.train.lora import LoraSettings, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,30 @@ class FinetuneRecipe(Config):
         return self
 
 
-Recipe = AlignRecipe | FinetuneRecipe
+class AttackRecipe(FinetuneRecipe):
+    """A fine-tuning attack (docs/attack.md): n examples of which a share p are harmful requests with harmful
+    answers (human-labelled harmful rows of the harm sources, never the rows the shipped harm judge was fitted on,
+    never an evaluation prompt), the rest benign; full weights or LoRA; optionally under frozen units (a defence)."""
+
+    recipe: Literal["attack"] = "attack"  # type: ignore[assignment]
+    harmful_sources: list[str] = Field(["gptfuzz"], description="harm sources whose human-labelled harmful rows are "
+                                       "the harmful examples (eval.harm_labels: gptfuzz, pku, self_defense, xstest)")
+    harmful_share: float = Field(0.5, ge=0, le=1, description="p: share of the n examples that are harmful "
+                                 "(exactly round(n * p) of them)")
+    exclude_eval: list[str] = Field([], description="evaluation sets whose prompts never train (checked on every row)")
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged afterwards) instead of every weight")
+
+    @model_validator(mode="after")
+    def _sized(self) -> "AttackRecipe":
+        if self.n_examples is None:
+            raise ValueError("an attack needs n_examples (n)")
+        return self
+
+    def n_harmful(self) -> int:
+        return round(self.n_examples * self.harmful_share)
+
+
+Recipe = AlignRecipe | FinetuneRecipe | AttackRecipe
 
 
 def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Recipe:
@@ -128,12 +152,11 @@ def load_recipe(path_or_name: str | Path, overrides: dict | None = None) -> Reci
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe YAML must be a mapping")
     raw = merge(raw, overrides or {})
+    kinds = {"align": AlignRecipe, "finetune": FinetuneRecipe, "attack": AttackRecipe}
     kind = raw.get("recipe")
-    if kind == "align":
-        return AlignRecipe.model_validate(raw)
-    if kind == "finetune":
-        return FinetuneRecipe.model_validate(raw)
-    raise ConfigError(f"{path}: 'recipe' must be 'align' or 'finetune', got {kind!r}")
+    if kind not in kinds:
+        raise ConfigError(f"{path}: 'recipe' must be one of {', '.join(kinds)}, got {kind!r}")
+    return kinds[kind].model_validate(raw)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -221,7 +244,9 @@ def answer_missing(records: list[Record], model: PreTrainedModel | None, tokeniz
 
 
 def finetune_data(recipe: FinetuneRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
-    """User data for fine-tuning, sampled evenly over the listed sets."""
+    """User data for fine-tuning, sampled evenly over the listed sets (an attack: its harmful rows mixed in)."""
+    if isinstance(recipe, AttackRecipe):
+        return attack_data(recipe, tokenizer, data_dir)
     rng = random.Random(recipe.data_seed)
     keep = lambda r: fits(tokenizer, r, recipe.train)  # noqa: E731
     pools = []
@@ -231,6 +256,63 @@ def finetune_data(recipe: FinetuneRecipe, tokenizer: PreTrainedTokenizerBase, da
     out = _round_robin(pools, recipe.n_examples if recipe.n_examples is not None else sum(map(len, pools)))
     if not out:
         raise ValueError(f"no usable training examples in {recipe.data} (need responses that fit max_length)")
+    rng.shuffle(out)
+    return out
+
+
+def harmful_pool(recipe: AttackRecipe, data_dir=None) -> tuple[list[Record], dict[str, int]]:
+    """The harmful examples an attack may draw: human-labelled harmful (request, response) rows of the recipe's
+    sources, without the rows the shipped harm judge trained on (it must not score text it was fitted to), without
+    evaluation prompts, each pair once. Returns the pool and what was left out."""
+    from safeunits.eval.harm_judge import sampled_rows, shipped_config
+    from safeunits.eval.harm_labels import load_harm_rows
+
+    judge = shipped_config()
+    judged = [s for s in recipe.harmful_sources if s in judge.sources]
+    fitted = {(r.request, r.response) for rows in sampled_rows(judge, judged, data_dir).values() for r in rows} \
+        if judged else set()
+    seen: set[tuple[str, str]] = set()
+    pool, counts = [], {"harmful_rows": 0, "judge_rows": 0, "duplicates": 0}
+    for source, rows in load_harm_rows(recipe.harmful_sources, data_dir).items():
+        for row in rows:
+            if not row.harmful:
+                continue
+            counts["harmful_rows"] += 1
+            pair = (row.request, row.response)
+            if pair in fitted:
+                counts["judge_rows"] += 1
+            elif pair in seen:
+                counts["duplicates"] += 1
+            else:
+                seen.add(pair)
+                pool.append(Record(prompt=row.request, response=row.response, label="harmful", source=source))
+    if recipe.exclude_eval:
+        pool, note = drop_overlap(pool, recipe.exclude_eval, data_dir)
+        counts["eval_prompts"] = note["dropped"]
+    return pool, counts
+
+
+def attack_data(recipe: AttackRecipe, tokenizer: PreTrainedTokenizerBase, data_dir=None) -> list[Record]:
+    """Exactly round(n * p) harmful examples (seeded sample of `harmful_pool`) and n - that benign ones (the
+    benign sets sampled as `finetune` does, evaluation prompts dropped), shuffled."""
+    rng = random.Random(recipe.data_seed)
+    keep = lambda r: fits(tokenizer, r, recipe.train)  # noqa: E731
+    k = recipe.n_harmful()
+    pool, _ = harmful_pool(recipe, data_dir)
+    harmful = _sample(pool, k, rng, keep)
+    if len(harmful) < k:
+        raise ValueError(f"the attack needs {k} harmful examples; {recipe.harmful_sources} give {len(harmful)} that "
+                         f"fit max_length={recipe.train.max_length} (add sources or lower n or p)")
+    pools = []
+    for spec in recipe.data:
+        records = load_dataset(spec, data_dir=data_dir)
+        if recipe.exclude_eval:
+            records, _ = drop_overlap(records, recipe.exclude_eval, data_dir)
+        pools.append(_sample(records, len(records), rng, keep))
+    benign = _round_robin(pools, recipe.n_examples - k)
+    if len(benign) < recipe.n_examples - k:
+        raise ValueError(f"the attack needs {recipe.n_examples - k} benign examples; {recipe.data} give {len(benign)}")
+    out = harmful + benign
     rng.shuffle(out)
     return out
 
@@ -280,7 +362,11 @@ def train_recipe(
     records = align_data(recipe, tokenizer, data_dir, model, progress=progress) if isinstance(recipe, AlignRecipe) \
         else finetune_data(recipe, tokenizer, data_dir)
     frozen, trainable = recipe_masks(recipe, model)
-    result = train(model, tokenizer, records, recipe.train, frozen=frozen, trainable=trainable, progress=progress)
+    if isinstance(recipe, AttackRecipe) and recipe.lora is not None:  # adapters train; frozen entries kept after
+        result = train_lora(model, recipe.lora, lambda wrapped: train(wrapped, tokenizer, records, recipe.train,
+                                                                      progress=progress), frozen)
+    else:
+        result = train(model, tokenizer, records, recipe.train, frozen=frozen, trainable=trainable, progress=progress)
     return result, records
 
 
