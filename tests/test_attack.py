@@ -81,3 +81,83 @@ def test_attack_command_writes_the_attacked_model_and_the_mix(tmp_path, tiny_dir
     report = json.loads((tmp_path / "a" / "train_report.json").read_text())
     assert report["recipe"]["recipe"] == "attack" and report["data"]["gptfuzz"] == 5 and sum(report["data"].values()) == 10
     assert _weights(tmp_path / "a" / "model").keys() == _weights(tiny_dir).keys()
+
+
+def _point(index, steps, harmful, nll):
+    from types import SimpleNamespace
+
+    from safeunits.eval.durability import AttackPoint
+
+    return AttackPoint(index, steps, f"attack-{index}", SimpleNamespace(headline=SimpleNamespace(asr=harmful, utility_nll=nll)))
+
+
+def test_the_worst_case_respects_the_utility_bound():
+    from types import SimpleNamespace
+
+    from safeunits.eval.durability import steps_to, within_bound, worst_case
+
+    defended = SimpleNamespace(headline=SimpleNamespace(utility_nll=2.0))
+    points = [_point(0, 10, 0.30, 2.05), _point(1, 30, 0.60, 2.19), _point(2, 90, 0.95, 2.21),  # 2.21 > 2.2: broken
+              _point(3, 30, 0.60, 2.10)]
+    assert [within_bound(p, defended, 0.10) for p in points] == [True, True, False, True]
+    worst = worst_case(points, defended, 0.10)
+    assert worst.harmful == 0.60 and worst.index == 1  # the 95 % attack broke utility; a tie goes to grid order
+    assert worst_case(points, defended, 0.2).index == 2  # a looser bound admits it
+    assert worst_case(points[2:3], defended, 0.10) is None  # nothing kept utility: no worst case, not 0 %
+    assert steps_to(points) == 30 and steps_to(points, 0.99) is None
+
+
+def test_a_durability_step_needs_the_same_grid_for_every_defence():
+    from safeunits.errors import ConfigError
+    from safeunits.experiments.config import build_experiment
+
+    steps = [{"name": "e0", "kind": "evaluate"}, {"name": "e1", "kind": "evaluate"},
+             {"name": "a0", "kind": "attack", "model": "m"}, {"name": "e2", "kind": "evaluate", "model": "a0"},
+             {"name": "d", "kind": "durability", "defences": ["none", "other"], "before": ["e0", "e1"],
+              "attacks": ["a0"], "after": ["e2"]}]
+    with pytest.raises(ConfigError, match="same attack grid"):
+        build_experiment({"name": "x", "steps": steps}, {})
+    steps[-1].update(attacks=["a0", "e1"], after=["e2", "e2"])
+    with pytest.raises(ConfigError, match="attacks.1='e1' is a evaluate step"):
+        build_experiment({"name": "x", "steps": steps}, {})
+
+
+def test_attack_quick_runs_on_a_tiny_model_and_reports_durability(tmp_path, data_dir):
+    """The bundled attack experiment composes: every attack trains, the frozen defence kept its units, the
+    durability table and curves land in the report."""
+    import copy
+    from pathlib import Path
+
+    from safeunits.experiments import runner, steps
+    from safeunits.experiments.config import load_experiment
+    from safeunits.models import loading
+    from safeunits.train import recipes
+    from test_demo import tiny_suite
+
+    model, tok = tiny_model(initializer_range=0.2, max_position_embeddings=4096), tiny_tokenizer()
+    real_load = loading.load_model
+
+    def load(name, **kwargs):
+        if (tmp_path / "run") in Path(name).parents:
+            return real_load(name, **kwargs)
+        return copy.deepcopy(model), tok
+
+    attack = {"settings": {"n_examples": 8, "harmful_share": 0.5,
+                           "train": {"max_steps": 1, "batch_size": 4, "max_length": 2048, "epochs": 3}}}
+    names = [s.name for s in load_experiment("attack-quick").steps]
+    overrides = {n: attack for n in names if n.startswith("attack-")}
+    overrides["map-aligned"] = {"settings": {"limit": 4}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps, "load_model", load)
+        mp.setattr(recipes, "load_model", load)
+        experiment = load_experiment("attack-quick", {"suite": tiny_suite(tmp_path / "tiny.yaml"),
+                                                      "data_dir": str(data_dir), "steps": overrides})
+        result = runner.run_experiment(experiment, tmp_path / "run", progress=False)
+    assert result.ran == names
+    rows = json.loads((tmp_path / "run/durability/durability.json").read_text())["rows"]
+    assert [r["defence"] for r in rows] == ["none", "ssah-ii", "random-ii"]
+    report = (tmp_path / "run/report.md").read_text()
+    assert "durability/durability.png" in report and "| ssah-ii |" in report
+    frozen = unit_masks(model, tmp_path / "run/map-aligned/unit_map.safetensors", "scu+cu")
+    attacked = _weights(tmp_path / "run/attack-ssah-ii-10/model")
+    assert all(torch.equal(attacked[n][m], dict(model.named_parameters())[n].detach()[m]) for n, m in frozen.items())

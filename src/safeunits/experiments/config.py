@@ -54,8 +54,15 @@ class StepBase(Config):
         return data
 
     def references(self) -> dict[str, str]:
-        """field -> the step name it references (empty fields and external models left out)."""
-        out = {f: getattr(self, f) for f in self.refs if getattr(self, f)}
+        """field -> the step name it references (empty fields and external models left out); a list field gives
+        one entry per item, `field.<i>`."""
+        out = {}
+        for f in self.refs:
+            value = getattr(self, f)
+            if isinstance(value, list):
+                out.update({f"{f}.{i}": ref for i, ref in enumerate(value)})
+            elif value:
+                out[f] = value
         model = getattr(self, "model", None)
         if model is not None and "model" not in self.refs:
             out["model"] = model  # the experiment keeps it only when it names a step
@@ -139,6 +146,31 @@ class AttackStep(FinetuneStep):
 
     kind: Literal["attack"] = "attack"  # type: ignore[assignment]
     recipe: str = Field("attack", description="bundled recipe name (attack) or YAML path of an attack recipe")
+
+
+class DurabilityStep(StepBase):
+    """Does a defence survive fine-tuning attacks? For each defence, the worst harmful rate over the attack grid
+    among attacks that keep utility (NLL within `utility_bound` of the defended model's), the paired test against
+    the undefended model under the same attack, and the harmful rate against attack steps (docs/attack.md)."""
+
+    kind: Literal["durability"] = "durability"
+    defences: list[str] = Field(..., min_length=1, description="defence names, the undefended one first")
+    before: list[str] = Field(..., description="per defence, the evaluate step of the defended model (not attacked)")
+    attacks: list[str] = Field(..., description="the attack steps, defence by defence, the same grid for each")
+    after: list[str] = Field(..., description="the evaluate step of each attacked (and repaired) model, as `attacks`")
+    utility_bound: float = Field(0.10, ge=0, description="an attack counts when its utility NLL <= (1 + bound) x the "
+                                                         "defended model's")
+    refs: ClassVar = {"before": ("evaluate",), "attacks": ("attack",), "after": ("evaluate",)}
+
+    @model_validator(mode="after")
+    def _grid(self) -> DurabilityStep:
+        n = len(self.defences)
+        if len(self.before) != n:
+            raise ValueError(f"before names {len(self.before)} steps for {n} defences")
+        if len(self.attacks) != len(self.after) or len(self.attacks) % n or not self.attacks:
+            raise ValueError("attacks and after must list the same attack grid for every defence (equal lengths, a "
+                             "multiple of the number of defences)")
+        return self
 
 
 class AttributeStep(StepBase):
@@ -251,7 +283,8 @@ class ApplyStep(StepBase):
 
 
 Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttackStep, AttributeStep, PruneStep, ProbeStep,
-                       TransferStep, HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep],
+                       TransferStep, HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep,
+                       DurabilityStep],
                  Field(discriminator="kind")]
 STEP_CLASSES: dict[str, type[StepBase]] = {c.model_fields["kind"].default: c for c in Step.__origin__.__args__}
 
@@ -279,7 +312,7 @@ class Experiment(Config):
             if step.name in kinds:
                 raise ValueError(f"two steps are named {step.name!r}; step names must be unique")
             for field, ref in step.references().items():
-                allowed = step.refs.get(field, MODEL_MAKERS)
+                allowed = step.refs.get(field.split(".")[0], MODEL_MAKERS)
                 if ref == step.name:
                     raise ValueError(f"step {step.name!r}: {field} names the step itself")
                 if ref not in kinds:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
-from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, AttributeStep, DeriveStep, EvaluateStep,
+from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, DurabilityStep, AttributeStep, DeriveStep, EvaluateStep,
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
 from safeunits.models.loading import load_model
@@ -238,4 +238,35 @@ def baselines_step(step: BaselinesStep, ctx: StepContext) -> Outputs:
     rows = run_baselines(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
                          config, ctx.out, ctx.evaluation, npo=npo)
     return {"evals": {f"{step.model} - {row['method']}": row["method"] for row in rows}, "tables": ["baselines.md"]}
+
+
+@register_step("durability")
+def durability_step(step: DurabilityStep, ctx: StepContext) -> Outputs:
+    from safeunits.eval.durability import AttackPoint, durability_rows, plot_curves
+    from safeunits.eval.report import rows_markdown
+    from safeunits.eval.result import EvalResult
+    from safeunits.io import read_json, write_json, write_text
+
+    def result(name: str) -> EvalResult:
+        return EvalResult.load(ctx.run_dir / name / "eval")  # an evaluate step's folder
+
+    per = len(step.attacks) // len(step.defences)
+    grid = [[AttackPoint(i, read_json(ctx.run_dir / attack / "train_report.json")["train"]["steps"], attack,
+                         result(after))
+             for i, (attack, after) in enumerate(zip(step.attacks[d * per:(d + 1) * per],
+                                                     step.after[d * per:(d + 1) * per]))]
+            for d in range(len(step.defences))]
+    rows = durability_rows(step.defences, [result(b) for b in step.before], grid, step.utility_bound)
+    write_json(ctx.out / "durability.json", {"utility_bound": step.utility_bound, "rows": rows})
+    columns = [("defence", "defence", ""), ("harmful_before", "harmful % before", "%"),
+               ("worst_harmful", "worst harmful % (attacked)", "%"), ("worst_refusal", "refused % (worst)", "%"),
+               ("worst_nll", "NLL (worst)", ".3f"), ("nll_before", "NLL before", ".3f"),
+               ("worst_attack", "worst attack", ""), ("counted", "attacks within the bound", ""),
+               ("steps_to_50", "steps to 50 % harmful", ""), ("vs_undefended", "significant vs undefended (same attack)", "")]
+    write_text(ctx.out / "durability.md", f"# Durability under fine-tuning attacks\n\nWorst case over {per} attacks "
+               f"among those whose utility NLL stays within {100 * step.utility_bound:g} % of the defended model's; "
+               "`significant vs undefended` lists the columns where the worst-case model differs from the undefended "
+               "model under the same attack (paired tests on the same prompts).\n\n" + rows_markdown(rows, columns))
+    plot_curves(step.defences, grid, ctx.out / "durability.png")
+    return {"tables": ["durability.md"], "figures": [["durability.png", "harmful rate against attack steps"]]}
 
