@@ -258,6 +258,7 @@ def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     run = dict(suite=str(suite), data_dir=data_dir, progress=False)
     crows = continual(cconf, str(tmp_path / "m"), tmp_path / "c", **run)
     assert [r["step"] for r in crows] == [0, 1, 2]
+    assert (tmp_path / "c/report.md").is_file() and (tmp_path / "c/continual.md").is_file()  # an experiment's folder
     names = ("step1_malicious_uses", "step2_information_hazard")
     steps = [SparsePatch.load(tmp_path / f"c/{n}-merge/patch") for n in names]
     fresh, _ = load_model(str(tmp_path / "m"))

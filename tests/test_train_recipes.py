@@ -222,6 +222,8 @@ def test_ssah_commands_write_tables(tmp_path, tiny_dir, data_files, unit_map_pat
     assert rows[2]["epochs"] == 2 * rows[1]["epochs"] and rows[2]["steps"] == 2 * rows[1]["steps"]
     recipe_epochs = rows[1]["epochs"]
     assert "| full align |" in (tmp_path / "budget" / "table.md").read_text()
+    assert all((tmp_path / "budget" / s / "done.json").is_file() for s in ("full", "budget-ru_utility"))
+    assert (tmp_path / "budget" / "report.html").is_file()
     res = runner.invoke(app, ["ssah-budget", "--out", str(tmp_path / "ru"), "--protocol", "equal", "--setting", "ru",
                               *budget_data, *common])
     assert res.exit_code == 0, res.output
