@@ -120,7 +120,7 @@ CASES: dict[str, tuple] = {
     "recipe YAML with lr: .inf": (lambda c: c.train("--config", c.file("r.yaml", "recipe: align\ntrain:\n  lr: .inf\n")),
                                   "finite"),
     "unknown recipe": (lambda c: c.train("--config", "nope"), "recipe 'nope'"),
-    "--recipe bogus": (lambda c: ["train", "--recipe", "bogus", "--out", c.out("train")], "align or finetune"),
+    "--recipe bogus": (lambda c: ["train", "--recipe", "bogus", "--out", c.out("train")], "align, finetune or attack"),
     # unit maps
     "missing unit map": (lambda c: ["prune", "--unit-map", c.tmp / "nope", "--save-model", "--target", "scu",
                                     "--out", c.out("model")], "does not exist"),
