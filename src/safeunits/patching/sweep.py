@@ -117,14 +117,25 @@ def run_sweep(
     out_dir: str | Path,
     evaluation: EvalContext | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every grid point on the held-out suite; write sweep.jsonl, sweep.md, pareto.png, best.json.
+    """Evaluate every grid point on the held-out suite (`evaluate_grid`), choose the default (`choose`), write
+    sweep.md, pareto.png, best.json (`write_sweep`).
 
     The suite is built from held-out prompts (`validation_suite`); `evaluation` gives the data folder and progress."""
     evaluation = evaluation or EvalContext.create(None)
-    progress = evaluation.progress
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held_out = evaluation.with_suite(validation_suite(dh_folder, out, config.validation, evaluation.data_dir))
+    rows = evaluate_grid(model, tokenizer, se, osm, config, held_out, out)
+    baseline = next(r for r in rows if r["key"] == "backbone")
+    best = choose(rows, baseline, config)
+    write_sweep(out, rows, best, baseline, config)
+    return {"rows": rows, "best": best, "baseline": baseline}
+
+
+def evaluate_grid(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, se: DensePatch, osm: DensePatch,
+                  config: SweepConfig, held_out: EvalContext, out: Path) -> list[dict[str, Any]]:
+    """The backbone, each patch alone and every (a, b, p, α, β) on the held-out suite, one row each. Each row is
+    appended to `out/sweep.jsonl` as it is evaluated; rows already there are not evaluated again (resume)."""
     rows_path = out / "sweep.jsonl"
     done = {}
     if rows_path.is_file():
@@ -140,7 +151,8 @@ def run_sweep(
         return row
 
     backbone_row, backbone = evaluate_model(model, tokenizer, held_out, out / "backbone")  # resumes from its files
-    baseline = done.get("backbone") or record({"key": "backbone", "method": "backbone", **backbone_row})
+    if "backbone" not in done:
+        record({"key": "backbone", "method": "backbone", **backbone_row})
     for single, patch in (("se_alone", se), ("osm_alone", osm)):
         if single not in done:
             from safeunits.patching.methods import task_arithmetic
@@ -155,7 +167,7 @@ def run_sweep(
         if not todo:
             continue
         merge = MergeConfig(a=a, b=b, dare_p=p, seed=config.seed, scope=config.scope)
-        part_se, part_osm, stats = merge_parts(se, osm, merge, progress=progress)
+        part_se, part_osm, stats = merge_parts(se, osm, merge, progress=held_out.progress)
         empty = empty_difference_note(stats)
         if empty:  # a point that patches nothing (or one side only) would be ranked as if it were SafePatching
             raise UserValueError(f"sweep point a={a:g}, b={b:g}: {empty}",
@@ -166,12 +178,21 @@ def run_sweep(
             record({"key": _key(a, b, alpha, beta, p), "method": "safepatching", "a": a, "b": b, "alpha": alpha,
                     "beta": beta, "dare_p": p, "nnz": part_se.nnz + part_osm.nnz, "se_kept": stats["se"],
                     "osm_kept": stats["osm"], "both_salient": stats["both_salient"], **metrics})
-    rows = list(done.values())
-    grid = [r for r in rows if r["method"] == "safepatching"]
+    return list(done.values())
+
+
+def choose(rows: list[dict[str, Any]], baseline: dict[str, Any], config: SweepConfig) -> dict[str, Any] | None:
+    """Mark the Pareto front on every row and pick the default among the grid points (`select_default`)."""
     front = set(pareto_front(rows))
     for i, r in enumerate(rows):
         r["pareto"] = i in front
-    best = select_default(grid, baseline, config.utility_tolerance) if grid else None
+    grid = [r for r in rows if r["method"] == "safepatching"]
+    return select_default(grid, baseline, config.utility_tolerance) if grid else None
+
+
+def write_sweep(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | None, baseline: dict[str, Any],
+                config: SweepConfig) -> None:
+    """sweep.md (the table, the rule, a warning when the harmful axis is saturated), best.json, pareto.png."""
     saturated = saturation_note(baseline)
     if saturated:
         log.warning("sweep: %s", saturated)
@@ -188,7 +209,6 @@ def run_sweep(
                                    "held_out_xstest": config.validation.xstest_prompts,
                                    "harmful_axis_saturated": saturated is not None})
     plot_pareto(rows, out / "pareto.png", best)
-    return {"rows": rows, "best": best, "baseline": baseline}
 
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, best: dict[str, Any] | None = None) -> None:
