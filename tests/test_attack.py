@@ -131,7 +131,7 @@ def test_attack_quick_runs_on_a_tiny_model_and_reports_durability(tmp_path, data
     from safeunits.experiments import runner, steps
     from safeunits.experiments.config import load_experiment
     from safeunits.models import loading
-    from safeunits.train import recipes
+    from safeunits.train.recipes import run as recipes  # where run_recipe loads its model
     from test_demo import tiny_suite
 
     model, tok = tiny_model(initializer_range=0.2, max_position_embeddings=4096), tiny_tokenizer()

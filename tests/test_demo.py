@@ -12,7 +12,7 @@ from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, Utilit
 from safeunits.experiments import runner, steps
 from safeunits.experiments.config import load_experiment
 from safeunits.models import loading
-from safeunits.train import recipes
+from safeunits.train.recipes import run as recipes  # where run_recipe loads its model
 from tiny import tiny_model, tiny_tokenizer
 
 TINY_STEPS = {  # the bundled demo-quick, with every budget cut to seconds
