@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -178,8 +176,8 @@ def main() -> None:
         dense = run_child("apply_dense", model=str(root / "base"), se=str(root / "se"), out=str(root / "out_d"))
         rows["apply streamed (5% patch)"] = stream
         rows["apply dense baseline (load, add, save)"] = dense
-        print(f"\n| operation | wall s | peak anon RSS above imports (MB) | x model size | total RSS peak incl. mmap (MB) "
-              f"| file MB | kept | file / dense |")
+        print("\n| operation | wall s | peak anon RSS above imports (MB) | x model size | total RSS peak incl. mmap (MB) "
+              "| file MB | kept | file / dense |")
         print("|---|---|---|---|---|---|---|---|")
         for k, r in rows.items():
             extra = r["peak_mb"] - r["base_mb"]
