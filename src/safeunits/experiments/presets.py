@@ -129,8 +129,7 @@ def freeze_experiment(recipe: FinetuneRecipe, unit_map: Path, *,
         steps.append(_train_step("finetune", name, recipe, model=start, unit_map=None if full else unit_map,
                                  units={"freeze": None if full else setting},
                                  epochs=recipe.train.epochs * (1 if full else frozen_epochs_factor)))
-        label = "full fine-tuning" if full else f"freeze {setting}" + (f" (1 epoch freeze {wider} first)" if wider else "")
-        steps.append(_evaluate_step(f"{name}-eval", name, label))  # the table's row name (_freeze_label) too
+        steps.append(_evaluate_step(f"{name}-eval", name, _freeze_label(None if full else setting, wider)))
     return _experiment("ssah-freeze", f"SSAH fine-tuning with frozen units (protocol {protocol}) of {recipe.model}",
                        suite, data_dir, steps)
 
@@ -156,6 +155,15 @@ class _Outputs:
         return EvalResult.load(self.out / name / "eval") if name in self.names else None
 
 
+def _run_table(experiment: Experiment, out_dir: Path, first: str, label: str, progress: bool,
+               force: bool) -> tuple[RunResult, _Outputs, EvalResult | None, list[dict]]:
+    """Run the experiment; its outputs, the evaluation of the reference step `first` and the table's first row."""
+    result = run_experiment(experiment, out_dir, progress=progress, force=force)
+    got = _Outputs(Path(out_dir), experiment)
+    ref = got.evaluation(first)
+    return result, got, ref, [{"setting": label, **_columns(ref, ref)}]
+
+
 def _write_table(out: Path, title: str, rows: list[dict], columns: list[str], note: str) -> str:
     md = f"# {title}\n\n{note}\n\n" + rows_markdown(rows, [(c, c, _fmt) for c in columns], missing="-")
     write_text(out / "table.md", md)
@@ -169,11 +177,9 @@ def ssah_budget(recipe: AlignRecipe, unit_map: Path, out_dir: Path, *, settings:
     """Run `budget_experiment` into `out_dir` and write table.md / table.json (one row per setting)."""
     experiment = budget_experiment(recipe, unit_map, settings=settings, protocol=protocol, suite=suite,
                                    data_dir=data_dir)
-    result = run_experiment(experiment, out_dir, progress=progress, force=force)
-    got, out = _Outputs(Path(out_dir), experiment), Path(out_dir)
-    base_ev = got.evaluation("base")
+    result, got, base_ev, rows = _run_table(experiment, out_dir, "base", "base (no training)", progress, force)
+    out = Path(out_dir)
     base = base_ev.headline.as_dict() if base_ev else {}
-    rows = [{"setting": "base (no training)", **_columns(base_ev, base_ev)}]
     for step in experiment.steps:
         if step.kind != "align":
             continue
@@ -205,18 +211,16 @@ def ssah_freeze(recipe: FinetuneRecipe, unit_map: Path, out_dir: Path, *,
     """Run `freeze_experiment` into `out_dir` and write table.md / table.json (one row per setting)."""
     experiment = freeze_experiment(recipe, unit_map, settings=settings, frozen_epochs_factor=frozen_epochs_factor,
                                    protocol=protocol, suite=suite, data_dir=data_dir)
-    result = run_experiment(experiment, out_dir, progress=progress, force=force)
-    got, out = _Outputs(Path(out_dir), experiment), Path(out_dir)
-    before_ev = got.evaluation("before")
+    result, got, before_ev, rows = _run_table(experiment, out_dir, "before", "before fine-tuning", progress, force)
+    out = Path(out_dir)
     before = before_ev.headline.as_dict() if before_ev else {}
-    rows = [{"setting": "before fine-tuning", **_columns(before_ev, before_ev)}]
     for step in experiment.steps:
         if step.kind != "finetune" or step.name.endswith("-warmup"):
             continue
         train = got.train(step.name)
         warmup = step.model if step.model in got.names else None
         warm_steps = got.train(warmup)["steps"] if warmup else 0
-        rows.append({"setting": _freeze_label(step.freeze, warmup, experiment),
+        rows.append({"setting": _freeze_label(step.freeze, experiment.step(warmup).freeze if warmup else None),
                      "frozen_share": 1 - train["mask"]["trainable_share"], "epochs": step.settings["train"]["epochs"],
                      "warmup_steps": warm_steps, "steps": warm_steps + train["steps"],
                      "final_loss": train["final_loss"], "asr_before": before.get("asr"),
@@ -232,11 +236,10 @@ def ssah_freeze(recipe: FinetuneRecipe, unit_map: Path, out_dir: Path, *,
     return rows
 
 
-def _freeze_label(freeze: str | None, warmup: str | None, experiment: Experiment) -> str:
-    """A row's name: the frozen set, and the one frozen during the warm-up epoch."""
+def _freeze_label(freeze: str | None, wider: str | None) -> str:
+    """A freeze row's name (the evaluation's label and the table's): the frozen set, and the warm-up's wider one."""
     if freeze is None:
         return "full fine-tuning"
-    wider = experiment.step(warmup).freeze if warmup else None
     return f"freeze {freeze}" + (f" (1 epoch freeze {wider} first)" if wider else "")
 
 
