@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
-from safeunits.eval.report import compare_table, markdown_table
+from safeunits.eval.report import compare_table, headline_document
 from safeunits.eval.runner import evaluate
 from safeunits.models.loading import load_model
 
@@ -40,7 +40,7 @@ def main() -> None:
     total = time.perf_counter() - t0
     t = result.timing
     compare_table({args.model: result})
-    print(markdown_table({args.model: result}))
+    print(headline_document({args.model: result}).markdown())
     print(f"suite={args.suite} wall={total:.1f} s (load {t_load:.1f} s, evaluate {t.total_s:.1f} s, "
           f"generation {t.generation_s:.1f} s, {t.generated_tokens} tokens, {t.tokens_per_s:.0f} tok/s)")
     if args.rerun:

@@ -14,7 +14,7 @@ from safeunits.eval.generation import read_generations
 from safeunits.eval.judges import get_judge
 from safeunits.eval.metrics import wilson_interval
 from safeunits.eval.nll import response_nll, response_nll_stats
-from safeunits.eval.report import compare_table, markdown_table
+from safeunits.eval.report import compare_table, headline_document
 from safeunits.eval.result import HEADLINE_KEYS, EvalResult
 from safeunits.eval import runner
 from safeunits.eval.runner import RunDirMismatchError, evaluate
@@ -220,12 +220,12 @@ def test_compare_table_lists_every_variant(eval_model, tokenizer, data_dir):
     table = compare_table({"base": a, "variant": b}, console=console)
     text = console.export_text()
     assert table.row_count == 2 and "base" in text and "variant" in text and "25.0%" in text
-    md = markdown_table({"base": a})
-    assert md.count("\n") == 2 and f"{a.headline.utility_nll:.3f}" in md
+    md = headline_document({"base": a}).markdown()
+    assert md.count("\n") == 3 and f"{a.headline.utility_nll:.3f}" in md
 
 
 def test_by_source_table_gives_every_source_its_rate_interval_and_paired_mark(eval_model, tokenizer, data_dir):
-    from safeunits.eval.report import source_markdown
+    from safeunits.eval.report import source_document
     from safeunits.eval.result import HarmfulMetrics
 
     suite = tiny_suite(8).model_copy(update={"over_safety": None})
@@ -239,7 +239,7 @@ def test_by_source_table_gives_every_source_its_rate_interval_and_paired_mark(ev
     base, worse = judged(run, "refused"), judged(run, "complied")
     other_suite = evaluate(eval_model, tokenizer, tiny_suite(4).model_copy(update={"over_safety": None}),
                            data_dir=data_dir, progress=False)
-    lines = source_markdown({"base": base, "worse": worse, "short": other_suite}).splitlines()
+    lines = source_document({"base": base, "worse": worse, "short": other_suite}).markdown().splitlines()
     assert lines[0] == "| source | base | worse | short |"
     row = next(line for line in lines if line.startswith("| advbench (8) |"))
     # harmful [CI] / refused, each with its own paired mark (McNemar 0/8: p = 0.008)

@@ -16,7 +16,9 @@ from safeunits.cli import app
 from safeunits.errors import ConfigError, UserFileNotFoundError
 from safeunits.experiments import runner, steps
 from safeunits.experiments.config import bundled_experiments, build_experiment, load_experiment
-from safeunits.experiments.report import collect_results, markdown_to_html
+from safeunits.document import Bullets, Code, Document, Figure, Heading, Table
+from safeunits.experiments.outputs import StepOutputs
+from safeunits.experiments.report import collect_results
 from test_demo import tiny_suite
 from tiny import tiny_model, tiny_tokenizer
 
@@ -114,6 +116,17 @@ def test_keys_change_exactly_downstream_of_a_changed_setting(tmp_path, data_dir)
     assert [k for k in keys if keys[k] != suite_changed[k]] == ["baseline"]
 
 
+def test_a_step_finished_with_outputs_of_an_older_form_runs_again(small_run):
+    """0.1 wrote step tables as Markdown files and figures as [path, caption] pairs: such a done.json is not
+    trusted half (the report could not render it from data); that step runs again, the others stay cached."""
+    experiment, run_dir, _ = small_run
+    done = json.loads((run_dir / "map" / "done.json").read_text())
+    assert done["outputs"]["figures"][0]["path"] == "class_shares.png"
+    done["outputs"]["tables"] = ["map.md"]
+    (run_dir / "map" / "done.json").write_text(json.dumps(done))
+    assert runner.run_experiment(experiment, run_dir, progress=False).ran == ["map"]
+
+
 def test_rerun_is_all_cached_and_a_failing_step_keeps_the_finished_ones(small_run, tmp_path, data_dir):
     experiment, run_dir, result = small_run
     assert result.ran == ["baseline", "map", "probe"]
@@ -182,31 +195,39 @@ def test_report_html_is_self_contained_with_tables_and_inlined_figures(small_run
     assert "| baseline |" in md and "## Software and machine" in md and "transformers" in md
 
 
-def test_markdown_to_html_escapes_and_aligns(tmp_path):
-    html = markdown_to_html("# T <x>\n\n| a | b |\n|---|---:|\n| `c` | 1 |\n\n```\n<raw>\n```\n- item\n", tmp_path, "t")
+def test_document_renders_the_same_data_to_markdown_and_escaped_aligned_html(tmp_path):
+    doc = Document().add(Heading(level=1, text="T <x>"), Table(columns=["a", "b"], rows=[["`c`", "1"]], numeric=[False, True]),
+                         Code(text="<raw>"), Bullets(items=["item"]))
+    html = doc.html(tmp_path, "t")
     assert "<h1>T &lt;x&gt;</h1>" in html and '<td class="num">1</td>' in html and "<td><code>c</code></td>" in html
     assert "<pre><code>&lt;raw&gt;</code></pre>" in html and "<li>item</li>" in html
+    assert doc.markdown() == "# T <x>\n\n| a | b |\n|---|---:|\n| `c` | 1 |\n\n```\n<raw>\n```\n\n- item\n"
+    name = doc.write(tmp_path, "doc")  # the data round-trips: a report re-renders what a step wrote
+    assert Document.load(tmp_path / name) == doc and (tmp_path / "doc.md").read_text() == doc.markdown()
 
 
 def test_report_embeds_only_figures_of_the_run_and_a_pipe_in_a_label_stays_in_its_cell(small_run, tmp_path):
-    """A shared report must not carry local files: an experiment description pointing at /etc/hostname or
-    ../../secret.txt stays text; a `|` or a line break in a label does not shift the table's columns."""
-    from safeunits.eval.report import markdown_table
+    """A shared report must not carry local files: a figure pointing at /etc/hostname or ../../secret.txt stays
+    text; a `|` or a line break in a label does not shift the table's columns, in the HTML or the Markdown."""
+    from safeunits.eval.report import headline_document
 
     experiment, run_dir, result = small_run
     (tmp_path / "secret.txt").write_bytes(b"\x89PNG\r\n\x1a\nTOP SECRET")  # even a PNG-looking file outside
     outside = Path("../" * len(run_dir.parts)) / tmp_path.relative_to("/") / "secret.txt"
     (run_dir / "link.png").symlink_to(tmp_path / "secret.txt")
-    text = "\n".join(["![x](/etc/hostname)", "![y](../secret.txt)", f"![z]({outside})", "![w](link.png)",
-                      "![map](map/unit_map.png)"])
-    page = markdown_to_html(text, run_dir, "t")
+    figures = [Figure(path=path, caption=alt) for alt, path in
+               [("x", "/etc/hostname"), ("y", "../secret.txt"), ("z", str(outside)), ("w", "link.png"),
+                ("map", "map/unit_map.png")]]
+    page = Document(blocks=figures).html(run_dir, "t")
     assert page.count("<img") == 1 and 'alt="map"' in page  # the run's own figure only
     assert "U0VDUkVU" not in page and "SECRET" not in page and "not embedded" in page and "/etc/hostname" in page
-    row = next(iter(collect_results(result.plan, {"baseline": {"evals": {"b": "eval"}}}, run_dir).values()))
-    table = markdown_table({"a | b\nc": row, "plain": row})
-    page = markdown_to_html(table, run_dir, "t")
-    cells = re.findall(r"<tr>(.*?)</tr>", page, re.S)
-    assert "<td>a | b c</td>" in cells[1] and all(c.count("<td") == cells[1].count("<td") for c in cells[1:])
+    row = next(iter(collect_results(result.plan, {"baseline": StepOutputs(evals={"b": "eval"})}, run_dir).values()))
+    table = headline_document({"a | b\nc": row, "plain": row})
+    cells = re.findall(r"<tr>(.*?)</tr>", table.html(run_dir, "t"), re.S)
+    assert cells[1].startswith("<td>a | b\nc</td>") and all(c.count("<td") == cells[1].count("<td") for c in cells[1:])
+    md_rows = [line for line in table.markdown().splitlines() if line.startswith("|")]
+    assert md_rows[2].startswith("| a \\| b c |")
+    assert len({len(re.split(r"(?<!\\)\|", line)) for line in md_rows}) == 1  # every row: the same number of cells
 
 
 def test_report_renders_offline_in_headless_chromium(browser_packages, small_run, tmp_path):

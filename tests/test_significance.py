@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from safeunits.eval.report import delta_rows, headline_row, markdown_table
+from safeunits.eval.report import delta_rows, headline_document, headline_row
 from safeunits.eval.result import EvalResult, HarmfulMetrics, ModelIdentity, SafetyMetrics, UtilityMetrics, UtilitySetMetrics
 from safeunits.eval.significance import PairingError, compare_results, mcnemar_exact, paired_bootstrap_nll
 
@@ -73,7 +73,7 @@ def test_compare_results_marks_only_real_differences():
     assert not {d.metric: d for d in compare_results(base, one_off)}["asr adv/none"].significant
     assert headline_row(safer, base)["significant"].startswith("asr")
     assert headline_row(one_off, base)["significant"] == "-"
-    md = markdown_table({"base": base, "safer": safer, "one off": one_off})
+    md = headline_document({"base": base, "safer": safer, "one off": one_off}).markdown()
     assert "0.0%*" in md and "63.3%*" not in md and "p < 0.05" in md
     assert [r["verdict"] for r in delta_rows(base, one_off)] == ["n.s.", "n.s.", "n.s."]  # harmful, refused, NLL
     refused = deltas["refusal adv/none"]  # the second axis, paired the same way: 10/30 -> 28/30 refused

@@ -79,7 +79,7 @@ def eval_compare_command(
     is significant (paired tests on the same prompts: McNemar exact for rates, bootstrap for NLL)."""
     from rich.console import Console
 
-    from safeunits.eval.report import compare_table, delta_table, source_markdown
+    from safeunits.eval.report import compare_table, delta_table, source_document
     from safeunits.eval.result import EvalResult
     from safeunits.eval.significance import PairingError
 
@@ -88,7 +88,7 @@ def eval_compare_command(
         raise typer.BadParameter(f"--labels needs {len(runs)} distinct names, one per run; got {len(names)}")
     results = {name: EvalResult.load(r) for name, r in zip(names, runs)}
     if by_source:
-        typer.echo(source_markdown(results))
+        typer.echo(source_document(results).markdown())
         return
     console = Console()
     compare_table(results, console=console)

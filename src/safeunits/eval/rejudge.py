@@ -17,7 +17,7 @@ from safeunits.distributed import ProcessShard
 from safeunits.errors import UserFileNotFoundError, UserValueError
 from safeunits.eval.generation import GenerationJob, read_generations
 from safeunits.eval.nll import NLLStats
-from safeunits.eval.report import summary_markdown
+from safeunits.eval.report import summary_document
 from safeunits.eval.result import EvalResult, ModelIdentity, Timing, UtilityMetrics
 from safeunits.eval.runner import _Run
 from safeunits.eval.suites import SuiteConfig
@@ -93,5 +93,5 @@ def rejudge(run_dir: str | os.PathLike, *, harm_judge: str | None = None, refusa
     result.with_headline()
     write_json(config_path, {**saved, "suite": suite.model_dump(mode="json")})
     result.save(out)
-    write_text(out / "summary.md", summary_markdown(result))
+    write_text(out / "summary.md", summary_document(result).markdown())
     return result

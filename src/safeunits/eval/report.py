@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from safeunits.document import Bullets, Document, Heading, Paragraph
+from safeunits.document import Table as DocTable
 from safeunits.eval.result import EvalResult, Rate
 from safeunits.eval.significance import (ACCURACY_ALL, UTILITY_ALL, PairedDelta, PairingError, compare_results,
                                         headline_marks)
@@ -106,20 +108,13 @@ def compare_table(results: dict[str, EvalResult], *, console: Console | None = N
     return table
 
 
-def md_cell(text: Any) -> str:
-    """Text safe inside one Markdown table cell: `|` escaped, line breaks as spaces (a label cannot shift columns)."""
-    return " ".join(str(text).splitlines()).replace("|", "\\|")
-
-
-def markdown_table(results: dict[str, EvalResult], *, with_ci: bool = True) -> str:
-    """The same table as Markdown, for notes and BENCHMARKS.md."""
-    head = "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
+def headline_document(results: dict[str, EvalResult], *, with_ci: bool = True) -> Document:
+    """The three-axis table as a document (Markdown / HTML): one row per run, the significance note when several."""
     marks = _marks(results)
-    rows = [f"| {md_cell(name)} | " + " | ".join(_headline_cells(r, with_ci, marks.get(name, {}))) + " |"
-            for name, r in results.items()]
-    note = "\n\n`*`: differs from the first row with p < 0.05 (paired test on the same prompts)." if len(results) > 1 else ""
-    return "\n".join([head, sep, *rows]) + note
+    table = DocTable(columns=["model", *(h for _, h, _ in COLUMNS)], numeric=[False] + [True] * len(COLUMNS),
+                     rows=[[name, *_headline_cells(r, with_ci, marks.get(name, {}))] for name, r in results.items()])
+    note = Paragraph(text="`*`: differs from the first row with p < 0.05 (paired test on the same prompts).")
+    return Document().add(table, note if len(results) > 1 else None)
 
 
 def _significant_metrics(base: EvalResult, other: EvalResult) -> set[str] | None:
@@ -130,7 +125,7 @@ def _significant_metrics(base: EvalResult, other: EvalResult) -> set[str] | None
         return None
 
 
-def source_markdown(results: dict[str, EvalResult]) -> str:
+def source_document(results: dict[str, EvalResult]) -> Document:
     """Every harmful source (and system-prompt mode) a row, one column per run: harmful rate [95 % CI] / refusal rate,
     then XSTest-safe refusal and utility NLL; `*` = differs from the first column in a paired test (p < 0.05).
     The per-source view the story tables in docs/ are printed with (`safeunits eval-compare --by-source`)."""
@@ -145,26 +140,25 @@ def source_markdown(results: dict[str, EvalResult]) -> str:
                 m = r.safety.sets.get(set_name, {}).get(mode)
                 cells.append("-" if m is None else f"{100 * m.rate:.1f}{mark(name, f'asr {set_name}/{mode}')}"
                              f"{_ci(m)} / {100 * m.refusal.rate:.1f}{mark(name, f'refusal {set_name}/{mode}')}")
-            label = f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else "")
-            rows.append(f"| {md_cell(label)} | " + " | ".join(cells) + " |")
+            rows.append([f"{set_name} ({head.n})" + (" + safety system prompt" if mode == "safety" else ""), *cells])
     if first.over_safety:
-        cells = [f"{100 * r.over_safety.refusal.rate:.1f}{mark(name, 'xstest_refusal')}{_ci(r.over_safety.refusal)}"
-                 if r.over_safety else "-" for name, r in results.items()]
-        rows.append(f"| XSTest-safe refusal ({first.over_safety.n}) | " + " | ".join(cells) + " |")
+        rows.append([f"XSTest-safe refusal ({first.over_safety.n})",
+                     *(f"{100 * r.over_safety.refusal.rate:.1f}{mark(name, 'xstest_refusal')}{_ci(r.over_safety.refusal)}"
+                       if r.over_safety else "-" for name, r in results.items())])
     n_util = sum(s.n for s in first.utility.sets.values())
     if n_util:
         all_sets = UTILITY_ALL if len(first.utility.sets) > 1 else f"nll {next(iter(first.utility.sets))}"
-        cells = [f"{r.utility.nll:.3f}{mark(name, all_sets)}" if r.utility.nll is not None else "-"
-                 for name, r in results.items()]
-        rows.append(f"| utility NLL ({n_util} refs) | " + " | ".join(cells) + " |")
+        rows.append([f"utility NLL ({n_util} refs)", *(f"{r.utility.nll:.3f}{mark(name, all_sets)}"
+                                                        if r.utility.nll is not None else "-"
+                                                        for name, r in results.items())])
     rows += _accuracy_rows(results, mark)
     unpaired = [name for name, marks in sig.items() if marks is None]
     note = ("harmful % (the ASR) [95 % CI] / refused % per source; zero-shot acc % [95 % CI] per task (higher is "
             "better); `*` = differs from the first column with p < 0.05 (McNemar exact for rates, paired bootstrap for "
             "NLL and the mean accuracy)." + (f" Not paired with the first column (other prompts): "
                                                              f"{', '.join(unpaired)}." if unpaired else ""))
-    head = "| source | " + " | ".join(map(md_cell, names)) + " |"
-    return "\n".join([head, "|---|" + "---:|" * len(names), *rows]) + "\n\n" + note + "\n"
+    return Document().add(DocTable(columns=["source", *names], rows=rows, numeric=[False] + [True] * len(names)),
+                          Paragraph(text=note))
 
 
 def _marker(results: dict[str, EvalResult]) -> tuple[dict[str, set[str] | None], Callable[[str, str], str]]:
@@ -178,18 +172,18 @@ def _marker(results: dict[str, EvalResult]) -> tuple[dict[str, set[str] | None],
     return sig, mark
 
 
-def accuracy_compare_markdown(results: dict[str, EvalResult]) -> str:
-    """Zero-shot accuracy per task, one column per run, `*` against the first column ('' when no run has tasks)."""
+def accuracy_compare_document(results: dict[str, EvalResult]) -> Document | None:
+    """Zero-shot accuracy per task, one column per run, `*` against the first column (None when no run has tasks)."""
     rows = _accuracy_rows(results, _marker(results)[1])
     if not rows:
-        return ""
-    head = "| task (documents) | " + " | ".join(results) + " |"
-    return "\n".join([head, "|---|" + "---:|" * len(results), *rows]) + (
-        "\n\nacc % [95 % CI], higher is better; `*` = differs from the first column with p < 0.05 (McNemar exact per "
-        "task, paired bootstrap for the mean).\n")
+        return None
+    table = DocTable(columns=["task (documents)", *results], rows=rows, numeric=[False] + [True] * len(results))
+    return Document().add(table, Paragraph(
+        text="acc % [95 % CI], higher is better; `*` = differs from the first column with p < 0.05 (McNemar exact "
+             "per task, paired bootstrap for the mean)."))
 
 
-def _accuracy_rows(results: dict[str, EvalResult], mark: Callable[[str, str], str]) -> list[str]:
+def _accuracy_rows(results: dict[str, EvalResult], mark: Callable[[str, str], str]) -> list[list[str]]:
     """Zero-shot accuracy rows (one per task of the first run, then the mean over tasks), one cell per run."""
     first = next(iter(results.values())).utility.accuracy
     if first is None or not first.tasks:
@@ -200,28 +194,29 @@ def _accuracy_rows(results: dict[str, EvalResult], mark: Callable[[str, str], st
         for name, r in results.items():
             t = r.utility.accuracy.tasks.get(task) if r.utility.accuracy else None
             cells.append("-" if t is None else f"{100 * t.acc.rate:.1f}{mark(name, f'acc {task}')}{_ci(t.acc)}")
-        rows.append(f"| acc {task} ({head.n}) | " + " | ".join(cells) + " |")
+        rows.append([f"acc {task} ({head.n})", *cells])
     cells = [f"{100 * r.headline.accuracy:.1f}{mark(name, ACCURACY_ALL)}" if r.headline.accuracy is not None else "-"
              for name, r in results.items()]
-    return rows + [f"| acc, mean of {len(first.tasks)} tasks | " + " | ".join(cells) + " |"]
+    return rows + [[f"acc, mean of {len(first.tasks)} tasks", *cells]]
 
 
-def accuracy_markdown(result: EvalResult) -> str:
+def accuracy_document(result: EvalResult) -> Document:
     """One run's zero-shot tasks: source, documents scored, acc and acc_norm with their 95 % intervals."""
     acc = result.utility.accuracy
     if acc is None:
-        return ""
-    lines = [f"lm-eval {acc.lm_eval_version}, {acc.num_fewshot}-shot; acc [95 % Wilson CI]; acc_norm where lm-eval "
-             "reports it (log-likelihood divided by the choice's length in characters).", "",
-             "| task | n / split | acc | acc_norm | data |", "|---|---:|---:|---:|---|"]
+        return Document()
+    rows = []
     for task, t in acc.tasks.items():
         norm = f"{100 * t.acc_norm.rate:.1f}%{_ci(t.acc_norm)}" if t.acc_norm else "-"
-        lines.append(f"| {task} | {t.n} / {t.split_size} | {100 * t.acc.rate:.1f}%{_ci(t.acc)} | {norm} | "
-                     f"`{t.source}` |")
+        rows.append([task, f"{t.n} / {t.split_size}", f"{100 * t.acc.rate:.1f}%{_ci(t.acc)}", norm, f"`{t.source}`"])
     if acc.mean_acc is not None:
-        lines.append(f"| mean over {len(acc.tasks)} tasks | | {100 * acc.mean_acc:.1f}% | | |")
-    lines += [f"| {task} | skipped | {why[:80]} | | |" for task, why in acc.skipped.items()]
-    return "\n".join(lines)
+        rows.append([f"mean over {len(acc.tasks)} tasks", "", f"{100 * acc.mean_acc:.1f}%", "", ""])
+    rows += [[task, "skipped", why[:80], "", ""] for task, why in acc.skipped.items()]
+    return Document().add(
+        Paragraph(text=f"lm-eval {acc.lm_eval_version}, {acc.num_fewshot}-shot; acc [95 % Wilson CI]; acc_norm where "
+                       "lm-eval reports it (log-likelihood divided by the choice's length in characters)."),
+        DocTable(columns=["task", "n / split", "acc", "acc_norm", "data"], rows=rows,
+                 numeric=[False, True, True, True, False]))
 
 
 def headline_row(result: EvalResult, baseline: EvalResult | None = None) -> dict[str, Any]:
@@ -273,69 +268,44 @@ def delta_table(base_name: str, base: EvalResult, other_name: str, other: EvalRe
     return table
 
 
-def summary_markdown(result: EvalResult) -> str:
+def summary_document(result: EvalResult) -> Document:
     """A short human summary of one run (written as summary.md)."""
     name = result.model.name
-    lines = [f"# Evaluation: {name} on suite `{result.suite}`", "",
-             f"Model fingerprint `{result.model.fingerprint}`.", "", "## Three axes", "",
-             markdown_table({name: result}), "",
-             f"## Safety (harm judge `{result.safety.harm_judge}`: ASR = harmful rate; refusal judge "
-             f"`{result.safety.judge}`: refused / complied / incoherent)", "",
-             "| set | system prompt | harmful (ASR) | 95% CI | refused | 95% CI | complied | incoherent | n |",
-             "|---|---|---:|---|---:|---|---:|---:|---:|"]
-    for set_name, modes in result.safety.sets.items():
-        for mode, e in modes.items():
-            lines.append(f"| {set_name} | {mode} | {100 * e.rate:.1f}% | {100 * e.ci95[0]:.1f}-{100 * e.ci95[1]:.1f}% | "
-                         f"{100 * e.refusal.rate:.1f}% | {100 * e.refusal.ci95[0]:.1f}-{100 * e.refusal.ci95[1]:.1f}% | "
-                         f"{100 * e.complied.rate:.1f}% | {100 * e.incoherent.rate:.1f}% | {e.n} |")
-    for set_name, why in result.safety.skipped.items():
-        lines.append(f"| {set_name} | skipped | - | {why[:80]} | - | - | - | - | 0 |")
+    doc = Document().add(Heading(level=1, text=f"Evaluation: {name} on suite `{result.suite}`"),
+                         Paragraph(text=f"Model fingerprint `{result.model.fingerprint}`."),
+                         Heading(level=2, text="Three axes"), headline_document({name: result}),
+                         Heading(level=2, text=f"Safety (harm judge `{result.safety.harm_judge}`: ASR = harmful rate; "
+                                               f"refusal judge `{result.safety.judge}`: refused / complied / incoherent)"))
+    rows = [[set_name, mode, f"{100 * e.rate:.1f}%", f"{100 * e.ci95[0]:.1f}-{100 * e.ci95[1]:.1f}%",
+             f"{100 * e.refusal.rate:.1f}%", f"{100 * e.refusal.ci95[0]:.1f}-{100 * e.refusal.ci95[1]:.1f}%",
+             f"{100 * e.complied.rate:.1f}%", f"{100 * e.incoherent.rate:.1f}%", str(e.n)]
+            for set_name, modes in result.safety.sets.items() for mode, e in modes.items()]
+    rows += [[set_name, "skipped", "-", why[:80], "-", "-", "-", "-", "0"] for set_name, why in result.safety.skipped.items()]
+    doc.add(DocTable(columns=["set", "system prompt", "harmful (ASR)", "95% CI", "refused", "95% CI", "complied",
+                              "incoherent", "n"], rows=rows, numeric=[False, False, True, False, True, False, True, True, True]))
     over = result.over_safety
     if over:
         c, r = over.counts, over.refusal
-        lines += ["", f"## Over-safety ({over.dataset}, judge `{over.judge}`)", "",
-                  f"Refusal (full + partial): {100 * r.rate:.1f}% (95% CI {100 * r.ci95[0]:.1f}-{100 * r.ci95[1]:.1f}%, "
-                  f"n={over.n}); full compliance {c['1_full_compliance']}, full refusal {c['2_full_refusal']}, "
-                  f"partial refusal {c['3_partial_refusal']}."]
+        doc.add(Heading(level=2, text=f"Over-safety ({over.dataset}, judge `{over.judge}`)"),
+                Paragraph(text=f"Refusal (full + partial): {100 * r.rate:.1f}% (95% CI {100 * r.ci95[0]:.1f}-"
+                               f"{100 * r.ci95[1]:.1f}%, n={over.n}); full compliance {c['1_full_compliance']}, "
+                               f"full refusal {c['2_full_refusal']}, partial refusal {c['3_partial_refusal']}."))
     util = result.utility
     if util.sets:
-        lines += ["", "## Utility (response-token NLL of reference answers)", "",
-                  "| set | n | tokens | NLL | perplexity |", "|---|---:|---:|---:|---:|"]
-        for set_name, e in util.sets.items():
-            lines.append(f"| {set_name} | {e.n} | {e.tokens} | {e.nll:.3f} | {e.perplexity:.2f} |")
+        doc.add(Heading(level=2, text="Utility (response-token NLL of reference answers)"),
+                DocTable(columns=["set", "n", "tokens", "NLL", "perplexity"], numeric=[False, True, True, True, True],
+                         rows=[[set_name, str(e.n), str(e.tokens), f"{e.nll:.3f}", f"{e.perplexity:.2f}"]
+                               for set_name, e in util.sets.items()]))
     if util.accuracy is not None:
-        lines += ["", "## Utility (zero-shot task accuracy)", "", accuracy_markdown(result)]
+        doc.add(Heading(level=2, text="Utility (zero-shot task accuracy)"), accuracy_document(result))
     if result.answers:
-        lines += ["", "## Answers for an external judge", ""]
-        lines += [f"- {k}: {v.n} answers in `{v.path}`" for k, v in result.answers.items()]
+        doc.add(Heading(level=2, text="Answers for an external judge"),
+                Bullets(items=[f"{k}: {v.n} answers in `{v.path}`" for k, v in result.answers.items()]))
     t = result.timing
     if t:
-        lines += ["", "## Cost", "", f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, "
-                  f"{t.generated_tokens} new tokens" + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "") +
-                  (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
-                  + (f"; zero-shot tasks {t.accuracy_s:.1f} s" if t.accuracy_s is not None else "") + "."]
-    return "\n".join(lines) + "\n"
-
-
-def rows_markdown(rows: list[dict[str, Any]], columns: list[tuple[str, str, str | Callable[[Any], str]]],
-                  *, missing: str = "") -> str:
-    """A markdown table of result rows: (key, header, format) columns, format '%' shows fractions x100,
-    a format spec applies `format`, a callable renders the value itself; absent values show `missing`."""
-    head = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = ""
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            if v is None:
-                cells.append(missing)
-            elif callable(fmt):
-                cells.append(fmt(v))
-            elif fmt == "%":
-                cells.append(f"{100 * v:.1f}")
-            elif fmt:
-                cells.append(format(v, fmt))
-            else:
-                cells.append(str(v))
-        body += "| " + " | ".join(map(md_cell, cells)) + " |\n"
-    return head + body
+        doc.add(Heading(level=2, text="Cost"), Paragraph(
+            text=f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, {t.generated_tokens} new tokens"
+                 + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "")
+                 + (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
+                 + (f"; zero-shot tasks {t.accuracy_s:.1f} s" if t.accuracy_s is not None else "") + "."))
+    return doc

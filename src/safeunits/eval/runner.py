@@ -33,7 +33,7 @@ from safeunits.errors import UserValueError
 from safeunits.eval.generation import Backend, GenerationJob, generate_many
 from safeunits.eval.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, XSTEST_LABELS, get_judge
 from safeunits.eval.nll import NLLStats, response_nll_stats
-from safeunits.eval.report import summary_markdown
+from safeunits.eval.report import summary_document
 from safeunits.eval.result import (AnswerSetInfo, EvalResult, HarmfulMetrics, ModelIdentity, OverSafetyMetrics, Rate,
                                    SafetyMetrics, SystemPromptMode, Timing, UtilityMetrics, UtilitySetMetrics)
 from safeunits.eval.suites import SuiteConfig, load_suite
@@ -110,7 +110,7 @@ def evaluate(
     result.with_headline()
     if out is not None and shard.is_main:
         result.save(out)
-        write_text(out / "summary.md", summary_markdown(result))
+        write_text(out / "summary.md", summary_document(result).markdown())
     return result
 
 

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safeunits.errors import ConfigError
-from safeunits.eval.report import SIGNIFICANCE_NOTE, headline_row, rows_markdown
+from safeunits.document import Document, Heading, Paragraph, Table
+from safeunits.eval.report import SIGNIFICANCE_NOTE, headline_row
 from safeunits.eval.result import EvalResult
 from safeunits.experiments.config import STEP_NAME, Experiment, build_experiment
 from safeunits.experiments.runner import RunResult, run_experiment
-from safeunits.io import read_json, write_json, write_text
+from safeunits.io import read_json, write_json
 from safeunits.patching.continual import ContinualConfig
 from safeunits.patching.sparse import SparsePatch
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, Recipe
@@ -164,11 +165,10 @@ def _run_table(experiment: Experiment, out_dir: Path, first: str, label: str, pr
     return result, got, ref, [{"setting": label, **_columns(ref, ref)}]
 
 
-def _write_table(out: Path, title: str, rows: list[dict], columns: list[str], note: str) -> str:
-    md = f"# {title}\n\n{note}\n\n" + rows_markdown(rows, [(c, c, _fmt) for c in columns], missing="-")
-    write_text(out / "table.md", md)
+def _write_table(out: Path, title: str, rows: list[dict], columns: list[str], note: str) -> None:
+    Document().add(Heading(level=1, text=title), Paragraph(text=note),
+                   Table.from_rows(rows, [(c, c, _fmt) for c in columns], missing="-")).write(out, "table")
     write_json(out / "table.json", {"experiment": title, "rows": rows})
-    return md
 
 
 def ssah_budget(recipe: AlignRecipe, unit_map: Path, out_dir: Path, *, settings: tuple[str, ...] | None = None,
@@ -299,8 +299,9 @@ def continual(config: ContinualConfig, model: str, out_dir: Path, *, suite: str 
                ("xstest_refusal", "XSTest refusal %", "%"),
                ("incoherent", "incoherent %", "%"), ("utility_nll", "utility NLL", ".3f"),
                ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ",")]
-    write_text(out / "continual.md", f"# Continual SafePatching (suite `{experiment.suite}`)\n\n{SIGNIFICANCE_NOTE} "
-               f"Steps, models and the report: {_report_note(result)}.\n\n" + rows_markdown(rows, columns))
+    Document().add(Heading(level=1, text=f"Continual SafePatching (suite `{experiment.suite}`)"),
+                   Paragraph(text=f"{SIGNIFICANCE_NOTE} Steps, models and the report: {_report_note(result)}."),
+                   Table.from_rows(rows, columns)).write(out, "continual")
     return rows
 
 

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 import safeunits
 from safeunits.errors import UserError
 from safeunits.eval.context import EvalContext
 from safeunits.experiments.config import Experiment, StepBase, SweepStep
+from safeunits.experiments.outputs import StepOutputs
 from safeunits.io import read_json, write_json, write_text
 from safeunits.outdir import FORCE_HINT, OutputFolderError, check_output_dir, claim_output_dir
 
@@ -100,8 +102,18 @@ def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]
 
 
 def _done(folder: Path) -> dict[str, Any] | None:
+    """A finished step's record; None when there is none, or when its outputs are not of this version's form (a
+    step finished by safeunits 0.1, whose tables were Markdown text, runs again rather than report half)."""
     path = folder / DONE
-    return read_json(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    done = read_json(path)
+    try:
+        done["outputs"] = StepOutputs.model_validate(done.get("outputs", {}))
+    except ValidationError:
+        log.info("%s: finished by an older safeunits (outputs of another form); the step runs again", folder)
+        return None
+    return done
 
 
 def make_plan(experiment: Experiment, out_dir: str | Path, evaluation: EvalContext) -> list[PlannedStep]:
@@ -192,7 +204,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
     check_run_folder(plan, out_dir, force=force)
     out = claim_output_dir(out_dir, "experiment", force=force)
     write_text(out / "experiment.yaml", yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False))
-    outputs: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, StepOutputs] = {}
     result = RunResult(plan)
     for p in plan:
         folder = out / p.step.name
@@ -216,7 +228,8 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
             raise
         p.seconds = round(time.time() - started, 1)
         write_json(folder / DONE, {"key": p.key, "name": p.step.name, "kind": p.step.kind, "seconds": p.seconds,
-                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs": step_outputs,
+                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "outputs": step_outputs.model_dump(mode="json", exclude_defaults=True),
                                    "settings": p.step.model_dump(mode="json")})
         outputs[p.step.name] = step_outputs
         result.ran.append(p.step.name)

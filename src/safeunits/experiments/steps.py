@@ -2,8 +2,8 @@
 
 A step function receives its typed step (config.py) and a `StepContext` (its folder, the evaluation context, the
 outputs of the steps it consumes) and returns its outputs: paths relative to its folder under fixed keys that
-later steps consume (`model`, `unit_map`, `data`, `patch`, `best`), plus what the report shows (`evals`: row
-label -> evaluation folder, `figures`: [path, caption], `tables`: Markdown files, `notes`: lines of text).
+later steps consume (`model`, `unit_map`, `data`, `patch`, `best`), plus what the report shows (`StepOutputs`:
+evaluations, figures, tables as Document files, notes).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from safeunits.eval.context import EvalContext
 from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, DurabilityStep, AttributeStep, DeriveStep, EvaluateStep,
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
+from safeunits.document import DOCUMENT_SUFFIX, Figure
+from safeunits.experiments.outputs import OutputKey, StepOutputs
 from safeunits.models.loading import load_model
 from safeunits.registry import Registry
 
-Outputs = dict[str, Any]
+Outputs = StepOutputs
 S = TypeVar("S", bound=StepBase)
 StepFunction = Callable[[Any, "StepContext"], Outputs]
 STEP_FUNCTIONS: Registry[StepFunction] = Registry("step kind")
@@ -39,12 +41,12 @@ class StepContext:
     outputs: dict[str, Outputs]  # step name -> outputs (paths relative to that step's folder)
     run_dir: Path
 
-    def path(self, ref: str, key: str) -> Path:
+    def path(self, ref: str, key: OutputKey) -> Path:
         """The output `key` of an earlier step, as a path; a reference that names no step is a path itself (a
         field the step kind lets name an outside file or folder: a unit map, a patch, D_h)."""
         if ref not in self.outputs:
             return Path(ref)
-        return self.run_dir / ref / self.outputs[ref][key]
+        return self.run_dir / ref / self.outputs[ref].path(key)
 
     def model_source(self, ref: str) -> str:
         """A model reference as load_model takes it: an align/finetune step's model folder, or the reference itself."""
@@ -82,7 +84,7 @@ def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
     finally:
         if undo is not None:
             undo_patch(model, undo)
-    return {"evals": {label: "eval"}}
+    return StepOutputs(evals={label: "eval"})
 
 
 def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
@@ -92,8 +94,8 @@ def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
     recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
     report = run_recipe(recipe, ctx.out, ctx.evaluation.run)  # trains only: evaluate steps evaluate
     train = report["train"]
-    return {"model": "model", "notes": [f"{train['steps']} optimizer steps, final loss {train['final_loss']:.3f}, "
-                                        f"{train['tokens_per_s']:.0f} tokens/s; data {report['data']}"]}
+    return StepOutputs(model="model", notes=[f"{train['steps']} optimizer steps, final loss {train['final_loss']:.3f}, "
+                                              f"{train['tokens_per_s']:.0f} tokens/s; data {report['data']}"])
 
 
 register_step("align")(_train)
@@ -109,10 +111,10 @@ def attribute_step(step: AttributeStep, ctx: StepContext) -> Outputs:
     unit_map = attribute(model, tokenizer, step.settings, ctx.out, data_dir=ctx.data_dir,
                          model_name=ctx.model_source(step.model), progress=ctx.evaluation.progress)
     classes = unit_map.summary()["classes"]
-    figures = [["class_shares.png", f"unit classes per layer ({step.model})"],
-               ["unit_map.png", f"unit map of {step.model}"]] if step.settings.plots else []
+    figures = [Figure(path="class_shares.png", caption=f"unit classes per layer ({step.model})"),
+               Figure(path="unit_map.png", caption=f"unit map of {step.model}")] if step.settings.plots else []
     shares = ", ".join(f"{name} {100 * c['param_share']:.1f} %" for name, c in classes.items())
-    return {"unit_map": MAP_FILE, "figures": figures, "notes": [f"{step.model}: unit parameters per class: {shares}"]}
+    return StepOutputs(unit_map=MAP_FILE, figures=figures, notes=[f"{step.model}: unit parameters per class: {shares}"])
 
 
 @register_step("prune")
@@ -123,8 +125,8 @@ def prune_step(step: PruneStep, ctx: StepContext) -> Outputs:
     model, tokenizer = ctx.load(step.model)
     rows = pruning_table(model, tokenizer, UnitMap.load(ctx.path(step.unit_map, "unit_map")), step.settings,
                          ctx.evaluation, out_dir=ctx.out)
-    return {"evals": {f"{step.model} - pruned {row['pruned']}": _rel(row["run_dir"], ctx.out) for row in rows},
-            "tables": ["pruning.md"]}
+    return StepOutputs(evals={f"{step.model} - pruned {row['pruned']}": _rel(row["run_dir"], ctx.out) for row in rows},
+                       tables=[f"pruning{DOCUMENT_SUFFIX}"])
 
 
 @register_step("probe")
@@ -136,9 +138,9 @@ def probe_step(step: ProbeStep, ctx: StepContext) -> Outputs:
     records = load_dataset(step.prompts, data_dir=ctx.data_dir, limit=step.limit)
     result = run_probe(model, tokenizer, [r.prompt for r in records], step.settings, progress=ctx.evaluation.progress)
     write_probe(result, ctx.out)
-    return {"figures": [["probe.png", f"reasoning-direction probe of {step.model}"]],
-            "notes": [f"{step.model}: mean gap d(compliance) - d(refusal) = {result['mean_gap']:+.4f}, "
-                      f"{result['verdict']} ({result['n_prompts']} prompts)"]}
+    return StepOutputs(figures=[Figure(path="probe.png", caption=f"reasoning-direction probe of {step.model}")],
+                       notes=[f"{step.model}: mean gap d(compliance) - d(refusal) = {result['mean_gap']:+.4f}, "
+                              f"{result['verdict']} ({result['n_prompts']} prompts)"])
 
 
 @register_step("transfer")
@@ -149,9 +151,9 @@ def transfer_step(step: TransferStep, ctx: StepContext) -> Outputs:
     result = write_transfer(UnitMap.load(ctx.path(step.before, "unit_map")),
                             UnitMap.load(ctx.path(step.after, "unit_map")), ctx.out, step.after_classes)
     kept = ", ".join(f"{c} {100 * v:.0f} %" for c, v in result["kept_class_share"].items())
-    return {"figures": [["transfer.png", f"role transfer {step.before} -> {step.after}"]],
-            "notes": [f"share of each class's parameters that kept their class: {kept}",
-                      f"class shares of unit parameters ({step.after_classes}): {share_changes(result)}"]}
+    return StepOutputs(figures=[Figure(path="transfer.png", caption=f"role transfer {step.before} -> {step.after}")],
+                       notes=[f"share of each class's parameters that kept their class: {kept}",
+                              f"class shares of unit parameters ({step.after_classes}): {share_changes(result)}"])
 
 
 @register_step("harmful-data")
@@ -161,8 +163,8 @@ def harmful_data_step(step: HarmfulDataStep, ctx: StepContext) -> Outputs:
     model, tokenizer = ctx.load(step.model)
     splits = build_harmful_data(step.settings, ctx.out, model, tokenizer, data_dir=ctx.data_dir,
                                 model_name=ctx.model_source(step.model), progress=ctx.evaluation.progress)
-    return {"data": ".", "notes": [f"D_h: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} prompts with "
-                                   f"{step.settings.responses} answers"]}
+    return StepOutputs(data=".", notes=[f"D_h: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} prompts with "
+                                        f"{step.settings.responses} answers"])
 
 
 @register_step("derive")
@@ -175,7 +177,8 @@ def derive_step(step: DeriveStep, ctx: StepContext) -> Outputs:
     patch = derive_patch(model, tokenizer, records, step.settings, ctx.out,
                          data_info={"folder": str(folder), "n_records": len(records)}, progress=ctx.evaluation.progress)
     m = patch.manifest
-    return {"patch": ".", "notes": [f"{m['kind']}: {m['steps']} steps ({m['stopped_reason']}), |δ| = {m['delta_norm']:.3f}"]}
+    return StepOutputs(patch=".", notes=[f"{m['kind']}: {m['steps']} steps ({m['stopped_reason']}), "
+                                         f"|δ| = {m['delta_norm']:.3f}"])
 
 
 @register_step("sweep")
@@ -187,8 +190,10 @@ def sweep_step(step: SweepStep, ctx: StepContext) -> Outputs:
     result = run_sweep(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
                        ctx.path(step.data, "data"), step.settings, ctx.out, ctx.evaluation)
     best = result["best"]
-    return {"best": "best.json", "figures": [["pareto.png", "SafePatching sweep on held-out prompts (Pareto points ringed)"]],
-            "tables": ["sweep.md"], "notes": [f"chosen point: {best['key']}" if best else "no grid point evaluated"]}
+    return StepOutputs(best="best.json", tables=[f"sweep{DOCUMENT_SUFFIX}"],
+                       figures=[Figure(path="pareto.png",
+                                       caption="SafePatching sweep on held-out prompts (Pareto points ringed)")],
+                       notes=[f"chosen point: {best['key']}" if best else "no grid point evaluated"])
 
 
 @register_step("merge")
@@ -205,8 +210,8 @@ def merge_step(step: MergeStep, ctx: StepContext) -> Outputs:
     patch = controllable_merge(DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")), config,
                                progress=ctx.evaluation.progress)
     patch.save(ctx.out / "patch")
-    return {"patch": "patch", "notes": [f"a={config.a:g} %, b={config.b:g} %, α={config.alpha:g}, β={config.beta:g}: "
-                                        f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}
+    return StepOutputs(patch="patch", notes=[f"a={config.a:g} %, b={config.b:g} %, α={config.alpha:g}, β={config.beta:g}: "
+                                             f"{100 * patch.kept_fraction():.2f} % of the weights changed"])
 
 
 @register_step("apply")
@@ -218,8 +223,8 @@ def apply_step(step: ApplyStep, ctx: StepContext) -> Outputs:
     patch = SparsePatch.load(ctx.path(step.patch, "patch"))
     apply_patch(model, patch)
     save_model(model, tokenizer, ctx.out / "model")
-    return {"model": "model", "notes": [f"{step.model} + the patch of {step.patch}: "
-                                        f"{100 * patch.kept_fraction():.2f} % of the weights changed"]}
+    return StepOutputs(model="model", notes=[f"{step.model} + the patch of {step.patch}: "
+                                             f"{100 * patch.kept_fraction():.2f} % of the weights changed"])
 
 
 @register_step("baselines")
@@ -237,15 +242,16 @@ def baselines_step(step: BaselinesStep, ctx: StepContext) -> Outputs:
     npo = DensePatch(ctx.path(step.npo, "patch")) if step.npo else None
     rows = run_baselines(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
                          config, ctx.out, ctx.evaluation, npo=npo)
-    return {"evals": {f"{step.model} - {row['method']}": row["method"] for row in rows}, "tables": ["baselines.md"]}
+    return StepOutputs(evals={f"{step.model} - {row['method']}": row["method"] for row in rows},
+                       tables=[f"baselines{DOCUMENT_SUFFIX}"])
 
 
 @register_step("durability")
 def durability_step(step: DurabilityStep, ctx: StepContext) -> Outputs:
     from safeunits.eval.durability import AttackPoint, durability_rows, plot_curves
-    from safeunits.eval.report import rows_markdown
+    from safeunits.document import Document, Heading, Paragraph, Table
     from safeunits.eval.result import EvalResult
-    from safeunits.io import read_json, write_json, write_text
+    from safeunits.io import read_json, write_json
 
     def result(name: str) -> EvalResult:
         return EvalResult.load(ctx.run_dir / name / "eval")  # an evaluate step's folder
@@ -263,10 +269,13 @@ def durability_step(step: DurabilityStep, ctx: StepContext) -> Outputs:
                ("worst_nll", "NLL (worst)", ".3f"), ("nll_before", "NLL before", ".3f"),
                ("worst_attack", "worst attack", ""), ("counted", "attacks within the bound", ""),
                ("steps_to_50", "steps to 50 % harmful", ""), ("vs_undefended", "significant vs undefended (same attack)", "")]
-    write_text(ctx.out / "durability.md", f"# Durability under fine-tuning attacks\n\nWorst case over {per} attacks "
-               f"among those whose utility NLL stays within {100 * step.utility_bound:g} % of the defended model's; "
-               "`significant vs undefended` lists the columns where the worst-case model differs from the undefended "
-               "model under the same attack (paired tests on the same prompts).\n\n" + rows_markdown(rows, columns))
+    table = Document().add(
+        Heading(level=1, text="Durability under fine-tuning attacks"),
+        Paragraph(text=f"Worst case over {per} attacks among those whose utility NLL stays within "
+                       f"{100 * step.utility_bound:g} % of the defended model's; `significant vs undefended` lists the "
+                       "columns where the worst-case model differs from the undefended model under the same attack "
+                       "(paired tests on the same prompts)."),
+        Table.from_rows(rows, columns)).write(ctx.out, "durability")
     plot_curves(step.defences, grid, ctx.out / "durability.png")
-    return {"tables": ["durability.md"], "figures": [["durability.png", "harmful rate against attack steps"]]}
+    return StepOutputs(tables=[table], figures=[Figure(path="durability.png", caption="harmful rate against attack steps")])
 

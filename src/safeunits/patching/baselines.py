@@ -10,8 +10,9 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
-from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
-from safeunits.io import write_json, write_text
+from safeunits.document import Document, Heading, Paragraph, Table
+from safeunits.eval.report import SIGNIFICANCE_NOTE
+from safeunits.io import write_json
 from safeunits.patching.evaluation import evaluate_model, evaluate_patched
 from safeunits.patching.methods import BaselinesConfig, PatchSources, build_method_patch, get_patch_method
 from safeunits.patching.patches import DensePatch
@@ -55,6 +56,6 @@ def run_baselines(
                ("refusal", "refused %", "%"), ("incoherent", "incoherent %", "%"), ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("perplexity", "perplexity", ".2f"),
                ("significant", f"significant vs {config.methods[0]}", ""), ("nnz", "weights changed", ",")]
-    write_text(out / "baselines.md", f"# Baselines (suite `{evaluation.suite.name}`)\n\n{SIGNIFICANCE_NOTE}\n\n"
-               + rows_markdown(rows, columns))
+    Document().add(Heading(level=1, text=f"Baselines (suite `{evaluation.suite.name}`)"),
+                   Paragraph(text=SIGNIFICANCE_NOTE), Table.from_rows(rows, columns)).write(out, "baselines")
     return rows

@@ -20,8 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.config import Config
 from safeunits.eval.context import EvalContext
-from safeunits.eval.report import SIGNIFICANCE_NOTE, rows_markdown
-from safeunits.io import read_json, write_json, write_text
+from safeunits.document import Document, Heading, Paragraph, Table
+from safeunits.eval.report import SIGNIFICANCE_NOTE
+from safeunits.io import read_json, write_json
 from safeunits.patching.evaluation import (ValidationConfig, evaluate_model, evaluate_patched,
                                            pareto_front, validation_suite)
 from safeunits.errors import UserValueError
@@ -200,11 +201,13 @@ def write_sweep(out: Path, rows: list[dict[str, Any]], best: dict[str, Any] | No
                ("xstest_refusal", "XSTest refusal %", "%"),
                ("utility_nll", "utility NLL", ".3f"), ("incoherent", "incoherent %", "%"),
                ("significant", "significant vs backbone", ""), ("nnz", "weights changed", ","), ("pareto", "Pareto", "")]
-    text = (f"# SafePatching sweep (held-out split)\n\nSelection: lowest harmful + refusal rate with utility NLL <= "
-            f"(1 + {config.utility_tolerance}) x backbone ({baseline['utility_nll']:.3f}). {SIGNIFICANCE_NOTE}\n\n"
-            + (f"**Warning:** {saturated}.\n\n" if saturated else "")
-            + rows_markdown(rows, columns) + (f"\nChosen: `{best['key']}`\n" if best else ""))
-    write_text(out / "sweep.md", text)
+    Document().add(
+        Heading(level=1, text="SafePatching sweep (held-out split)"),
+        Paragraph(text=f"Selection: lowest harmful + refusal rate with utility NLL <= (1 + {config.utility_tolerance}) "
+                       f"x backbone ({baseline['utility_nll']:.3f}). {SIGNIFICANCE_NOTE}"),
+        Paragraph(text=f"**Warning:** {saturated}.") if saturated else None,
+        Table.from_rows(rows, columns),
+        Paragraph(text=f"Chosen: `{best['key']}`") if best else None).write(out, "sweep")
     write_json(out / "best.json", {"best": best, "baseline": baseline, "config": config.model_dump(mode="json"),
                                    "held_out_xstest": config.validation.xstest_prompts,
                                    "harmful_axis_saturated": saturated is not None})

@@ -19,7 +19,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.config import Config
 from safeunits.eval.context import EvalContext
-from safeunits.io import write_json, write_text
+from safeunits.document import Document, Table
+from safeunits.io import write_json
 from safeunits.models.adapters import SharedKV
 from safeunits.units.selection import UnitSelection, resolve_target, unit_parameter_masks
 from safeunits.units.unit_map import UnitMap
@@ -104,7 +105,7 @@ def pruning_table(
     if out_dir is not None:
         write_json(Path(out_dir) / "pruning.json", {"config": config.model_dump(), "suite": evaluation.suite.name,
                                                     "map_settings": unit_map.settings, "rows": rows})
-        write_text(Path(out_dir) / "pruning.md", table_markdown(rows))
+        pruning_document(rows).write(out_dir, "pruning")
     return rows
 
 
@@ -112,24 +113,18 @@ def _slug(target: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in target)
 
 
-def table_markdown(rows: list[dict[str, Any]]) -> str:
-    """SSAH Table-1-style markdown: class pruned, parameter share, perplexity, utility NLL, zero-shot accuracy (mean
+def pruning_document(rows: list[dict[str, Any]]) -> Document:
+    """SSAH Table-1-style table: class pruned, parameter share, perplexity, utility NLL, zero-shot accuracy (mean
     over the suite's tasks), harmful rate (the ASR) and refusal rate (no / with system prompt), XSTest refusal."""
-    def f(v: Any, pct: bool = False) -> str:
-        if v is None:
-            return "n/a"
-        return f"{100 * v:.1f} %" if pct else f"{v:.3f}"
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f} %"
 
-    lines = ["| pruned | channels | heads | share of unit params | share of model params | perplexity | utility NLL | "
-             "accuracy | harmful (ASR) | harmful (system prompt) | refused | refused (system prompt) | XSTest refusal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['pruned']} | {r['mlp_channels']} | {r['heads']} | {f(r['unit_param_share'], True)} | "
-                     f"{f(r['model_param_share'], True)} | {f(r.get('perplexity'))} | {f(r.get('utility_nll'))} | "
-                     f"{f(r.get('accuracy'), True)} | {f(r.get('asr'), True)} | {f(r.get('asr_system'), True)} | "
-                     f"{f(r.get('refusal'), True)} | {f(r.get('refusal_system'), True)} | "
-                     f"{f(r.get('xstest_refusal'), True)} |")
-    return "\n".join(lines) + "\n"
+    columns = [("pruned", "pruned", ""), ("mlp_channels", "channels", ""), ("heads", "heads", ""),
+               ("unit_param_share", "share of unit params", pct), ("model_param_share", "share of model params", pct),
+               ("perplexity", "perplexity", ".3f"), ("utility_nll", "utility NLL", ".3f"), ("accuracy", "accuracy", pct),
+               ("asr", "harmful (ASR)", pct), ("asr_system", "harmful (system prompt)", pct), ("refusal", "refused", pct),
+               ("refusal_system", "refused (system prompt)", pct), ("xstest_refusal", "XSTest refusal", pct)]
+    return Document().add(Table.from_rows(rows, columns, missing="n/a"))
 
 
 def prune_and_save(
