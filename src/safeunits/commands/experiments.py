@@ -11,6 +11,7 @@ import typer
 
 from safeunits.cli_options import DATA_DIR, FORCE, QUIET, out_option, sets_option, suite_option
 from safeunits.config import parse_sets
+from safeunits.experiments.config import bundled_experiments
 
 log = logging.getLogger(__name__)
 DEMO_EXPERIMENT = "demo-quick"
@@ -46,7 +47,7 @@ def run_command_body(experiment: str, out: Path | None, sets: list[str], suite: 
 
 @app.command("run")
 def run_command(
-    experiment: str = typer.Argument(..., help="Experiment YAML, or a bundled one: demo-quick, demo-full, gpu-template."),
+    experiment: str = typer.Argument(..., help=f"Experiment YAML, or a bundled one: {', '.join(bundled_experiments())}."),
     out: Optional[Path] = out_option("Run folder (default runs/<experiment name>); a rerun reuses finished steps.",
                                      default=None),
     suite: Optional[str] = suite_option(None, "Overrides the experiment's suite."),
@@ -56,7 +57,7 @@ def run_command(
     quiet: bool = QUIET,
     force: bool = FORCE,
 ) -> None:
-    """Run a declarative experiment: cached steps (evaluate, align, attribute, prune, probe, finetune, patch) and a report."""
+    """Run a declarative experiment: cached steps (every kind of docs/experiments.md) and a report."""
     run_command_body(experiment, out, sets, suite, data_dir, dry_run, quiet, force)
 
 

@@ -342,7 +342,7 @@ def bundled_experiments() -> list[str]:
 
 
 def experiment_path(name_or_path: str | os.PathLike) -> Path:
-    """A YAML path, or the bundled experiment of that name (demo-quick, demo-full, gpu-template)."""
+    """A YAML path, or the bundled experiment of that name (`bundled_experiments()`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
