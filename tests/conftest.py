@@ -64,9 +64,9 @@ def cli_inputs(tmp_path_factory, data_dir) -> dict:
                             for i in range(6)))
     for args in (["attribute", "--model", model, "--out", tmp / "map", "--limit", "2", "--utility-data", util,
                   "--max-length", "200", "--no-plots", "--data-dir", data_dir, "-q"],
-                 ["patch", "build-data", "--out", tmp / "dh", "--prompts", harm, "--offset", "0", "--n-train", "5",
+                 ["patch", "harmful-data", "--out", tmp / "dh", "--prompts", harm, "--offset", "0", "--n-train", "5",
                   "--n-val", "1", "--responses", "dataset", "--eval-set", "advbench[:100]", "--data-dir", data_dir],
-                 ["patch", "derive", "--model", model, "--data", tmp / "dh", "--out", tmp / "p", "--max-steps", "1",
+                 ["patch", "derive", "--model", model, "--harmful-data", tmp / "dh", "--out", tmp / "p", "--max-steps", "1",
                   "--batch-size", "2", "-q"],
                  ["patch", "merge", "--se", tmp / "p/se", "--osm", tmp / "p/osm", "--out", tmp / "merged", "-q"]):
         res = run(*args)
@@ -74,6 +74,6 @@ def cli_inputs(tmp_path_factory, data_dir) -> dict:
     suite = tiny_suite(tmp / "tiny.yaml")
     exp = tmp / "exp.yaml"
     exp.write_text(yaml.safe_dump({"name": "canary", "suite": suite, "data_dir": str(data_dir),
-                                   "steps": [{"name": "baseline", "kind": "evaluate", "model": str(model)}]}))
+                                   "steps": [{"name": "baseline", "kind": "eval", "model": str(model)}]}))
     return {"model": model, "map": tmp / "map", "util": util, "dh": tmp / "dh", "p": tmp / "p",
             "merged": tmp / "merged", "suite": suite, "exp": exp, "data_dir": data_dir}

@@ -111,14 +111,14 @@ def test_a_durability_step_needs_the_same_grid_for_every_defence():
     from safeunits.errors import ConfigError
     from safeunits.experiments.config import build_experiment
 
-    steps = [{"name": "e0", "kind": "evaluate"}, {"name": "e1", "kind": "evaluate"},
-             {"name": "a0", "kind": "attack", "model": "m"}, {"name": "e2", "kind": "evaluate", "model": "a0"},
+    steps = [{"name": "e0", "kind": "eval"}, {"name": "e1", "kind": "eval"},
+             {"name": "a0", "kind": "attack", "model": "m"}, {"name": "e2", "kind": "eval", "model": "a0"},
              {"name": "d", "kind": "durability", "defences": ["none", "other"], "before": ["e0", "e1"],
               "attacks": ["a0"], "after": ["e2"]}]
     with pytest.raises(ConfigError, match="same attack grid"):
         build_experiment({"name": "x", "steps": steps}, {})
     steps[-1].update(attacks=["a0", "e1"], after=["e2", "e2"])
-    with pytest.raises(ConfigError, match="attacks.1='e1' is a evaluate step"):
+    with pytest.raises(ConfigError, match="attacks.1='e1' is a step of kind eval"):
         build_experiment({"name": "x", "steps": steps}, {})
 
 

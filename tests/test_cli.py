@@ -134,7 +134,7 @@ def test_artifact_for_another_model(tmp_path, tiny_dir, data_dir, util_file):
     (["eval", "--suite", "nope"], ["unknown suite 'nope'", "quick"]),
     (["train", "--recipe", "align", "--config", "nope"], ["recipe 'nope'", "aligned-default"]),
     (["judge-check", "--judge", "nope"], ["unknown judge 'nope'", "strmatch"]),
-    (["patch", "derive", "--data", "dh", "--objective", "nope"], ["objective", "unknown training objective 'nope'", "ascent"]),
+    (["patch", "derive", "--harmful-data", "dh", "--objective", "nope"], ["objective", "unknown training objective 'nope'", "ascent"]),
 ])
 def test_unknown_names(tmp_path, data_dir, args, words):
     assert_short_error(run(*args, "--out", tmp_path / "x", *(["--data-dir", data_dir] if args[0] == "judge-check" else [])),
@@ -190,11 +190,11 @@ def _visible_options(cmd) -> set[str]:
     return {o for p in cmd.params if not getattr(p, "hidden", False) for o in p.opts + p.secondary_opts}
 
 
-LOADS_MODEL = {"eval", "train", "attack", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch build-data",
+LOADS_MODEL = {"eval", "train", "attack", "ssah-budget", "ssah-freeze", "attribute", "prune", "probe", "patch harmful-data",
                "patch derive", "patch apply", "patch sweep", "patch continual", "patch baselines"}
 WRITES = LOADS_MODEL | {"judge-check", "transfer", "patch merge", "demo"}
 EVALUATES = {"eval", "train", "attack", "ssah-budget", "ssah-freeze", "prune", "patch continual", "patch baselines", "demo", "run"}
-HAS_CONFIG = (EVALUATES | {"attribute", "probe", "patch build-data", "patch derive", "patch merge", "patch sweep"})
+HAS_CONFIG = (EVALUATES | {"attribute", "probe", "patch harmful-data", "patch derive", "patch merge", "patch sweep"})
 PROGRESS = HAS_CONFIG | {"patch apply"}
 DEPRECATED = {"--eval", "--no-progress", "--map", "--train-json", "--se-train", "--osm-train", "--tolerance"}
 
@@ -209,11 +209,28 @@ def test_every_command_speaks_the_same_vocabulary():
             if name in group:
                 assert set(needed) <= opts, (name, needed)
         assert not opts & DEPRECATED, (name, opts & DEPRECATED)
-        if "--data-dir" in opts or name in {"eval", "attribute", "probe", "prune", "patch build-data"}:
+        if "--data-dir" in opts or name in {"eval", "attribute", "probe", "prune", "patch harmful-data"}:
             assert "--data-dir" in opts, name
         assert "--threads" in opts, name
         if name in (WRITES | {"run"}) - {"judge-check"}:
             assert "--force" in opts, name
+
+
+def test_a_step_kind_and_its_command_have_one_name():
+    """One vocabulary across CLI and YAML: the command doing what a step kind does carries the kind's name (0.1 had
+    `patch build-data` for `harmful-data` steps, `eval` for `evaluate` steps), a D_h folder is `--harmful-data`
+    as the steps' `harmful_data`, and `--data` names datasets to train on, never a folder of results."""
+    from safeunits.experiments.config import STEP_CLASSES
+
+    commands = _commands()
+    by_recipe, experiment_only = {"align", "finetune"}, {"durability"}  # `train --recipe align|finetune`
+    for kind in set(STEP_CLASSES) - by_recipe - experiment_only:
+        assert kind in commands or f"patch {kind}" in commands, kind
+    assert {"patch derive", "patch sweep"} <= {n for n, c in commands.items() if "--harmful-data" in _visible_options(c)}
+    for name, cmd in commands.items():
+        for param in cmd.params:
+            if "--data" in param.opts:
+                assert name in {"train", "attack"} and "folder" not in (param.help or ""), name
 
 
 def test_the_lazy_command_table_matches_the_commands():
@@ -283,12 +300,12 @@ def test_set_on_a_nested_default_keeps_its_other_fields():
     (error: se.objective missing); `--prompts` replaced the default step data config (offset 100, 64 prompts)."""
     from safeunits.patching.continual import ContinualConfig
 
-    config = build_config(ContinualConfig, {"data": {"prompts": "advbench"}},
+    config = build_config(ContinualConfig, {"harmful_data": {"prompts": "advbench"}},
                           parse_sets(["se.train.lr=0.0001", "osm.train.max_steps=5"]))
     default = ContinualConfig()
     assert (config.se.objective, config.osm.objective) == (default.se.objective, default.osm.objective)
     assert config.se.train == {"lr": 1e-4} and config.osm.train == {"max_steps": 5}
-    assert config.data == default.data.model_copy(update={"prompts": "advbench"})
+    assert config.harmful_data == default.harmful_data.model_copy(update={"prompts": "advbench"})
 
 
 def test_set_values_and_config_files_read_exponents_as_numbers(tmp_path):

@@ -40,7 +40,7 @@ def browser_packages() -> None:
 def small(tmp_path, data_dir, **extra) -> dict:
     """A three-step experiment on the tiny model: an evaluation, a unit map (two figures), a probe."""
     return {"name": "small", "suite": tiny_suite(tmp_path / "tiny.yaml"), "data_dir": str(data_dir), **extra,
-            "steps": [{"name": "baseline", "kind": "evaluate"},
+            "steps": [{"name": "baseline", "kind": "eval"},
                       {"name": "map", "kind": "attribute", "settings": {"limit": 4}},
                       {"name": "probe", "kind": "probe", "limit": 2}]}
 
@@ -77,12 +77,14 @@ def test_every_evaluation_of_a_run_with_a_sweep_leaves_out_its_held_out_xstest_p
 @pytest.mark.parametrize("steps_, message", [
     ([{"name": "p", "kind": "prune", "unit_map": "m"}], "unit_map='m' is not a step name"),
     ([{"name": "p", "kind": "prune", "unit_map": "m"}, {"name": "m", "kind": "attribute"}], "comes later"),
-    ([{"name": "e", "kind": "evaluate"}, {"name": "p", "kind": "prune", "unit_map": "e"}], "is a evaluate step; expected a attribute"),
+    ([{"name": "e", "kind": "eval"}, {"name": "p", "kind": "prune", "unit_map": "e"}], "is a step of kind eval; expected kind attribute"),
     ([{"name": "a", "kind": "attribute", "settings": {"limt": 3}}], "AttributionConfig has no field settings.'limt'"),
     ([{"name": "a", "kind": "align", "budget": "ru"}], "budget needs unit_map"),
     ([{"name": "a", "kind": "align", "recipe": "finetune"}], "a align step needs one of kind align"),
-    ([{"name": "a", "kind": "evaluate"}, {"name": "a", "kind": "evaluate"}], "two steps are named 'a'"),
+    ([{"name": "a", "kind": "eval"}, {"name": "a", "kind": "eval"}], "two steps are named 'a'"),
     ([{"name": "a", "kind": "fly"}], "does not match any of the expected tags"),
+    ([{"name": "a", "kind": "evaluate"}], "step kind `evaluate` is now `eval`"),  # 0.1's words, said in 0.2's
+    ([{"name": "d", "kind": "derive", "data": "dh", "settings": {"objective": "ascent"}}], "is now `harmful_data`"),
 ])
 def test_a_bad_experiment_fails_before_anything_runs_with_the_reason(steps_, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -263,6 +265,6 @@ def test_a_unit_map_file_named_by_a_step_is_keyed_by_its_content(tmp_path):
     assert runner.step_keys(build_experiment(raw, {}), evaluation) == first
     unit_map.write_bytes(b"second")
     assert runner.step_keys(experiment, evaluation) != first
-    later = {**raw, "steps": [{**raw["steps"][0], "model": "ev"}, {"name": "ev", "kind": "evaluate"}]}
+    later = {**raw, "steps": [{**raw["steps"][0], "model": "ev"}, {"name": "ev", "kind": "eval"}]}
     with pytest.raises(ConfigError, match="comes later"):
         build_experiment(later, {})

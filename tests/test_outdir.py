@@ -97,8 +97,8 @@ COMMANDS = {
                                      "--model", i["model"]],
     "patch apply": lambda i: ["patch", "apply", "--model", i["model"], "--patch", i["merged"], "-q"],
     "patch merge": lambda i: ["patch", "merge", "--se", i["p"] / "se", "--osm", i["p"] / "osm", "-q"],
-    "patch derive": lambda i: ["patch", "derive", "--model", i["model"], "--data", i["dh"], "--max-steps", "1", "-q"],
-    "patch build-data": lambda i: ["patch", "build-data", "--prompts", i["dh"] / "train.jsonl", "--responses", "dataset",
+    "patch derive": lambda i: ["patch", "derive", "--model", i["model"], "--harmful-data", i["dh"], "--max-steps", "1", "-q"],
+    "patch harmful-data": lambda i: ["patch", "harmful-data", "--prompts", i["dh"] / "train.jsonl", "--responses", "dataset",
                                    "--data-dir", i["data_dir"]],
     "run": lambda i: ["run", i["exp"], "-q"],
     "eval": lambda i: ["eval", "--model", i["model"], "--suite", i["suite"], "--data-dir", i["data_dir"], "-q"],
@@ -133,7 +133,7 @@ def test_an_experiment_keeps_a_user_folder_named_like_a_step(cli_inputs, tmp_pat
     assert res.exit_code == 0, res.output
     user = plant(out / "baseline2")
     exp = yaml.safe_load(cli_inputs["exp"].read_text())
-    exp["steps"].append({"name": "baseline2", "kind": "evaluate", "model": exp["steps"][0]["model"]})
+    exp["steps"].append({"name": "baseline2", "kind": "eval", "model": exp["steps"][0]["model"]})
     path = tmp_path / "exp2.yaml"
     path.write_text(yaml.safe_dump(exp))
     for extra in (["--dry-run"], []):

@@ -108,7 +108,7 @@ def test_backbone_saliency_is_refused_because_it_gives_both_patches_the_same_sco
     with pytest.raises(ValueError, match="same signal.*use 'patched'"):
         PatchConfig(objective="ascent", saliency_on="backbone")
     res = CliRunner().invoke(__import__("safeunits.cli", fromlist=["app"]).app,
-                             ["patch", "derive", "--data", str(tmp_path), "--out", str(tmp_path / "p"),
+                             ["patch", "derive", "--harmful-data", str(tmp_path), "--out", str(tmp_path / "p"),
                               "--saliency-on", "backbone"])
     assert res.exit_code == 2 and "same signal" in res.output
 
@@ -133,9 +133,9 @@ def test_cli_derive_merge_apply_round_trip(tmp_path, data_dir):
     base = save_model(model, tok, tmp_path / "base")
     src = tmp_path / "harm.jsonl"
     src.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.response}) + "\n" for r in RECORDS))
-    _cli("patch", "build-data", "--out", str(tmp_path / "dh"), "--prompts", str(src), "--offset", "0", "--n-train", "5",
+    _cli("patch", "harmful-data", "--out", str(tmp_path / "dh"), "--prompts", str(src), "--offset", "0", "--n-train", "5",
          "--n-val", "1", "--responses", "dataset", "--eval-set", "advbench[:100]", "--data-dir", str(data_dir))
-    _cli("patch", "derive", "--model", str(base), "--data", str(tmp_path / "dh"), "--out", str(tmp_path / "p"),
+    _cli("patch", "derive", "--model", str(base), "--harmful-data", str(tmp_path / "dh"), "--out", str(tmp_path / "p"),
          "--max-steps", "2", "--lr", "1e-2", "--batch-size", "2", "-q")
     _cli("patch", "merge", "--se", str(tmp_path / "p/se"), "--osm", str(tmp_path / "p/osm"), "--out",
          str(tmp_path / "merged"), "--a", "10", "--b", "10", "--alpha", "2", "-q")
@@ -201,7 +201,7 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.cli import app
 
     save_model(model, tok, tmp_path / "m")
-    args = ["patch", "sweep", "--se", str(tmp_path / "se"), "--osm", str(tmp_path / "osm"), "--data", str(tmp_path / "dh"),
+    args = ["patch", "sweep", "--se", str(tmp_path / "se"), "--osm", str(tmp_path / "osm"), "--harmful-data", str(tmp_path / "dh"),
             "--model", str(tmp_path / "m"), "--out", str(tmp_path / "cli"), "--a", "50", "--b", "5", "--alpha", "1",
             "--beta", "1", "--n-xstest", "3", "--n-utility", "2", "--max-new-tokens", "3", "--data-dir", str(data_dir),
             "--quiet"]

@@ -60,8 +60,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "(units and parameters)."),
     "probe": ("safeunits.commands.units", "Reasoning-direction probe: is the clean prompt's state closer to a refusal or a "
               "compliance continuation?"),
-    "run": ("safeunits.commands.experiments", "Run a declarative experiment: cached steps (evaluate, align, attribute, "
-            "prune, probe, finetune, patch) and a report."),
+    "run": ("safeunits.commands.experiments", "Run a declarative experiment: cached steps (eval, align, attribute, "
+            "prune, attack, patch, ...; docs/experiments.md) and a report."),
     "demo": ("safeunits.commands.experiments", "The SPEC §6 story on the default model: `safeunits run demo-quick` "
              "(see docs/experiments.md)."),
     "patch": ("safeunits.commands.patch", "SafePatching: safety / over-safety patches, controllable merge, sparse "

@@ -57,7 +57,7 @@ def run_command(
     quiet: bool = QUIET,
     force: bool = FORCE,
 ) -> None:
-    """Run a declarative experiment: cached steps (every kind of docs/experiments.md) and a report."""
+    """Run a declarative experiment: cached steps (eval, align, attribute, prune, attack, patch, ...; docs/experiments.md) and a report."""
     run_command_body(experiment, out, sets, suite, data_dir, dry_run, quiet, force)
 
 

@@ -30,7 +30,7 @@ BEST = typer.Option(None, "--best", help="The run folder of `patch sweep` (or it
                     "the sweep selected on.")
 SE = typer.Option(..., "--se", help="Safety patch folder δ_SE (from `patch derive`).")
 OSM = typer.Option(..., "--osm", help="Over-safety patch folder δ_OSM (from `patch derive`).")
-DH = typer.Option(..., "--data", "-d", help="D_h folder from `patch build-data`.")
+DH = typer.Option(..., "--harmful-data", "-d", help="D_h folder from `patch harmful-data`.")
 
 
 def _floats(text: str | None, flag: str) -> list[float] | None:
@@ -61,10 +61,10 @@ def _load(model: str):
     return load_model(model)
 
 
-@app.command("build-data")
+@app.command("harmful-data")
 @config_options(HarmfulDataConfig, ["prompts", "offset", "n_train", "n_val", "responses", "response_prefix",
                                     "max_new_tokens", "seed"])
-def build_data(
+def harmful_data(
     out: Path = out_option("Folder for train.jsonl, val.jsonl and manifest.json."),
     model: str = model_option(),
     category: list[str] = typer.Option([], "--category", help="Keep only these harm categories (repeatable)."),
@@ -92,7 +92,7 @@ def build_data(
 
 @app.command("derive")
 def derive(
-    data: Path = DH,
+    harmful_data: Path = DH,
     out: Path = out_option("Writes OUT/se, OUT/osm (and OUT/npo) patch folders."),
     model: str = model_option(),
     objective: list[str] = typer.Option(["ascent", "descent"], "--objective",
@@ -122,7 +122,7 @@ def derive(
     for obj in objective:
         stop = {"train": {"stop_nll_above": stop_nll_above}} if stop_nll_above is not None and obj != "descent" else {}
         configs[obj] = build_config(PatchConfig, {"objective": obj, "train": {}}, given, stop, overrides)
-    records, info = load_harmful_data(data, "train")
+    records, info = load_harmful_data(harmful_data, "train")
     claim_output_dir(out, "patches", force=force)
     m, tok = _load(model)
     for obj, config in configs.items():
@@ -189,7 +189,7 @@ def apply(
 def sweep(
     se: Path = SE,
     osm: Path = OSM,
-    data: Path = typer.Option(..., "--data", "-d", help="D_h folder (its val split is the held-out harmful set)."),
+    harmful_data: Path = typer.Option(..., "--harmful-data", "-d", help="D_h folder (its val split is the held-out harmful set)."),
     out: Path = out_option("Experiment run folder: the sweep step's folder `sweep/` (sweep.jsonl/.md, pareto.png, "
                            "best.json), report.md/.html; `--best OUT` takes the choice; a rerun resumes."),
     model: str = model_option(),
@@ -212,7 +212,7 @@ def sweep(
     grid = {k: v for k, v in {"a": _floats(a, "--a"), "b": _floats(b, "--b"), "alpha": _floats(alpha, "--alpha"),
                               "beta": _floats(beta, "--beta"), "dare_p": _floats(dare_p, "--dare-p")}.items() if v is not None}
     config = build_config(SweepConfig, grid, options or {}, parse_sets(sets))
-    experiment = single_step("sweep", {"model": model, "se": se, "osm": osm, "data": data}, config,
+    experiment = single_step("sweep", {"model": model, "se": se, "osm": osm, "harmful_data": harmful_data}, config,
                              suite="none", data_dir=data_dir)  # the sweep builds its held-out suite itself
     run_experiment(experiment, out, progress=not quiet, force=force)
     out = out / "sweep"
@@ -220,7 +220,7 @@ def sweep(
 
 
 @app.command("continual")
-@config_options(ContinualConfig, ["data.n_train", *MERGE_FIELDS])
+@config_options(ContinualConfig, ["harmful_data.n_train", *MERGE_FIELDS])
 def continual(
     out: Path = out_option("Experiment run folder: per category its D_h, patches, patched model and evaluation; "
                            "continual.md/.json, report.md/.html; the same command rerun into it resumes."),

@@ -72,7 +72,7 @@ class StepBase(Config):
 class EvaluateStep(StepBase):
     """The three axes of a model (optionally with a merged SafePatching patch applied) on the experiment's suite."""
 
-    kind: Literal["evaluate"] = "evaluate"
+    kind: Literal["eval"] = "eval"
     model: str = Field(DEFAULT_MODEL, description="an align/finetune step, or a model name/folder/hub id")
     patch: str | None = Field(None, description="a merge step whose patch is applied for this evaluation only")
     label: str | None = Field(None, description="row name in the report's table (default: the step name)")
@@ -155,12 +155,12 @@ class DurabilityStep(StepBase):
 
     kind: Literal["durability"] = "durability"
     defences: list[str] = Field(..., min_length=1, description="defence names, the undefended one first")
-    before: list[str] = Field(..., description="per defence, the evaluate step of the defended model (not attacked)")
+    before: list[str] = Field(..., description="per defence, the eval step of the defended model (not attacked)")
     attacks: list[str] = Field(..., description="the attack steps, defence by defence, the same grid for each")
-    after: list[str] = Field(..., description="the evaluate step of each attacked (and repaired) model, as `attacks`")
+    after: list[str] = Field(..., description="the eval step of each attacked (and repaired) model, as `attacks`")
     utility_bound: float = Field(0.10, ge=0, description="an attack counts when its utility NLL <= (1 + bound) x the "
                                                          "defended model's")
-    refs: ClassVar = {"before": ("evaluate",), "attacks": ("attack",), "after": ("evaluate",)}
+    refs: ClassVar = {"before": ("eval",), "attacks": ("attack",), "after": ("eval",)}
 
     @model_validator(mode="after")
     def _grid(self) -> DurabilityStep:
@@ -227,9 +227,10 @@ class DeriveStep(StepBase):
 
     kind: Literal["derive"] = "derive"
     model: str = DEFAULT_MODEL
-    data: str = Field(..., description="a harmful-data step")
+    harmful_data: str = Field(..., description="a harmful-data step, or a D_h folder")
     settings: PatchConfig = Field(..., description="objective (required): ascent, descent or npo; train.*, saliency.*")
-    refs: ClassVar = {"data": ("harmful-data",)}
+    refs: ClassVar = {"harmful_data": ("harmful-data",)}
+    external: ClassVar = ("model", "harmful_data")
 
 
 class SweepStep(StepBase):
@@ -239,10 +240,10 @@ class SweepStep(StepBase):
     model: str = DEFAULT_MODEL
     se: str = Field(..., description="a derive step (objective ascent), or a patch folder")
     osm: str = Field(..., description="a derive step (objective descent), or a patch folder")
-    data: str = Field(..., description="the harmful-data step (its val split is the held-out set), or a D_h folder")
+    harmful_data: str = Field(..., description="the harmful-data step (its val split is the held-out set), or a D_h folder")
     settings: SweepConfig = Field(default_factory=SweepConfig)
-    refs: ClassVar = {"se": ("derive",), "osm": ("derive",), "data": ("harmful-data",)}
-    external: ClassVar = ("model", "se", "osm", "data")
+    refs: ClassVar = {"se": ("derive",), "osm": ("derive",), "harmful_data": ("harmful-data",)}
+    external: ClassVar = ("model", "se", "osm", "harmful_data")
 
 
 class BaselinesStep(StepBase):
@@ -323,8 +324,8 @@ class Experiment(Config):
                         "comes later; a step can only use earlier steps" if later else
                         f"is not a step name (steps: {', '.join(kinds) or 'none before it'})"))
                 if kinds[ref] not in allowed:
-                    raise ValueError(f"step {step.name!r}: {field}={ref!r} is a {kinds[ref]} step; "
-                                     f"expected a {' or '.join(allowed)} step")
+                    raise ValueError(f"step {step.name!r}: {field}={ref!r} is a step of kind {kinds[ref]}; "
+                                     f"expected kind {' or '.join(allowed)}")
             kinds[step.name] = step.kind
         return self
 
@@ -365,6 +366,15 @@ def load_experiment(name_or_path: str | os.PathLike, overrides: dict | None = No
     return build_experiment(raw, overrides or {}, where=str(path))
 
 
+def _renamed(step: dict) -> str | None:
+    """The 0.1 spelling a step still uses, said in the new words (one vocabulary across CLI, Python and YAML)."""
+    if step.get("kind") == "evaluate":
+        return "step kind `evaluate` is now `eval` (as the command `safeunits eval`)"
+    if step.get("kind") in ("derive", "sweep") and "data" in step:
+        return "field `data` (a harmful-data step or D_h folder) is now `harmful_data` (`--harmful-data`)"
+    return None
+
+
 def build_experiment(raw: dict, overrides: dict, *, where: str = "experiment") -> Experiment:
     """Validate a raw experiment dict updated by `overrides` (step overrides keyed by step name)."""
     overrides = dict(overrides)
@@ -384,6 +394,10 @@ def build_experiment(raw: dict, overrides: dict, *, where: str = "experiment") -
         i = names.index(name)
         steps[i] = merge(steps[i], update) if isinstance(update, dict) else update
     data["steps"] = steps
+    for step in steps:
+        renamed = _renamed(step) if isinstance(step, dict) else None
+        if renamed:
+            raise ConfigError(f"{where}: step {step.get('name')!r}: {renamed}", hint="renamed in 0.2 (CHANGELOG.md)")
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:

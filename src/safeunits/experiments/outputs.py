@@ -1,6 +1,6 @@
 """What a finished step hands on: typed, saved in its `done.json`, read by later steps and by the report.
 
-Paths are relative to the step's folder. The fixed keys (`model`, `unit_map`, `data`, `patch`, `best`) are what
+Paths are relative to the step's folder. The fixed keys (`model`, `unit_map`, `harmful_data`, `patch`, `best`) are what
 later steps consume; `evals` (row label -> evaluation folder), `figures`, `tables` (Document files, rendered into
 the report from their data) and `notes` (lines of text) are what the report shows.
 """
@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from safeunits.document import DOCUMENT_SUFFIX, Figure
 
-OutputKey = Literal["model", "unit_map", "data", "patch", "best"]
+OutputKey = Literal["model", "unit_map", "harmful_data", "patch", "best"]
 
 
 class StepOutputs(BaseModel):
@@ -21,7 +21,7 @@ class StepOutputs(BaseModel):
 
     model: str | None = None  # a model folder (align, finetune, attack, apply)
     unit_map: str | None = None  # unit_map.json (attribute)
-    data: str | None = None  # a D_h folder (harmful-data)
+    harmful_data: str | None = None  # a D_h folder (harmful-data)
     patch: str | None = None  # a patch folder (derive, merge)
     best: str | None = None  # best.json (sweep)
     evals: dict[str, str] = {}

@@ -78,14 +78,14 @@ def _train_step(kind: str, name: str, recipe: Recipe, *, model: str, unit_map: P
 
 
 def _evaluate_step(name: str, model: str, label: str) -> dict[str, Any]:
-    return {"name": name, "kind": "evaluate", "model": model, "label": label}
+    return {"name": name, "kind": "eval", "model": model, "label": label}
 
 
 def _experiment(name: str, description: str, suite: str | None, data_dir: str | Path | None,
                 steps: list[dict[str, Any]], held_out_xstest: list[str] | None = None) -> Experiment:
     evaluating = suite not in (None, "none")
     if not evaluating:
-        steps = [s for s in steps if s["kind"] != "evaluate"]
+        steps = [s for s in steps if s["kind"] != "eval"]
     return build_experiment({"name": name, "description": description, "suite": suite if evaluating else "none",
                              "data_dir": str(data_dir) if data_dir else None, "steps": steps,
                              "held_out_xstest": list(held_out_xstest or [])}, {})
@@ -260,12 +260,12 @@ def continual_experiment(config: ContinualConfig, model: str, *, suite: str | No
     current = model
     for k, category in enumerate(config.categories, 1):
         name = f"step{k}_{category}"
-        data = config.data.model_copy(update={"prompts": config.prompts, "categories": [category]})
+        data = config.harmful_data.model_copy(update={"prompts": config.prompts, "categories": [category]})
         steps += [
             {"name": f"{name}-data", "kind": "harmful-data", "model": current, "settings": data.model_dump(mode="json")},
-            {"name": f"{name}-se", "kind": "derive", "model": current, "data": f"{name}-data",
+            {"name": f"{name}-se", "kind": "derive", "model": current, "harmful_data": f"{name}-data",
              "settings": config.se.model_dump(mode="json")},
-            {"name": f"{name}-osm", "kind": "derive", "model": current, "data": f"{name}-data",
+            {"name": f"{name}-osm", "kind": "derive", "model": current, "harmful_data": f"{name}-data",
              "settings": config.osm.model_dump(mode="json")},
             {"name": f"{name}-merge", "kind": "merge", "se": f"{name}-se", "osm": f"{name}-osm",
              "settings": config.merge.model_dump(mode="json")},

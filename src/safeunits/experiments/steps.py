@@ -2,7 +2,7 @@
 
 A step function receives its typed step (config.py) and a `StepContext` (its folder, the evaluation context, the
 outputs of the steps it consumes) and returns its outputs: paths relative to its folder under fixed keys that
-later steps consume (`model`, `unit_map`, `data`, `patch`, `best`), plus what the report shows (`StepOutputs`:
+later steps consume (`model`, `unit_map`, `harmful_data`, `patch`, `best`), plus what the report shows (`StepOutputs`:
 evaluations, figures, tables as Document files, notes).
 """
 
@@ -72,7 +72,7 @@ def _rel(path: str | os.PathLike, folder: Path) -> str:
     return os.path.relpath(path, folder)
 
 
-@register_step("evaluate")
+@register_step("eval")
 def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
     from safeunits.patching import SparsePatch, apply_patch, undo_patch
 
@@ -163,7 +163,7 @@ def harmful_data_step(step: HarmfulDataStep, ctx: StepContext) -> Outputs:
     model, tokenizer = ctx.load(step.model)
     splits = build_harmful_data(step.settings, ctx.out, model, tokenizer, data_dir=ctx.data_dir,
                                 model_name=ctx.model_source(step.model), progress=ctx.evaluation.progress)
-    return StepOutputs(data=".", notes=[f"D_h: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} prompts with "
+    return StepOutputs(harmful_data=".", notes=[f"D_h: {', '.join(f'{k} {len(v)}' for k, v in splits.items())} prompts with "
                                         f"{step.settings.responses} answers"])
 
 
@@ -172,7 +172,7 @@ def derive_step(step: DeriveStep, ctx: StepContext) -> Outputs:
     from safeunits.patching import derive_patch, load_harmful_data
 
     model, tokenizer = ctx.load(step.model)
-    folder = ctx.path(step.data, "data")
+    folder = ctx.path(step.harmful_data, "harmful_data")
     records, _ = load_harmful_data(folder, "train")
     patch = derive_patch(model, tokenizer, records, step.settings, ctx.out,
                          data_info={"folder": str(folder), "n_records": len(records)}, progress=ctx.evaluation.progress)
@@ -188,7 +188,8 @@ def sweep_step(step: SweepStep, ctx: StepContext) -> Outputs:
 
     model, tokenizer = ctx.load(step.model)
     result = run_sweep(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
-                       ctx.path(step.data, "data"), step.settings, ctx.out, ctx.evaluation)
+                       ctx.path(step.harmful_data, "harmful_data"), step.settings, ctx.out,
+                       ctx.evaluation)
     best = result["best"]
     return StepOutputs(best="best.json", tables=[f"sweep{DOCUMENT_SUFFIX}"],
                        figures=[Figure(path="pareto.png",
@@ -254,7 +255,7 @@ def durability_step(step: DurabilityStep, ctx: StepContext) -> Outputs:
     from safeunits.io import read_json, write_json
 
     def result(name: str) -> EvalResult:
-        return EvalResult.load(ctx.run_dir / name / "eval")  # an evaluate step's folder
+        return EvalResult.load(ctx.run_dir / name / "eval")  # an eval step's folder
 
     per = len(step.attacks) // len(step.defences)
     grid = [[AttackPoint(i, read_json(ctx.run_dir / attack / "train_report.json")["train"]["steps"], attack,

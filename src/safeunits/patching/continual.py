@@ -25,7 +25,7 @@ class ContinualConfig(Config):
     categories: list[str] = Field(["malicious_uses", "information_hazard",
                                    "discrimination_exclusion_toxicity_hateful_offensive"],
                                   description="harm categories, one patching step each, in this order")
-    data: HarmfulDataConfig = Field(default_factory=lambda: HarmfulDataConfig(
+    harmful_data: HarmfulDataConfig = Field(default_factory=lambda: HarmfulDataConfig(
         prompts="donotanswer", offset=0, n_train=24, n_val=0, responses="prefill"))
     se: PatchConfig = Field(default_factory=lambda: PatchConfig(objective="ascent"))
     osm: PatchConfig = Field(default_factory=lambda: PatchConfig(objective="descent"))

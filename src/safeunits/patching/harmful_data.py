@@ -158,7 +158,7 @@ def load_harmful_data(folder: str | Path, split: str = "train") -> tuple[list[Re
         raise ValueError(f"split must be one of {SPLITS}")
     path = folder / f"{split}.jsonl"
     if not path.is_file():
-        raise UserFileNotFoundError(f"{path} does not exist: build D_h first with `safeunits patch build-data`")
+        raise UserFileNotFoundError(f"{path} does not exist: build D_h first with `safeunits patch harmful-data`")
     manifest = read_json(folder / MANIFEST)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     records = [Record(r["prompt"], r.get("response"), r.get("label"), r.get("category"), r.get("source", ""))

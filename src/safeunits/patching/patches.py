@@ -126,7 +126,7 @@ def derive_patch(
 
     if not records or any(not r.response for r in records):
         raise ValueError("patches are derived from harmful prompts WITH harmful responses; build them with "
-                         "`safeunits patch build-data`")
+                         "`safeunits patch harmful-data`")
     tconf = config.train_config()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

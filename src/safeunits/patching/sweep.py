@@ -105,7 +105,7 @@ def saturation_note(baseline: dict[str, Any]) -> str | None:
         return None
     return ("the backbone complies with none of the held-out harmful prompts, so no point can lower the harmful "
             "rate and the choice ranks over-refusal and utility only; build D_h from a source the backbone was not "
-            "aligned on (e.g. `patch build-data --prompts donotanswer --offset 0`)")
+            "aligned on (e.g. `patch harmful-data --prompts donotanswer --offset 0`)")
 
 
 def run_sweep(
