@@ -163,7 +163,7 @@ def test_cli_derive_merge_apply_round_trip(tmp_path, data_dir):
 def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.eval.context import EvalContext
     from safeunits.patching.evaluation import ValidationConfig
-    from safeunits.patching.sweep import SweepConfig, run_sweep
+    from safeunits.patching.sweep import SweepConfig, SweepPoint, SweepResult, run_sweep
     from test_patching_merge import _fake_patch
 
     model, tok = tiny_model(), tiny_tokenizer()
@@ -179,18 +179,22 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = run_sweep(model, tok, se, osm, tmp_path / "dh", config, tmp_path / "sweep", ctx)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # every point undone exactly
-    assert len(result["rows"]) == 3 + 4 and result["best"]["method"] == "safepatching"
+    assert len(result.rows) == 3 + 4 and result.best.method == "safepatching"
     assert (tmp_path / "sweep/pareto.png").stat().st_size > 1000 and "Pareto" in (tmp_path / "sweep/sweep.md").read_text()
     # what `--best` hands on: the chosen point and the XSTest prompts it was chosen on (left out of test scores)
     from safeunits.commands.patch import _best_point
 
     point, held_out = _best_point(tmp_path / "sweep/best.json")
-    assert point == {**{k: result["best"][k] for k in ("a", "b", "alpha", "beta")}, "dare_p": 0.5}
-    assert result["best"]["key"].endswith(",p=0.5")  # the DARE keep-rate is a grid dimension (issue 24, U4)
+    assert point == {**{k: getattr(result.best, k) for k in ("a", "b", "alpha", "beta")}, "dare_p": 0.5}
+    assert result.best.key.endswith(",p=0.5")  # the DARE keep-rate is a grid dimension (issue 24, U4)
     assert held_out == ["xstest:safe[200:203]"]
     held = [json.loads(x)["prompt"] for x in (tmp_path / "sweep/xstest_val.jsonl").read_text().splitlines()]
     assert held == [r.prompt for r in load_spec(held_out[0], data_dir)]
-    saturated = result["baseline"]["asr"] == 0
+    saturated = result.baseline.asr == 0
+    # best.json and sweep.jsonl hold exactly the returned result (the rows without their Pareto marks)
+    assert SweepResult.model_validate_json((tmp_path / "sweep/best.json").read_text()) == result.model_copy(update={"rows": []})
+    assert [SweepPoint.model_validate_json(line) for line in (tmp_path / "sweep/sweep.jsonl").read_text().splitlines()] \
+        == [r.model_copy(update={"pareto": None}) for r in result.rows]
     assert json.loads((tmp_path / "sweep/best.json").read_text())["harmful_axis_saturated"] is saturated
     assert ("**Warning:**" in (tmp_path / "sweep/sweep.md").read_text()) is saturated
     # resume: nothing is evaluated again
@@ -216,8 +220,8 @@ def test_sweep_on_tiny_model(tmp_path, data_dir, monkeypatch):
 def test_sweep_saturation_note_only_when_the_backbone_refuses_every_held_out_prompt():
     from safeunits.patching.sweep import saturation_note
 
-    assert saturation_note({"asr": 1 / 64}) is None
-    assert "not aligned on" in saturation_note({"asr": 0.0})
+    assert saturation_note(1 / 64) is None
+    assert "not aligned on" in saturation_note(0.0)
 
 
 def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):

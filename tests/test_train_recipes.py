@@ -149,6 +149,18 @@ def test_cli_finetune_freeze_keeps_units_bit_identical(tmp_path, tiny_dir, data_
         assert (after[name][~mask] != before[name][~mask]).any(), name
 
 
+def test_run_recipe_returns_what_train_report_json_holds(tmp_path, tiny_dir, data_files):
+    from safeunits.runtime import RunContext
+    from safeunits.train.engine import TrainConfig
+    from safeunits.train.recipes import FinetuneRecipe, RecipeReport, run_recipe
+
+    recipe = FinetuneRecipe(model=str(tiny_dir), data=[str(data_files["benign2"])], n_examples=4,
+                            train=TrainConfig(lr=1e-3, batch_size=2, max_length=64))
+    report = run_recipe(recipe, tmp_path / "run", RunContext(progress=False))
+    assert report.train.steps == 2 and report.data == {str(data_files["benign2"]): 4}
+    assert RecipeReport.model_validate_json((tmp_path / "run" / "train_report.json").read_text()) == report
+
+
 def test_cli_align_budget_trains_only_ru(tmp_path, tiny_dir, data_files, unit_map_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, ["train", "--recipe", "align", "--model", str(tiny_dir), "--out", str(out),

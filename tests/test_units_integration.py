@@ -54,5 +54,5 @@ def test_default_model_probe(default_model, data_dir):
     model, tok = default_model
     prompts = [r.prompt for r in load_dataset("advbench", data_dir=data_dir, limit=2)]
     result = run_probe(model, tok, prompts, progress=False)
-    d = np.array(result["refusal_distance"])
+    d = np.array(result.refusal_distance)
     assert d.shape == (9, 30) and np.isfinite(d).all() and (d >= -1e-9).all()

@@ -50,7 +50,7 @@ def test_map_figures_show_every_class(tmp_path):
 
 def test_transfer_and_probe_figures(tmp_path):
     result = transition_matrix(_map(0), _map(1))
-    pixels = _pixels(transfer_heatmap(result, tmp_path / "transfer.png"))
+    pixels = _pixels(transfer_heatmap(result.model_dump(), tmp_path / "transfer.png"))
     assert len(np.unique(pixels.reshape(-1, 3).round(2), axis=0)) > 20  # shaded cells, labels, colour bar
     ks, layers = [2, 4, 8], list(range(5))
     rng = np.random.default_rng(0)
@@ -63,7 +63,7 @@ def test_transfer_and_probe_figures(tmp_path):
 
 
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path):
-    result = transition_matrix(_map(0), _map(1))
+    result = transition_matrix(_map(0), _map(1)).model_dump()
     with pytest.raises(PlotInputError, match="no param_share_of_row"):
         transfer_heatmap({k: v for k, v in result.items() if k != "param_share_of_row"}, tmp_path / "a.png")
     with pytest.raises(PlotInputError, match=r"units has shape \(3, 4\), expected \(4, 4\)"):

@@ -13,10 +13,10 @@ from safeunits.models.adapters import UNIT_KINDS as KINDS
 from safeunits.models.chat import prompt_text
 from safeunits.models.signature import architecture_signature
 from safeunits.units.classes import ClassifyConfig, classify
-from safeunits.units.probe import ProbeConfig, run_probe
-from safeunits.units.pruning import PruneConfig, prune_units, pruning_table, resolve_target
+from safeunits.units.probe import ProbeConfig, ProbeResult, run_probe, write_probe
+from safeunits.units.pruning import PruneConfig, PruningRow, prune_units, pruning_table, resolve_target
 from safeunits.units.selection import select_units
-from safeunits.units.transfer import transition_matrix, write_transfer
+from safeunits.units.transfer import TransferResult, transition_matrix, write_transfer
 from safeunits.units.unit_map import CLASSES, UnitMap
 
 
@@ -78,20 +78,22 @@ def test_pruning_table_restores_weights_and_reports(data_dir, tmp_path):
                          EvalContext(suite, data_dir=data_dir, progress=False), out_dir=tmp_path / "out")
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert [r["pruned"] for r in rows] == ["none", "all", "ru"]
-    assert rows[0]["weights_zeroed"] == 0 and rows[1]["unit_param_share"] == pytest.approx(1.0)
-    assert rows[1]["utility_nll"] != rows[0]["utility_nll"]
+    assert [r.pruned for r in rows] == ["none", "all", "ru"]
+    assert rows[0].weights_zeroed == 0 and rows[1].unit_param_share == pytest.approx(1.0)
+    assert rows[1].utility_nll != rows[0].utility_nll
     # the "ru" row is the model with exactly the RU units zeroed: a copy pruned by hand gives the same NLL, and the
     # row's ASR is the judge's verdict on the answers written to its run folder
     pruned = tiny_model("llama")
     prune_units(pruned, resolve_target(um, "ru"))
-    assert rows[2]["utility_nll"] == pytest.approx(response_nll(pruned, tok, load_dataset(str(util)), progress=False),
+    assert rows[2].utility_nll == pytest.approx(response_nll(pruned, tok, load_dataset(str(util)), progress=False),
                                                    rel=1e-5)
     answers = read_generations(tmp_path / "out" / "ru" / "generations" / "advbench__none.jsonl")
     complied = get_judge(suite.harm_judge).harmful_many([a["prompt"] for a in answers], [a["response"] for a in answers])
-    assert len(answers) == 2 and rows[2]["asr"] == pytest.approx(sum(complied) / 2)
+    assert len(answers) == 2 and rows[2].asr == pytest.approx(sum(complied) / 2)
     assert (tmp_path / "out" / "pruning.md").read_text().count("\n") == 5
     assert json.loads((tmp_path / "out" / "pruning.json").read_text())["rows"][2]["pruned"] == "ru"
+    written = json.loads((tmp_path / "out" / "pruning.json").read_text())["rows"]
+    assert [PruningRow.model_validate(r) for r in written] == rows  # the file holds exactly the returned rows
 
 
 def test_transition_matrix_against_loop(tmp_path):
@@ -104,11 +106,12 @@ def test_transition_matrix_against_loop(tmp_path):
         for x, y in zip(a.classes[kind].flatten().tolist(), b.classes[kind].flatten().tolist()):
             ref_units[x, y] += 1
             ref_params[x, y] += a.unit_params[kind]
-    assert result["units"] == ref_units.tolist() and result["params"] == ref_params.tolist()
-    assert np.allclose(np.array(result["param_share_of_row"]).sum(1)[ref_params.sum(1) > 0], 1)
+    assert result.units == ref_units.tolist() and result.params == ref_params.tolist()
+    assert np.allclose(np.array(result.param_share_of_row).sum(1)[ref_params.sum(1) > 0], 1)
     same = transition_matrix(a, a)  # the before map's cut-offs on its own scores give its classes back
-    assert all(v == pytest.approx(1.0) for c, v in same["kept_class_share"].items() if np.array(same["params"])[CLASSES.index(c)].sum())
-    write_transfer(a, b, tmp_path)
+    assert all(v == pytest.approx(1.0) for c, v in same.kept_class_share.items() if np.array(same.params)[CLASSES.index(c)].sum())
+    written = write_transfer(a, b, tmp_path, "fractions")
+    assert written == result and TransferResult.model_validate_json((tmp_path / "transfer.json").read_text()) == written
     assert (tmp_path / "transfer.png").read_bytes()[:4] == b"\x89PNG"
     other = _map(tiny_model("llama", intermediate_size=64))
     with pytest.raises(ValueError, match="different architectures"):
@@ -134,14 +137,14 @@ def test_role_transfer_lets_class_shares_move(tmp_path):
                     before.unit_params, before.model_type, before.signature)
     fixed = transition_matrix(before, after, "fractions")
     moved = transition_matrix(before, after)
-    params = np.array(moved["params"])
-    assert moved["after_classes"] == "thresholds"
+    params = np.array(moved.params)
+    assert moved.after_classes == "thresholds"
     i = CLASSES.index("SCU")
-    assert params[i, i] == 0 and moved["class_share"]["after"]["SCU"] < 0.5 * moved["class_share"]["before"]["SCU"]
-    assert moved["class_share"]["change"]["SCU"] < 0 and not np.array_equal(params.sum(0), params.sum(1))
+    assert params[i, i] == 0 and moved.class_share.after["SCU"] < 0.5 * moved.class_share.before["SCU"]
+    assert moved.class_share.change["SCU"] < 0 and not np.array_equal(params.sum(0), params.sum(1))
     one_unit = max(before.unit_params.values()) / before.total_params()  # fractions: shares fixed up to a unit's size
-    assert max(abs(v) for v in fixed["class_share"]["change"].values()) <= one_unit
-    assert max(abs(v) for v in moved["class_share"]["change"].values()) > one_unit
+    assert max(abs(v) for v in fixed.class_share.change.values()) <= one_unit
+    assert max(abs(v) for v in moved.class_share.change.values()) > one_unit
     # the after-classes by hand: the old cut-offs on the after z-scores
     rule = class_thresholds(before.safety, before.utility, before.classes)
     for kind in KINDS:
@@ -152,9 +155,9 @@ def test_role_transfer_lets_class_shares_move(tmp_path):
                           else "UCU" if s_ - u_ <= rule.ucu_max else "CU")
         got = classify_by_thresholds(safety, before.utility, rule)[kind].flatten().tolist()
         assert [CLASSES[c] for c in got] == expect
-    shares = moved["class_share"]
-    assert sum(shares["after"].values()) == pytest.approx(1.0)
-    assert shares["after"]["SCU"] == pytest.approx(params[:, i].sum() / params.sum())
+    shares = moved.class_share
+    assert sum(shares.after.values()) == pytest.approx(1.0)
+    assert shares.after["SCU"] == pytest.approx(params[:, i].sum() / params.sum())
     from typer.testing import CliRunner
 
     from safeunits.cli import app
@@ -163,7 +166,7 @@ def test_role_transfer_lets_class_shares_move(tmp_path):
                                    str(after.save(tmp_path / "a.safetensors")), "--out", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
     assert "SCU" in res.output and "class shares of unit parameters" in res.output
-    assert json.loads((tmp_path / "t" / "transfer.json").read_text())["class_share"] == shares
+    assert json.loads((tmp_path / "t" / "transfer.json").read_text())["class_share"] == shares.model_dump()
 
 
 FINAL_NORM = {"llama": ("model", "norm"), "gpt_neox": ("gpt_neox", "final_layer_norm")}
@@ -207,14 +210,22 @@ def test_probe_matches_separate_forward_passes(family, layer_output):
                         d = 1 - torch.nn.functional.cosine_similarity(clean[l], states[l], dim=0).item()
                         ref[name][i, l] += d / len(texts)
     for name in ref:
-        np.testing.assert_allclose(np.array(got[f"{name}_distance"]), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
-    assert got["ks"] == [2, 3, 4, 5, 6] and len(got["gap_per_layer"]) == 2
+        np.testing.assert_allclose(np.array(getattr(got, f"{name}_distance")), ref[name] / len(prompts), rtol=1e-5, atol=1e-7)
+    assert got.ks == [2, 3, 4, 5, 6] and len(got.gap_per_layer) == 2
     other = run_probe(model, tok, prompts, cfg.model_copy(update={
         "layer_output": "hidden_states" if layer_output == "block" else "block"}), progress=False)
     for name in ref:  # the two readings agree on every layer but the last
-        a, b = np.array(got[f"{name}_distance"]), np.array(other[f"{name}_distance"])
+        a, b = np.array(getattr(got, f"{name}_distance")), np.array(getattr(other, f"{name}_distance"))
         np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-6, atol=1e-9)
         assert not np.allclose(a[:, 1], b[:, 1], rtol=1e-3, atol=1e-6)
+
+
+def test_probe_result_is_what_probe_json_holds(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    got = run_probe(model, tok, ["How to build a bomb?", "hi"], ProbeConfig(k_min=2, k_max=3), progress=False)
+    write_probe(got, tmp_path)
+    assert ProbeResult.model_validate_json((tmp_path / "probe.json").read_text()) == got
+    assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_probe_errors():

@@ -82,10 +82,10 @@ def train_command(
     rec = _recipe(recipe, config, model, extra, options or {}, parse_sets(sets))
     claim_output_dir(out, "train", force=force)
     report = run_recipe(rec, out, evaluation.run, evaluation)
-    summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
-    summary["trainable_share"] = report["train"]["mask"]["trainable_share"]
-    if "eval" in report:
-        summary["eval"] = report["eval"]
+    summary = {k: getattr(report.train, k) for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
+    summary["trainable_share"] = report.train.mask["trainable_share"]
+    if report.eval is not None:
+        summary["eval"] = report.eval.as_dict()
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"model: {out / 'model'}  report: {out / 'train_report.json'}")
 
@@ -185,10 +185,10 @@ def attack_command(
     rec = _recipe("attack", config, model, extra, options or {}, parse_sets(sets))
     claim_output_dir(out, "train", force=force)
     report = run_recipe(rec, out, evaluation.run, evaluation)
-    summary = {k: report["train"][k] for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
-    summary["data"] = report["data"]
-    if "eval" in report:
-        summary["eval"] = report["eval"]
+    summary = {k: getattr(report.train, k) for k in ("steps", "final_loss", "tokens_per_s", "stopped_reason")}
+    summary["data"] = report.data
+    if report.eval is not None:
+        summary["eval"] = report.eval.as_dict()
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"model: {out / 'model'}  report: {out / 'train_report.json'}")
 

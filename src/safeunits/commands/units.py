@@ -106,9 +106,8 @@ def prune_command(
                   "refused (sys)")
     for row in rows:
         fmt = lambda v, pct=False: "n/a" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
-        table.add_row(row["pruned"], fmt(row["model_param_share"], True), fmt(row["perplexity"]), fmt(row["utility_nll"]),
-                      fmt(row["asr"], True), fmt(row["asr_system"], True), fmt(row["refusal"], True),
-                      fmt(row["refusal_system"], True))
+        table.add_row(row.pruned, fmt(row.model_param_share, True), fmt(row.perplexity), fmt(row.utility_nll),
+                      fmt(row.asr, True), fmt(row.asr_system, True), fmt(row.refusal, True), fmt(row.refusal_system, True))
     Console().print(table)
     typer.echo(f"table: {out / 'pruning.md'}")
 
@@ -134,7 +133,7 @@ def transfer_command(
     maps = UnitMap.load(before), UnitMap.load(after)
     result = write_transfer(*maps, claim_output_dir(out, "transfer", force=force), after_classes)
     table = Table("before \\ after", *CLASSES, title="share of before-class parameters (%)")
-    for name, row in zip(CLASSES, result["param_share_of_row"]):
+    for name, row in zip(CLASSES, result.param_share_of_row):
         table.add_row(name, *(f"{100 * v:.1f}" for v in row))
     Console().print(table)
     typer.echo(f"class shares of unit parameters: {share_changes(result)}")
@@ -171,5 +170,5 @@ def probe_command(
     lm, tok = load_model(model, dtype=dtype, device=device)
     result = run_probe(lm, tok, [r.prompt for r in records], config, progress=not quiet)
     write_probe(result, out)
-    typer.echo(f"mean gap d(compliance) - d(refusal) = {result['mean_gap']:+.4f}: {result['verdict']}")
+    typer.echo(f"mean gap d(compliance) - d(refusal) = {result.mean_gap:+.4f}: {result.verdict}")
     typer.echo(f"written: {out / 'probe.json'}, {out / 'probe.png'}")

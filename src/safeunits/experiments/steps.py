@@ -93,9 +93,9 @@ def _train(step: AlignStep | FinetuneStep, ctx: StepContext) -> Outputs:
     unit_map = str(ctx.path(step.unit_map, "unit_map")) if step.unit_map else None  # a step's map, or a map file
     recipe = step.recipe_config(ctx.model_source(step.model), unit_map)
     report = run_recipe(recipe, ctx.out, ctx.evaluation.run)  # trains only: evaluate steps evaluate
-    train = report["train"]
-    return StepOutputs(model="model", notes=[f"{train['steps']} optimizer steps, final loss {train['final_loss']:.3f}, "
-                                              f"{train['tokens_per_s']:.0f} tokens/s; data {report['data']}"])
+    train = report.train
+    return StepOutputs(model="model", notes=[f"{train.steps} optimizer steps, final loss {train.final_loss:.3f}, "
+                                              f"{train.tokens_per_s:.0f} tokens/s; data {report.data}"])
 
 
 register_step("align")(_train)
@@ -125,7 +125,7 @@ def prune_step(step: PruneStep, ctx: StepContext) -> Outputs:
     model, tokenizer = ctx.load(step.model)
     rows = pruning_table(model, tokenizer, UnitMap.load(ctx.path(step.unit_map, "unit_map")), step.settings,
                          ctx.evaluation, out_dir=ctx.out)
-    return StepOutputs(evals={f"{step.model} - pruned {row['pruned']}": _rel(row["run_dir"], ctx.out) for row in rows},
+    return StepOutputs(evals={f"{step.model} - pruned {row.pruned}": _rel(row.run_dir, ctx.out) for row in rows},
                        tables=[f"pruning{DOCUMENT_SUFFIX}"])
 
 
@@ -139,8 +139,8 @@ def probe_step(step: ProbeStep, ctx: StepContext) -> Outputs:
     result = run_probe(model, tokenizer, [r.prompt for r in records], step.settings, progress=ctx.evaluation.progress)
     write_probe(result, ctx.out)
     return StepOutputs(figures=[Figure(path="probe.png", caption=f"reasoning-direction probe of {step.model}")],
-                       notes=[f"{step.model}: mean gap d(compliance) - d(refusal) = {result['mean_gap']:+.4f}, "
-                              f"{result['verdict']} ({result['n_prompts']} prompts)"])
+                       notes=[f"{step.model}: mean gap d(compliance) - d(refusal) = {result.mean_gap:+.4f}, "
+                              f"{result.verdict} ({result.n_prompts} prompts)"])
 
 
 @register_step("transfer")
@@ -150,7 +150,7 @@ def transfer_step(step: TransferStep, ctx: StepContext) -> Outputs:
 
     result = write_transfer(UnitMap.load(ctx.path(step.before, "unit_map")),
                             UnitMap.load(ctx.path(step.after, "unit_map")), ctx.out, step.after_classes)
-    kept = ", ".join(f"{c} {100 * v:.0f} %" for c, v in result["kept_class_share"].items())
+    kept = ", ".join(f"{c} {100 * v:.0f} %" for c, v in result.kept_class_share.items())
     return StepOutputs(figures=[Figure(path="transfer.png", caption=f"role transfer {step.before} -> {step.after}")],
                        notes=[f"share of each class's parameters that kept their class: {kept}",
                               f"class shares of unit parameters ({step.after_classes}): {share_changes(result)}"])
@@ -190,11 +190,11 @@ def sweep_step(step: SweepStep, ctx: StepContext) -> Outputs:
     result = run_sweep(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
                        ctx.path(step.harmful_data, "harmful_data"), step.settings, ctx.out,
                        ctx.evaluation)
-    best = result["best"]
+    best = result.best
     return StepOutputs(best="best.json", tables=[f"sweep{DOCUMENT_SUFFIX}"],
                        figures=[Figure(path="pareto.png",
                                        caption="SafePatching sweep on held-out prompts (Pareto points ringed)")],
-                       notes=[f"chosen point: {best['key']}" if best else "no grid point evaluated"])
+                       notes=[f"chosen point: {best.key}" if best else "no grid point evaluated"])
 
 
 @register_step("merge")

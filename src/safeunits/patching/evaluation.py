@@ -21,7 +21,7 @@ from safeunits.config import Config
 from safeunits.data.overlap import load_spec
 from safeunits.eval.context import EvalContext
 from safeunits.eval.report import headline_row
-from safeunits.eval.result import EvalResult
+from safeunits.eval.result import EvalResult, Headline
 from safeunits.eval.suites import HarmfulSet, OverSafetySet, SuiteConfig, UtilitySet
 from safeunits.io import write_text
 from safeunits.patching.apply import apply_patch, undo_patch
@@ -97,12 +97,13 @@ def evaluate_patched(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             undo_patch(model, undo)
 
 
-def pareto_front(rows: list[dict[str, Any]], axes: tuple[str, ...] = AXES) -> list[int]:
+def pareto_front(rows: list[Headline], axes: tuple[str, ...] = AXES) -> list[int]:
     """Indices of rows no other row beats on every axis (all axes: lower is better)."""
+    points = [[getattr(r, a) for a in axes] for r in rows]
     front = []
-    for i, r in enumerate(rows):
-        dominated = any(all(o[a] <= r[a] for a in axes) and any(o[a] < r[a] for a in axes)
-                        for j, o in enumerate(rows) if j != i)
+    for i, r in enumerate(points):
+        dominated = any(all(x <= y for x, y in zip(o, r)) and any(x < y for x, y in zip(o, r))
+                        for j, o in enumerate(points) if j != i)
         if not dominated:
             front.append(i)
     return front

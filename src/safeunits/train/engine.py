@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,9 +121,6 @@ class TrainResult:
     resumed_from: int = 0
     mask: dict | None = None
     checkpoint: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TrainingDivergedError(RuntimeError):

@@ -42,7 +42,7 @@ def recipe_builder(preset: str) -> Callable[[Path], None]:
     """A named-model builder that trains the preset's model with the preset and saves the result."""
 
     def build(target: Path) -> None:
-        from safeunits.train.recipes import data_manifest, load_recipe, train_recipe
+        from safeunits.train.recipes import RecipeReport, data_manifest, load_recipe, train_recipe
 
         recipe = load_recipe(preset)
         log.info("building %s: training %s with the %r preset (once; cached)", target.name, recipe.model, preset)
@@ -52,9 +52,9 @@ def recipe_builder(preset: str) -> Callable[[Path], None]:
         model.config.name_or_path = target.name
         model.save_pretrained(target, safe_serialization=True)
         tokenizer.save_pretrained(target)
-        write_json(target / "safeunits_build.json", {
-            "preset": preset, "recipe": recipe.model_dump(mode="json"), "base_model_fingerprint": base_fp,
-            "model_fingerprint": model_fingerprint(model), "data": data_manifest(records), "train": result.to_dict()})
+        report = RecipeReport(recipe=recipe, base_model_fingerprint=base_fp, model_fingerprint=model_fingerprint(model),
+                              data=data_manifest(records), train=result)
+        write_json(target / "safeunits_build.json", {"preset": preset, **report.model_dump(mode="json")})
 
     return build
 

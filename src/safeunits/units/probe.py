@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -66,6 +66,27 @@ class ProbeConfig(Config):
         if self.k_min > self.k_max:
             raise ValueError(f"k_min={self.k_min} > k_max={self.k_max}")
         return self
+
+
+class ProbeResult(BaseModel):
+    """probe.json: mean cosine distances [k][layer] from the clean prompt's state to each continuation's, their
+    spread over prompts, the gap d(compliance) - d(refusal) (> 0: closer to refusal) and its verdict."""
+
+    n_prompts: int
+    ks: list[int]
+    layers: list[int]
+    refusal_distance: list[list[float]] = Field(description="[k][layer]")
+    compliance_distance: list[list[float]]
+    refusal_distance_std: list[list[float]]
+    compliance_distance_std: list[list[float]]
+    gap: list[list[float]] = Field(description="compliance - refusal, [k][layer]")
+    note: str = "distances are means over prompts and over the continuation phrasings; std is over prompts"
+    gap_per_layer: list[float]
+    gap_per_k: list[float]
+    share_closer_to_refusal: list[list[float]] = Field(description="[k][layer], fraction of prompts")
+    mean_gap: float
+    verdict: str
+    config: ProbeConfig
 
 
 def _continuation_ids(tokenizer: PreTrainedTokenizerBase, text: str, k_max: int, what: str) -> list[int]:
@@ -120,7 +141,7 @@ def run_probe(
     config: ProbeConfig | None = None,
     *,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """Mean cosine distances [k][layer] clean-vs-refusal and clean-vs-compliance over `prompts`, and their gap."""
     config = config or ProbeConfig()
     if not prompts:
@@ -159,30 +180,21 @@ def run_probe(
     mean = {name: s / n for name, s in sums.items()}
     std = {name: (sq[name] / n - mean[name] ** 2).clamp_min(0).sqrt() for name in sums}
     gap = mean["compliance"] - mean["refusal"]  # > 0: closer to refusal
-    n_layers = gap.shape[1]
-    return {
-        "n_prompts": n,
-        "ks": ks,
-        "layers": list(range(n_layers)),
-        "refusal_distance": mean["refusal"].tolist(),  # [k][layer]
-        "compliance_distance": mean["compliance"].tolist(),
-        "refusal_distance_std": std["refusal"].tolist(),
-        "compliance_distance_std": std["compliance"].tolist(),
-        "gap": gap.tolist(),
-        "note": "distances are means over prompts and over the continuation phrasings; std is over prompts",  # compliance - refusal, [k][layer]
-        "gap_per_layer": gap.mean(0).tolist(),
-        "gap_per_k": gap.mean(1).tolist(),
-        "share_closer_to_refusal": (closer_refusal / n).tolist(),  # [k][layer], fraction of prompts
-        "mean_gap": float(gap.mean()),
-        "verdict": "closer to refusal (aligned-like)" if float(gap.mean()) > 0 else "closer to compliance (unaligned-like)",
-        "config": config.model_dump(),
-    }
+    mean_gap = float(gap.mean())
+    return ProbeResult(
+        n_prompts=n, ks=ks, layers=list(range(gap.shape[1])), refusal_distance=mean["refusal"].tolist(),
+        compliance_distance=mean["compliance"].tolist(), refusal_distance_std=std["refusal"].tolist(),
+        compliance_distance_std=std["compliance"].tolist(), gap=gap.tolist(), gap_per_layer=gap.mean(0).tolist(),
+        gap_per_k=gap.mean(1).tolist(), share_closer_to_refusal=(closer_refusal / n).tolist(), mean_gap=mean_gap,
+        verdict="closer to refusal (aligned-like)" if mean_gap > 0 else "closer to compliance (unaligned-like)",
+        config=config)
 
 
-def write_probe(result: dict[str, Any], out_dir: Path) -> None:
+def write_probe(result: ProbeResult, out_dir: Path) -> None:
     """probe.json and probe.png (distance vs k, per-layer curves, per-layer gap)."""
     from safeunits.units.plots import probe_plot
 
     out_dir = Path(out_dir)
-    write_json(out_dir / "probe.json", result)
-    probe_plot(result, out_dir / "probe.png")
+    data = result.model_dump(mode="json")
+    write_json(out_dir / "probe.json", data)
+    probe_plot(data, out_dir / "probe.png")

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.config import Config
 from safeunits.eval.context import EvalContext
+from safeunits.eval.result import Headline
 from safeunits.document import Document, Table
 from safeunits.io import write_json
 from safeunits.models.adapters import SharedKV
@@ -36,6 +36,22 @@ class PruneConfig(Config):
     baseline: bool = Field(True, description="also evaluate the unpruned model (first row)")
     seed: int = Field(0, description="seed of the random controls without '@<seed>' (plus the target's position)")
     shared_kv: SharedKV = Field("none", description="'group': also zero a grouped K/V row block when any head of its group is pruned")
+
+
+class PrunedUnits(BaseModel):
+    """What a pruning row zeroed: the target, the run folder of its evaluation, unit counts and parameter shares."""
+
+    pruned: str
+    run_dir: str | None
+    mlp_channels: int
+    heads: int
+    weights_zeroed: int
+    unit_param_share: float = Field(description="share of all unit parameters zeroed")
+    model_param_share: float = Field(description="share of the model's parameters zeroed")
+
+
+class PruningRow(Headline, PrunedUnits):
+    """A row of pruning.json (SSAH Table 1): what was zeroed, then the headline of the model evaluated without it."""
 
 
 @torch.no_grad()
@@ -71,7 +87,7 @@ def pruning_table(
     evaluation: EvalContext | None = None,
     *,
     out_dir: Path | None = None,
-) -> list[dict[str, Any]]:
+) -> list[PruningRow]:
     """Evaluate the model with each target's units zeroed; rows like SSAH Table 1 (JSON + markdown in out_dir)."""
     config = config or PruneConfig()
     evaluation = evaluation or EvalContext.create()
@@ -81,7 +97,7 @@ def pruning_table(
     all_units = UnitSelection(mlp={l: list(range(unit_map.classes["mlp"].shape[1])) for l in range(unit_map.n_layers)},
                               heads={l: list(range(unit_map.classes["head"].shape[1])) for l in range(unit_map.n_layers)})
     restore = _Restore(model, list(unit_parameter_masks(model, all_units, shared_kv=config.shared_kv)))
-    rows: list[dict[str, Any]] = []
+    rows: list[PruningRow] = []
     targets = (["none"] if config.baseline else []) + list(config.targets)
     for i, target in enumerate(targets):
         if target == "none":
@@ -96,15 +112,14 @@ def pruning_table(
                                          name=f"{getattr(model.config, 'name_or_path', '')}|pruned:{target}")
         finally:
             restore()
-        rows.append({
-            "pruned": target, "run_dir": None if sub is None else str(sub), **units.counts(), "weights_zeroed": zeroed,
-            "unit_param_share": units.n_params(unit_map.unit_params) / total_unit,
-            "model_param_share": zeroed / n_model,
-            **result.headline.as_dict(),
-        })
+        rows.append(PruningRow(
+            pruned=target, run_dir=None if sub is None else str(sub), **units.counts(), weights_zeroed=zeroed,
+            unit_param_share=units.n_params(unit_map.unit_params) / total_unit, model_param_share=zeroed / n_model,
+            **result.headline.as_dict()))
     if out_dir is not None:
         write_json(Path(out_dir) / "pruning.json", {"config": config.model_dump(), "suite": evaluation.suite.name,
-                                                    "map_settings": unit_map.settings, "rows": rows})
+                                                    "map_settings": unit_map.settings,
+                                                    "rows": [r.model_dump(mode="json") for r in rows]})
         pruning_document(rows).write(out_dir, "pruning")
     return rows
 
@@ -113,7 +128,7 @@ def _slug(target: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in target)
 
 
-def pruning_document(rows: list[dict[str, Any]]) -> Document:
+def pruning_document(rows: list[PruningRow]) -> Document:
     """SSAH Table-1-style table: class pruned, parameter share, perplexity, utility NLL, zero-shot accuracy (mean
     over the suite's tasks), harmful rate (the ASR) and refusal rate (no / with system prompt), XSTest refusal."""
     def pct(v: float) -> str:
@@ -124,7 +139,7 @@ def pruning_document(rows: list[dict[str, Any]]) -> Document:
                ("perplexity", "perplexity", ".3f"), ("utility_nll", "utility NLL", ".3f"), ("accuracy", "accuracy", pct),
                ("asr", "harmful (ASR)", pct), ("asr_system", "harmful (system prompt)", pct), ("refusal", "refused", pct),
                ("refusal_system", "refused (system prompt)", pct), ("xstest_refusal", "XSTest refusal", pct)]
-    return Document().add(Table.from_rows(rows, columns, missing="n/a"))
+    return Document().add(Table.from_rows([r.model_dump() for r in rows], columns, missing="n/a"))
 
 
 def prune_and_save(

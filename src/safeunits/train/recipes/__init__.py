@@ -11,10 +11,10 @@ recipe trains on), `run` (masks, training, the run folder). Their public names a
 
 from safeunits.train.recipes.data import (align_data, answer_missing, attack_data, data_manifest, finetune_data, fits,
                                           harmful_pool)
-from safeunits.train.recipes.run import recipe_masks, run_recipe, train_recipe
+from safeunits.train.recipes.run import RecipeReport, recipe_masks, run_recipe, train_recipe
 from safeunits.train.recipes.schema import (RECIPE_DIR, AlignRecipe, AttackRecipe, FinetuneRecipe, Recipe,
                                             load_recipe)
 
-__all__ = ["RECIPE_DIR", "AlignRecipe", "AttackRecipe", "FinetuneRecipe", "Recipe", "load_recipe", "align_data",
+__all__ = ["RECIPE_DIR", "AlignRecipe", "AttackRecipe", "FinetuneRecipe", "Recipe", "RecipeReport", "load_recipe", "align_data",
            "answer_missing", "attack_data", "data_manifest", "finetune_data", "fits", "harmful_pool", "recipe_masks",
            "run_recipe", "train_recipe"]
