@@ -112,6 +112,6 @@ def test_a_registered_method_runs_through_the_baselines(sources, tmp_path, monke
 
     monkeypatch.setattr("safeunits.patching.baselines.evaluate_patched", fake_eval)
     rows = run_baselines(model, None, src.se, src.osm, BaselinesConfig(methods=["se_minus_osm"]), tmp_path, FAKE_EVAL)
-    assert [r["method"] for r in rows] == ["se_minus_osm"]
+    assert [r.method for r in rows] == ["se_minus_osm"]
     n = src.se.names[0]
     torch.testing.assert_close(seen["se_minus_osm"].to_dense(n), src.se.delta(n).float() - src.osm.delta(n).float())

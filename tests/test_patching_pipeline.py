@@ -226,7 +226,7 @@ def test_sweep_saturation_note_only_when_the_backbone_refuses_every_held_out_pro
 
 def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     from safeunits.eval.context import EvalContext
-    from safeunits.patching.baselines import BaselinesConfig, run_baselines
+    from safeunits.patching.baselines import BaselinesConfig, MethodRow, run_baselines
     from safeunits.patching.continual import ContinualConfig
     from test_patching_merge import _fake_patch
 
@@ -237,11 +237,13 @@ def test_baselines_and_continual_on_tiny_model(tmp_path, data_dir, monkeypatch):
     ctx = EvalContext(_tiny_suite(data_dir), data_dir=data_dir, progress=False)
     config = BaselinesConfig(methods=["none", "ga", "gd", "task_arithmetic", "ties", "safepatching"])
     rows = run_baselines(model, tok, se, osm, config, tmp_path / "b", ctx)
-    assert [r["method"] for r in rows] == config.methods
+    assert [r.method for r in rows] == config.methods
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert rows[0]["nnz"] == 0 and rows[1]["nnz"] == sum(p.numel() for p in model.parameters())
+    assert rows[0].nnz == 0 and rows[1].nnz == sum(p.numel() for p in model.parameters())
     assert "| ties |" in (tmp_path / "b/baselines.md").read_text()
-    assert (tmp_path / "b/ga/metrics.json").is_file() and rows[0]["significant"] == "-"
+    assert (tmp_path / "b/ga/metrics.json").is_file() and rows[0].significant == "-"
+    saved = json.loads((tmp_path / "b/baselines.json").read_text())["rows"]  # the file holds what was returned
+    assert [MethodRow.model_validate(r) for r in saved] == rows and list(saved[0])[:3] == ["method", "nnz", "asr"]
     # continual: two Do-Not-Answer categories, tiny budgets; the model ends patched by both steps
     import yaml
 

@@ -243,7 +243,7 @@ def baselines_step(step: BaselinesStep, ctx: StepContext) -> Outputs:
     npo = DensePatch(ctx.path(step.npo, "patch")) if step.npo else None
     rows = run_baselines(model, tokenizer, DensePatch(ctx.path(step.se, "patch")), DensePatch(ctx.path(step.osm, "patch")),
                          config, ctx.out, ctx.evaluation, npo=npo)
-    return StepOutputs(evals={f"{step.model} - {row['method']}": row["method"] for row in rows},
+    return StepOutputs(evals={f"{step.model} - {row.method}": row.method for row in rows},
                        tables=[f"baselines{DOCUMENT_SUFFIX}"])
 
 
