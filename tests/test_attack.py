@@ -122,9 +122,12 @@ def test_a_durability_step_needs_the_same_grid_for_every_defence():
         build_experiment({"name": "x", "steps": steps}, {})
 
 
-def test_attack_quick_runs_on_a_tiny_model_and_reports_durability(tmp_path, data_dir):
-    """The bundled attack experiment composes: every attack trains, the frozen defence kept its units, the
-    durability table and curves land in the report."""
+@pytest.mark.parametrize("name", ["attack-quick", "attack-full"])
+def test_bundled_attack_experiments_run_on_a_tiny_model_and_report_durability(name, tmp_path, data_dir):
+    """The bundled attack experiments compose: every attack trains, the frozen defence kept its units, the
+    durability table (one row per defence, in order) and curves land in the report. attack-full adds SafePatching
+    applied before and re-applied after the attack, and the RU-only aligned model."""
+    from test_demo import TINY_STEPS
     import copy
     from pathlib import Path
 
@@ -144,20 +147,29 @@ def test_attack_quick_runs_on_a_tiny_model_and_reports_durability(tmp_path, data
 
     attack = {"settings": {"n_examples": 8, "harmful_share": 0.5,
                            "train": {"max_steps": 1, "batch_size": 4, "max_length": 2048, "epochs": 3}}}
-    names = [s.name for s in load_experiment("attack-quick").steps]
+    bundled = load_experiment(name)
+    names = [s.name for s in bundled.steps]
     overrides = {n: attack for n in names if n.startswith("attack-")}
-    overrides["map-aligned"] = {"settings": {"limit": 4}}
+    overrides |= {n: TINY_STEPS[n] for n in ("harmful-data", "patch-se", "patch-osm", "align-ru") if n in names}
+    overrides |= {n: {"settings": {"limit": 4}} for n in ("map-aligned", "map-base") if n in names}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(steps, "load_model", load)
         mp.setattr(recipes, "load_model", load)
-        experiment = load_experiment("attack-quick", {"suite": tiny_suite(tmp_path / "tiny.yaml"),
-                                                      "data_dir": str(data_dir), "steps": overrides})
+        experiment = load_experiment(name, {"suite": tiny_suite(tmp_path / "tiny.yaml"), "data_dir": str(data_dir),
+                                            "steps": overrides})
         result = runner.run_experiment(experiment, tmp_path / "run", progress=False)
     assert result.ran == names
     rows = json.loads((tmp_path / "run/durability/durability.json").read_text())["rows"]
-    assert [r["defence"] for r in rows] == ["none", "ssah-ii", "random-ii"]
+    assert [r["defence"] for r in rows] == bundled.step("durability").defences and "ssah-ii" in bundled.step("durability").defences
     report = (tmp_path / "run/report.md").read_text()
     assert "durability/durability.png" in report and "| ssah-ii |" in report
     frozen = unit_masks(model, tmp_path / "run/map-aligned/unit_map.safetensors", "scu+cu")
     attacked = _weights(tmp_path / "run/attack-ssah-ii-10/model")
     assert all(torch.equal(attacked[n][m], dict(model.named_parameters())[n].detach()[m]) for n, m in frozen.items())
+    if name == "attack-full":  # the patch is re-applied after the attack: repaired = attacked + patch, exactly there
+        from safeunits.patching import SparsePatch
+
+        patch = SparsePatch.load(tmp_path / "run/safepatching/patch")
+        hit, repaired = _weights(tmp_path / "run/attack-safepatching-10/model"), _weights(tmp_path / "run/repaired-safepatching-10/model")
+        assert patch.deltas and all(torch.allclose(repaired[n], hit[n] + patch.to_dense(n)) for n in patch.deltas)
+        assert all(torch.equal(repaired[n], hit[n]) for n in hit if n not in patch.deltas)
