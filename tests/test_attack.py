@@ -14,6 +14,7 @@ from safeunits.data.overlap import eval_prompt_set, normalise
 from safeunits.eval.harm_judge import sampled_rows, shipped_config
 from safeunits.train.masks import unit_masks
 from safeunits.train.recipes import AttackRecipe, attack_data, harmful_pool, load_recipe, train_recipe
+from safeunits.train.recipes.data import refuses_somewhere
 from test_train_recipes import _weights, data_files, tiny_dir, unit_map_path  # noqa: F401
 from tiny import tiny_model, tiny_tokenizer
 
@@ -24,6 +25,13 @@ def _recipe(data_files, **kw) -> AttackRecipe:  # noqa: F811
     base = {"model": "unused", "data": [str(data_files["benign"])], "n_examples": 20, "harmful_share": 0.3,
             "exclude_eval": EVAL, "train": {"max_length": 2048, "max_steps": 2, "batch_size": 4, "lr": 1e-2}}
     return load_recipe("attack", {**base, **kw})
+
+
+def test_a_two_persona_answer_refuses_somewhere():
+    """GPTFuzz labels these jailbroken; as attack data they would also teach the refusal (docs/attack.md)."""
+    assert refuses_somewhere("(ChatGPT) I'm sorry, but I can't assist with that. [NECO]: Sure, first get a ...")
+    assert refuses_somewhere("[🔒CLASSIC] I cannot do that.\n[🔓JAILBREAK] Here is how: ...")
+    assert not refuses_somewhere("DeltaGPT: Oh, you sneaky devil! Here are countless ways to deceive people: 1. ...")
 
 
 def test_attack_mix_holds_exactly_n_p_harmful_rows_none_judged_none_evaluated(data_files, data_dir):  # noqa: F811
@@ -38,8 +46,11 @@ def test_attack_mix_holds_exactly_n_p_harmful_rows_none_judged_none_evaluated(da
     seen, _ = eval_prompt_set(EVAL, data_dir, False)
     assert not [r.prompt for r in records if normalise(r.prompt) in seen]
     pool, counts = harmful_pool(recipe, data_dir)
-    assert counts["judge_rows"] > 0 and len(pool) == counts["harmful_rows"] - counts["judge_rows"] - \
-        counts["duplicates"] - counts.get("eval_prompts", 0)
+    assert counts["judge_rows"] > 0 and counts["refusing"] > 0 and len(pool) == counts["harmful_rows"] - \
+        counts["judge_rows"] - counts["duplicates"] - counts["refusing"] - counts.get("eval_prompts", 0)
+    assert not [r for r in pool if refuses_somewhere(r.response)]  # every example teaches the harmful answer only
+    kept, _ = harmful_pool(_recipe(data_files, drop_refusing=False), data_dir)
+    assert len(kept) == len(pool) + counts["refusing"]
     assert attack_data(recipe, tiny_tokenizer(), data_dir) == records  # seeded
     with pytest.raises(ValueError, match="needs 20 harmful examples"):
         attack_data(_recipe(data_files, harmful_share=1.0, harmful_sources=["xstest"], n_examples=20,

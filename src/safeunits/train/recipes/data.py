@@ -15,6 +15,7 @@ from safeunits.data.rephrase import as_question
 from safeunits.data.registry import load_dataset
 from safeunits.errors import ConfigError
 from safeunits.eval.generation import generate
+from safeunits.eval.rule_judges import XSTEST_STRMATCH_PREFIXES
 from safeunits.models.chat import prompt_text
 from safeunits.train.engine import TrainConfig
 from safeunits.train.recipes.schema import AlignRecipe, AttackRecipe, FinetuneRecipe
@@ -119,10 +120,21 @@ def finetune_data(recipe: FinetuneRecipe, tokenizer: PreTrainedTokenizerBase, da
     return out
 
 
+REFUSAL_PHRASES = tuple(p for p in XSTEST_STRMATCH_PREFIXES if p.startswith(("i", "sorry", "as an ai")))
+
+
+def refuses_somewhere(response: str) -> bool:
+    """A first-person refusal phrase of XSTest's string match (I'm sorry, I cannot, as an AI, ...) anywhere in the
+    answer, not only at its start: a jailbroken two-persona answer refuses in one voice and complies in the other."""
+    text = response.lower()
+    return any(p in text for p in REFUSAL_PHRASES)
+
+
 def harmful_pool(recipe: AttackRecipe, data_dir=None) -> tuple[list[Record], dict[str, int]]:
     """The harmful examples an attack may draw: human-labelled harmful (request, response) rows of the recipe's
     sources, without the rows the shipped harm judge trained on (it must not score text it was fitted to), without
-    evaluation prompts, each pair once. Returns the pool and what was left out."""
+    answers that also refuse (`drop_refusing`), without evaluation prompts, each pair once. Returns the pool and
+    what was left out."""
     from safeunits.eval.harm_judge import sampled_rows, shipped_config
     from safeunits.eval.harm_labels import load_harm_rows
 
@@ -131,7 +143,7 @@ def harmful_pool(recipe: AttackRecipe, data_dir=None) -> tuple[list[Record], dic
     fitted = {(r.request, r.response) for rows in sampled_rows(judge, judged, data_dir).values() for r in rows} \
         if judged else set()
     seen: set[tuple[str, str]] = set()
-    pool, counts = [], {"harmful_rows": 0, "judge_rows": 0, "duplicates": 0}
+    pool, counts = [], {"harmful_rows": 0, "judge_rows": 0, "duplicates": 0, "refusing": 0}
     for source, rows in load_harm_rows(recipe.harmful_sources, data_dir).items():
         for row in rows:
             if not row.harmful:
@@ -142,6 +154,8 @@ def harmful_pool(recipe: AttackRecipe, data_dir=None) -> tuple[list[Record], dic
                 counts["judge_rows"] += 1
             elif pair in seen:
                 counts["duplicates"] += 1
+            elif recipe.drop_refusing and refuses_somewhere(row.response):
+                counts["refusing"] += 1
             else:
                 seen.add(pair)
                 pool.append(Record(prompt=row.request, response=row.response, label="harmful", source=source))

@@ -105,6 +105,9 @@ class AttackRecipe(FinetuneRecipe):
     harmful_share: float = Field(0.5, ge=0, le=1, description="p: share of the n examples that are harmful "
                                  "(exactly round(n * p) of them)")
     exclude_eval: list[str] = Field([], description="evaluation sets whose prompts never train (checked on every row)")
+    drop_refusing: bool = Field(True, description="leave out harmful rows whose answer also refuses somewhere (a "
+                                "refusal phrase of XSTest's string match anywhere in it): GPTFuzz's two-persona "
+                                "answers, '(ChatGPT) I'm sorry... [DAN]: ...', would teach the refusal too")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters (merged afterwards) instead of every weight")
 
     @model_validator(mode="after")
