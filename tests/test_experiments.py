@@ -251,6 +251,21 @@ def test_report_renders_offline_in_headless_chromium(browser_packages, small_run
     assert (pixels < 128).mean() > 0.005  # dark ink covers part of the page
 
 
+def test_a_train_step_is_keyed_by_the_recipe_it_resolves_to(tmp_path):
+    """A train step's settings are overrides of a recipe: a change of the recipe itself (its YAML, or a default
+    such as the attack's data filter) must re-run the step, not reuse a model trained on other data."""
+    from safeunits.eval.context import EvalContext
+
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text("recipe: finetune\ndata: [t0]\nn_examples: 8\n")
+    raw = {"name": "x", "suite": "none", "steps": [{"name": "ft", "kind": "finetune", "model": "m", "recipe": str(recipe)}]}
+    evaluation = EvalContext.create(None)
+    first = runner.step_keys(build_experiment(raw, {}), evaluation)
+    assert runner.step_keys(build_experiment(raw, {}), evaluation) == first
+    recipe.write_text("recipe: finetune\ndata: [t0]\nn_examples: 9\n")  # the step's own fields are unchanged
+    assert runner.step_keys(build_experiment(raw, {}), evaluation) != first
+
+
 def test_a_unit_map_file_named_by_a_step_is_keyed_by_its_content(tmp_path):
     """A train step may name a unit map file instead of an attribute step; replacing the file re-runs the step, a
     step name used before its step exists is refused."""

@@ -53,6 +53,10 @@ class StepBase(Config):
                 check_keys(sub, data["settings"], "settings.")
         return data
 
+    def cache_settings(self) -> dict[str, Any]:
+        """Everything of the step that decides its result, defaults included (the cache key hashes it)."""
+        return self.model_dump(mode="json", exclude={"name"})
+
     def references(self) -> dict[str, str]:
         """field -> the step name it references (empty fields and external models left out); a list field gives
         one entry per item, `field.<i>`."""
@@ -103,6 +107,13 @@ class TrainStep(StepBase):
         if kind != self.kind:
             raise ValueError(f"recipe {self.recipe!r} is a recipe of kind {kind}; a {self.kind} step needs one of kind {self.kind}")
         return self
+
+    def cache_settings(self) -> dict[str, Any]:
+        """The settings plus the recipe they resolve to: a changed recipe YAML or recipe default (e.g. a new attack
+        data filter) re-runs the step, as a changed typed setting of any other step kind does."""
+        from safeunits.train.recipes import load_recipe
+
+        return {**super().cache_settings(), "recipe_resolved": load_recipe(self.recipe, self.settings).model_dump(mode="json")}
 
     def recipe_config(self, model: str, unit_map: str | None):
         """The recipe with the settings applied, training `model` (a folder or name) with `unit_map`'s units."""

@@ -91,7 +91,7 @@ def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]
     for step in experiment.steps:
         keys[step.name] = _hash({
             "kind": step.kind,
-            "settings": step.model_dump(mode="json", exclude={"name"}),
+            "settings": step.cache_settings(),
             "inputs": {f: keys[ref] for f, ref in sorted(experiment.inputs(step).items())},
             "load": {"dtype": experiment.dtype, "device": experiment.device},
             "suite": suite if step.uses_suite else None,
