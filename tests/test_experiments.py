@@ -283,3 +283,27 @@ def test_a_unit_map_file_named_by_a_step_is_keyed_by_its_content(tmp_path):
     later = {**raw, "steps": [{**raw["steps"][0], "model": "ev"}, {"name": "ev", "kind": "eval"}]}
     with pytest.raises(ConfigError, match="comes later"):
         build_experiment(later, {})
+
+
+def test_a_harmful_data_folder_named_by_a_derive_step_is_keyed_by_its_files(tmp_path):
+    """A derive step may name a D_h folder instead of a harmful-data step: adding a file to it re-runs the step,
+    and two steps deriving from the same folder with the same settings share a key."""
+    import os
+
+    from safeunits.eval.context import EvalContext
+
+    folder = tmp_path / "dh"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    derive = {"kind": "derive", "model": "some-model", "harmful_data": str(folder), "settings": {"objective": "ascent"}}
+    raw = {"name": "x", "suite": "none", "steps": [{"name": "se", **derive}, {"name": "se2", **derive}]}
+    evaluation = EvalContext.create(None)
+    first = runner.step_keys(build_experiment(raw, {}), evaluation)
+    assert first["se"] == first["se2"]
+    assert runner.step_keys(build_experiment(raw, {}), evaluation) == first
+    (folder / "val.jsonl").write_text('{"prompt": "q", "response": "s"}\n')
+    second = runner.step_keys(build_experiment(raw, {}), evaluation)
+    assert second["se"] != first["se"]
+    (folder / "val.jsonl").write_text('{"prompt": "q", "response": "a longer answer"}\n')
+    os.utime(folder / "val.jsonl", (1, 1))
+    assert runner.step_keys(build_experiment(raw, {}), evaluation)["se"] != second["se"]

@@ -73,7 +73,7 @@ class StepBase(Config):
         return out
 
 
-class EvaluateStep(StepBase):
+class EvalStep(StepBase):
     """The three axes of a model (optionally with a merged SafePatching patch applied) on the experiment's suite."""
 
     kind: Literal["eval"] = "eval"
@@ -294,7 +294,7 @@ class ApplyStep(StepBase):
     refs: ClassVar = {"patch": ("merge",)}
 
 
-Step = Annotated[Union[EvaluateStep, AlignStep, FinetuneStep, AttackStep, AttributeStep, PruneStep, ProbeStep,
+Step = Annotated[Union[EvalStep, AlignStep, FinetuneStep, AttackStep, AttributeStep, PruneStep, ProbeStep,
                        TransferStep, HarmfulDataStep, DeriveStep, SweepStep, MergeStep, ApplyStep, BaselinesStep,
                        DurabilityStep],
                  Field(discriminator="kind")]

@@ -77,7 +77,7 @@ def _train_step(kind: str, name: str, recipe: Recipe, *, model: str, unit_map: P
             "unit_map": str(unit_map) if unit_map is not None else None, **units}
 
 
-def _evaluate_step(name: str, model: str, label: str) -> dict[str, Any]:
+def _eval_step(name: str, model: str, label: str) -> dict[str, Any]:
     return {"name": name, "kind": "eval", "model": model, "label": label}
 
 
@@ -98,14 +98,14 @@ def budget_experiment(recipe: AlignRecipe, unit_map: Path, *, settings: tuple[st
     if protocol not in BUDGET_PROTOCOLS:
         raise ConfigError(f"unknown budget protocol {protocol!r}; use {' or '.join(map(repr, BUDGET_PROTOCOLS))}")
     default_settings, factor = BUDGET_PROTOCOLS[protocol]
-    steps = [_evaluate_step("base", recipe.model, "base (no training)")]
+    steps = [_eval_step("base", recipe.model, "base (no training)")]
     for setting in settings or default_settings:
         full = setting == "full"
         name = "full" if full else f"budget-{_slug(setting)}"
         steps.append(_train_step("align", name, recipe, model=recipe.model, unit_map=None if full else unit_map,
                                  units={"budget": None if full else setting},
                                  epochs=recipe.train.epochs * (1 if full else factor)))
-        steps.append(_evaluate_step(f"{name}-eval", name, "full align" if full else f"align --budget {setting}"))
+        steps.append(_eval_step(f"{name}-eval", name, "full align" if full else f"align --budget {setting}"))
     return _experiment("ssah-budget", f"SSAH alignment budget (protocol {protocol}): full align vs a unit budget "
                        f"of {recipe.model}", suite, data_dir, steps)
 
@@ -117,7 +117,7 @@ def freeze_experiment(recipe: FinetuneRecipe, unit_map: Path, *,
     """SSAH §5 as steps: evaluate the model, then per setting (its warm-up step,) a finetune step and its evaluation."""
     for setting in settings:
         warmup_setting(setting, protocol)  # an unknown protocol fails before any training
-    steps = [_evaluate_step("before", recipe.model, "before fine-tuning")]
+    steps = [_eval_step("before", recipe.model, "before fine-tuning")]
     for setting in settings:
         full = setting == "full"
         name = "full" if full else f"freeze-{_slug(setting)}"
@@ -130,7 +130,7 @@ def freeze_experiment(recipe: FinetuneRecipe, unit_map: Path, *,
         steps.append(_train_step("finetune", name, recipe, model=start, unit_map=None if full else unit_map,
                                  units={"freeze": None if full else setting},
                                  epochs=recipe.train.epochs * (1 if full else frozen_epochs_factor)))
-        steps.append(_evaluate_step(f"{name}-eval", name, _freeze_label(None if full else setting, wider)))
+        steps.append(_eval_step(f"{name}-eval", name, _freeze_label(None if full else setting, wider)))
     return _experiment("ssah-freeze", f"SSAH fine-tuning with frozen units (protocol {protocol}) of {recipe.model}",
                        suite, data_dir, steps)
 
@@ -256,7 +256,7 @@ def continual_experiment(config: ContinualConfig, model: str, *, suite: str | No
                          data_dir: str | Path | None = None, held_out_xstest: list[str] | None = None) -> Experiment:
     """Continual PSA as steps: evaluate the backbone, then per category harmful-data -> derive δ_SE, δ_OSM -> merge ->
     apply (the next category's model) -> evaluate."""
-    steps = [_evaluate_step("step0-eval", model, "step 0: backbone")]
+    steps = [_eval_step("step0-eval", model, "step 0: backbone")]
     current = model
     for k, category in enumerate(config.categories, 1):
         name = f"step{k}_{category}"
@@ -270,7 +270,7 @@ def continual_experiment(config: ContinualConfig, model: str, *, suite: str | No
             {"name": f"{name}-merge", "kind": "merge", "se": f"{name}-se", "osm": f"{name}-osm",
              "settings": config.merge.model_dump(mode="json")},
             {"name": name, "kind": "apply", "model": current, "patch": f"{name}-merge"},
-            _evaluate_step(f"{name}-eval", name, f"step {k}: + {category}"),
+            _eval_step(f"{name}-eval", name, f"step {k}: + {category}"),
         ]
         current = name
     return _experiment("continual", f"Continual SafePatching of {model} over {', '.join(config.categories)}", suite,

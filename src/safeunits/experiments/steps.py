@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safeunits.eval.context import EvalContext
-from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, DurabilityStep, AttributeStep, DeriveStep, EvaluateStep,
+from safeunits.experiments.config import (STEP_CLASSES, AlignStep, ApplyStep, BaselinesStep, DurabilityStep, AttributeStep, DeriveStep, EvalStep,
                                           Experiment, FinetuneStep, HarmfulDataStep, MergeStep, ProbeStep, PruneStep,
                                           StepBase, SweepStep, TransferStep)
 from safeunits.document import DOCUMENT_SUFFIX, Figure
@@ -73,7 +73,7 @@ def _rel(path: str | os.PathLike, folder: Path) -> str:
 
 
 @register_step("eval")
-def evaluate_step(step: EvaluateStep, ctx: StepContext) -> Outputs:
+def eval_step(step: EvalStep, ctx: StepContext) -> Outputs:
     from safeunits.patching import SparsePatch, apply_patch, undo_patch
 
     model, tokenizer = ctx.load(step.model)
