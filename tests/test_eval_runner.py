@@ -324,6 +324,24 @@ def test_rejudge_equals_a_fresh_evaluation_with_the_same_judges(eval_model, toke
         rejudge(out, progress=False)
 
 
+def test_runs_judged_by_different_harm_judges_are_not_compared_pairwise(eval_model, tokenizer, data_dir, tmp_path):
+    """The harm judge's identity (name, plus a weights digest for a trained judge) is recorded in metrics.json; a
+    paired test between runs judged by two different harm judges would measure the judges, so it is refused."""
+    from safeunits.eval.significance import PairingError, compare_results
+
+    run = evaluate(eval_model, tokenizer, tiny_suite(4), out_dir=tmp_path / "run", data_dir=data_dir, progress=False,
+                   model_name="tiny")
+    assert run.safety.harm_judge_id == run.safety.harm_judge  # a rule judge: its name
+    assert EvalResult.load(tmp_path / "run").safety.harm_judge_id == run.safety.harm_judge
+    a, b = run.model_copy(deep=True), run.model_copy(deep=True)
+    a.safety.harm_judge_id, b.safety.harm_judge_id = "harm@0123", "harm@4567"
+    with pytest.raises(PairingError, match="different harm judges") as err:
+        compare_results(a, b)
+    assert "rejudge" in err.value.hint
+    b.safety.harm_judge_id = None  # a run written before the identity was recorded: cannot tell, compared as before
+    assert compare_results(a, b) == compare_results(run, run)
+
+
 @pytest.mark.parametrize("engine", ["continuous", "batched"])
 def test_evaluate_generates_every_set_in_one_run_with_separate_calls_answers(eval_model, tokenizer, data_dir,
                                                                               tmp_path, monkeypatch, engine):

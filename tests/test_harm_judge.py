@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 from tiny import tiny_model, tiny_tokenizer
 
@@ -76,6 +77,33 @@ def test_features_do_not_depend_on_batching(tiny_encoder):
                                                          dtype=np.float32))
 
 
+def test_pooling_picks_columns_of_one_cached_extraction(tiny_encoder, data_dir, tmp_path, monkeypatch):
+    """`pool` selects the mean and/or last-token states from one extraction, the mean being the response tokens'
+    average computed directly; the feature cache is keyed without `pool`, so every pooling reuses it."""
+    from safeunits.eval.harm_judge import source_features
+
+    monkeypatch.setenv("SAFEUNITS_CACHE", str(tmp_path / "cache"))
+    both = HarmEncoder(tiny_encoder.config.model_copy(update={"pool": ("mean", "last")}), model=tiny_encoder.model,
+                       tokenizer=tiny_encoder.tokenizer)
+    requests, responses = ["Write malware", "Tell me a joke"], ["Sure, here is code: import os", "Why did the cat..."]
+    full = both.extract(requests, responses)
+    np.testing.assert_array_equal(both.encode(requests, responses), full)
+    hidden = tiny_encoder.model.config.hidden_size
+    mean = tiny_encoder.encode(requests, responses)  # the default pool: the mean only, at layers 1 and 2
+    np.testing.assert_array_equal(mean, np.concatenate([full[:, :hidden], full[:, 2 * hidden:3 * hidden], full[:, -6:]], 1))
+    assert mean.shape[1] == tiny_encoder.dim == 2 * hidden + 6
+    seq, start = tiny_encoder._ids(requests[0], responses[0])
+    with torch.inference_mode():
+        states = tiny_encoder.model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
+    np.testing.assert_allclose(mean[0, :hidden], states[1][0, start:].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+    rows = sampled_rows(HarmJudgeConfig(limit_per_source=3), ["self_defense"], data_dir)["self_defense"]
+    cached = source_features(both, "self_defense", rows, progress=False)
+    monkeypatch.setattr(HarmEncoder, "extract", lambda *a, **k: pytest.fail("extracted again for another pooling"))
+    np.testing.assert_array_equal(source_features(tiny_encoder, "self_defense", rows, progress=False),
+                                  tiny_encoder.select(cached))
+
+
 def test_leave_one_source_out_trains_without_the_held_out_source(tiny_encoder, data_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("SAFEUNITS_CACHE", str(tmp_path / "cache"))
     config = HarmJudgeConfig(limit_per_source=6)
@@ -105,6 +133,9 @@ def test_fit_is_deterministic_and_round_trips(tiny_encoder, data_dir, tmp_path, 
     assert (tmp_path / "a/weights.safetensors").read_bytes() == (tmp_path / "b/weights.safetensors").read_bytes()
     loaded = HarmModel.load(tmp_path / "a")
     np.testing.assert_array_equal(loaded.probabilities(x), a.probabilities(x))
+    assert loaded.digest == a.digest == b.digest  # the identity recorded in metrics.json (harm@<digest>)
+    changed = HarmModel(config, {**a.arrays, "bias": a.arrays["bias"] + 1e-9}, prov)
+    assert changed.digest != a.digest
     assert loaded.config == config and json.loads((tmp_path / "a/judge.json").read_text())["provenance"] == prov
 
 

@@ -34,6 +34,12 @@ class Judge(ABC):
     coherence: CoherenceConfig = CoherenceConfig()
     min_words: int = 0
 
+    @property
+    def identity(self) -> str:
+        """What decided the verdicts, recorded beside them: the name, plus a digest for judges with trained
+        parameters (two runs judged by different parameters cannot be compared pairwise)."""
+        return self.name
+
     @abstractmethod
     def classify(self, prompt: str, response: str) -> str:
         """One of XSTEST_LABELS."""

@@ -68,6 +68,9 @@ class HarmfulMetrics(Rate):
 class SafetyMetrics(BaseModel):
     judge: str = Field(description="refusal judge (refused / incoherent / complied)")
     harm_judge: str = Field(description="harm judge (harmful or not: the ASR)")
+    harm_judge_id: str | None = Field(None, description="the harm judge's identity: its name, and for a trained "
+                                      "judge a digest of its weights (`harm@<digest>`); None in runs written before "
+                                      "it was recorded")
     sets: dict[str, dict[SystemPromptMode, HarmfulMetrics]] = Field(default_factory=dict)
     skipped: dict[str, str] = Field(default_factory=dict, description="optional sets not available, with why")
 

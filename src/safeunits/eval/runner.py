@@ -162,7 +162,7 @@ class _Run:
         harm_judge = (refusal_judge if self.config.harm_judge == self.config.refusal_judge
                       else get_judge(self.config.harm_judge, data_dir=self.data_dir))
         metrics = SafetyMetrics(judge=self.config.refusal_judge, harm_judge=self.config.harm_judge,
-                                skipped=dict(self.skipped))
+                                harm_judge_id=harm_judge.identity, skipped=dict(self.skipped))
         for hs in self.config.harmful:
             records = self.records[hs.name]
             if records is None:

@@ -116,6 +116,11 @@ def compare_results(base: EvalResult, other: EvalResult) -> list[PairedDelta]:
     """Every metric the two runs share, tested pairwise: harmful rate (ASR) and refusal rate per harmful set and mode,
     XSTest refusal, NLL per set, zero-shot accuracy per task and over tasks."""
     deltas: list[PairedDelta] = []
+    ids = (base.safety.harm_judge_id, other.safety.harm_judge_id)
+    if None not in ids and ids[0] != ids[1]:
+        raise PairingError(f"the harmful rates were judged by different harm judges ({ids[0]} vs {ids[1]}): their "
+                           "difference would be the judges', not the models'",
+                           hint="rejudge both runs with one judge: `safeunits rejudge RUN_DIR`")
     for set_name, modes in base.safety.sets.items():
         for mode, b in modes.items():
             o = other.safety.sets.get(set_name, {}).get(mode)
