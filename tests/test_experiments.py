@@ -307,3 +307,31 @@ def test_a_harmful_data_folder_named_by_a_derive_step_is_keyed_by_its_files(tmp_
     (folder / "val.jsonl").write_text('{"prompt": "q", "response": "a longer answer"}\n')
     os.utime(folder / "val.jsonl", (1, 1))
     assert runner.step_keys(build_experiment(raw, {}), evaluation)["se"] != second["se"]
+
+
+def test_a_changed_harm_judge_judges_cached_evaluations_again_without_generating(small_run, monkeypatch):
+    """Retrained harm-judge weights change the key of every evaluating step (and of what consumes it), but an
+    evaluation keeps its folder: its saved answers are judged again and nothing is generated again."""
+    from safeunits.eval import judges
+
+    experiment, run_dir, _ = small_run
+    answers = {p.name: p.read_bytes() for p in (run_dir / "baseline" / "eval" / "generations").iterdir()}
+    monkeypatch.setattr(judges, "judge_identity", lambda name: f"{name}@retrained")
+    evaluation = runner.evaluation_context(experiment, progress=False)
+    plan = {p.step.name: p for p in runner.make_plan(experiment, run_dir, evaluation)}
+    assert plan["baseline"].rejudges and not plan["baseline"].cached
+    assert plan["map"].cached and plan["probe"].cached  # they do not evaluate
+    assert "judged again from its saved answers" in runner.format_plan(list(plan.values()), run_dir)
+    assert runner.run_experiment(experiment, run_dir, progress=False).ran == ["baseline"]
+    metrics = json.loads((run_dir / "baseline" / "eval" / "metrics.json").read_text())
+    assert metrics["timing"]["generated_tokens"] == 0 and metrics["timing"]["resumed_rows"] > 0
+    assert {p.name: p.read_bytes() for p in (run_dir / "baseline" / "eval" / "generations").iterdir()} == answers
+    assert runner.run_experiment(experiment, run_dir, progress=False).ran == []
+    # a folder started before the judges were keyed (its key was the answers' key) is judged again too
+    started = run_dir / "baseline" / "started.json"
+    record = json.loads(started.read_text())
+    started.write_text(json.dumps({"key": record["answers_key"]}))
+    (run_dir / "baseline" / "done.json").unlink()
+    monkeypatch.setattr(judges, "judge_identity", lambda name: f"{name}@retrained-again")
+    plan = {p.step.name: p for p in runner.make_plan(experiment, run_dir, evaluation)}
+    assert plan["baseline"].rejudges

@@ -144,7 +144,8 @@ class HarmEncoder:
     def select(self, extracted: np.ndarray) -> np.ndarray:
         """The columns of `pool` from rows of `extract` ([mean, last] per layer, then LEXICAL)."""
         hidden = self.model.config.hidden_size
-        blocks = [len(POOLS) * k + POOLS.index(name) for k in range(len(self.config.layers)) for name in self.config.pool]
+        blocks = [len(POOLS) * k + POOLS.index(name)
+                  for k in range(len(self.config.layers)) for name in self.config.pool]
         lexical = np.arange(len(POOLS) * len(self.config.layers) * hidden, extracted.shape[1])
         return extracted[:, np.concatenate([*(np.arange(b * hidden, (b + 1) * hidden) for b in blocks), lexical])]
 
@@ -394,6 +395,11 @@ class HarmJudge(Judge):
     def harm_verdicts(self, prompts: list[str], responses: list[str]) -> list[HarmVerdict]:
         """"complied" (the attack succeeded: harmful) or "harmless" (whether refused or not: this judge rates harm)."""
         return ["complied" if h else "harmless" for h in self.harmful_many(prompts, responses)]
+
+
+def shipped_identity() -> str:
+    """`HarmJudge.identity` of the shipped judge, read from its weights alone (no backbone loaded)."""
+    return f"{HarmJudge.name}@{HarmModel.load(SHIPPED_DIR).digest}"
 
 
 def shipped_config() -> HarmJudgeConfig:

@@ -40,7 +40,7 @@ from safeunits.registry import Registry
 
 __all__ = ["FULL_COMPLIANCE", "FULL_REFUSAL", "PARTIAL_REFUSAL", "XSTEST_LABELS", "HARM_VERDICTS", "HarmVerdict", "Judge",
            "check_lengths", "KEYWORD_PRESETS", "KeywordJudge", "KeywordJudgeConfig", "XSTestJudge", "XSTestJudgeConfig",
-           "ModelJudge", "ModelJudgeConfig", "JUDGES", "JUDGE_NAMES", "get_judge"]
+           "ModelJudge", "ModelJudgeConfig", "JUDGES", "JUDGE_NAMES", "get_judge", "judge_identity"]
 
 # --- registry ----------------------------------------------------------------------------------------
 
@@ -64,6 +64,16 @@ def _harm(data_dir: Path | None) -> Judge:
 
 
 JUDGE_NAMES = tuple(JUDGES.names())
+
+
+def judge_identity(name: str) -> str:
+    """`Judge.identity` of a named judge without building it: what an experiment's cache keys on, so that
+    retrained harm-judge weights judge cached evaluations again."""
+    if name == "harm":
+        from safeunits.eval.harm_judge import shipped_identity
+
+        return shipped_identity()
+    return name
 
 
 def get_judge(name: str = "keyword", *, data_dir: str | os.PathLike | None = None,

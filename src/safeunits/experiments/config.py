@@ -42,6 +42,7 @@ class StepBase(Config):
     refs: ClassVar[dict[str, tuple[str, ...]]] = {}
     external: ClassVar[tuple[str, ...]] = ("model",)  # fields that may name something outside the experiment
     uses_suite: ClassVar[bool] = False  # the experiment's suite (and limit) is part of the cache key
+    judged_from_answers: ClassVar[bool] = False  # True: when only the judges change, the folder is kept and re-judged
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +83,7 @@ class EvalStep(StepBase):
     label: str | None = Field(None, description="row name in the report's table (default: the step name)")
     refs: ClassVar = {"patch": ("merge",)}
     uses_suite: ClassVar = True
+    judged_from_answers: ClassVar = True  # a judge change re-judges its saved answers (nothing is generated again)
 
 
 class TrainStep(StepBase):

@@ -1,8 +1,10 @@
 """Plan and run an experiment with a hash-based cache of finished steps.
 
 A step's key is a hash of its settings, the keys of the steps it consumes, the experiment's load settings (dtype,
-device), the resolved suite for steps that evaluate, and the safeunits version. So a re-run skips every finished
-step, changing one setting re-runs that step and exactly the steps downstream of it, and nothing else.
+device), the resolved suite and the harm judge's identity (its weights' digest) for steps that evaluate, and the
+safeunits version. So a re-run skips every finished step, changing one setting re-runs that step and exactly the
+steps downstream of it, and nothing else. An evaluation whose judge alone changed keeps its folder: its saved
+answers are judged again, nothing is generated again.
 Each step writes into `out/<step-name>/`; `done.json` (with the key and the outputs) is written last, so a
 folder without it is unfinished: a re-run with the same key resumes inside it (evaluations reuse finished
 generations), one with another key starts the folder afresh. A failing step leaves earlier steps intact.
@@ -53,6 +55,8 @@ class PlannedStep:
     seconds: float | None = None  # wall time of the run that produced the result (cached or this run)
     previous_key: str | None = None  # the key of a finished result on disk, if any
     resumes: bool = False  # an unfinished folder of the same key is on disk: the step continues inside it
+    answers_key: str = ""  # the key without the judges: equal in a folder whose answers can be judged again
+    rejudges: bool = False  # only the judges changed: the evaluation's saved answers are judged again
 
 
 @dataclass
@@ -86,10 +90,20 @@ def _file_digests(experiment: Experiment, step: StepBase) -> dict[str, str]:
 
 def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]:
     """The cache key of every step, in order (a step's key includes the keys of the steps it consumes)."""
+    return _step_keys(experiment, evaluation)[0]
+
+
+def _step_keys(experiment: Experiment, evaluation: EvalContext) -> tuple[dict[str, str], dict[str, str]]:
+    """Every step's key, and its key without the judges' identities (what its answers depend on; the key of
+    steps that do not evaluate, and the whole key before identities were keyed)."""
+    from safeunits.eval.judges import judge_identity
+
     suite = evaluation.suite.model_dump(mode="json") if evaluation.suite is not None else None
+    judges = {"harm": judge_identity(evaluation.suite.harm_judge)} if evaluation.suite is not None else None
     keys: dict[str, str] = {}
+    answers: dict[str, str] = {}
     for step in experiment.steps:
-        keys[step.name] = _hash({
+        answers[step.name] = _hash({
             "kind": step.kind,
             "settings": step.cache_settings(),
             "inputs": {f: keys[ref] for f, ref in sorted(experiment.inputs(step).items())},
@@ -98,7 +112,9 @@ def step_keys(experiment: Experiment, evaluation: EvalContext) -> dict[str, str]
             "safeunits": safeunits.__version__,
             **({"files": files} if (files := _file_digests(experiment, step)) else {}),  # older keys stay valid
         })
-    return keys
+        judged = step.uses_suite and judges is not None
+        keys[step.name] = _hash({"answers": answers[step.name], "judges": judges}) if judged else answers[step.name]
+    return keys, answers
 
 
 def _done(folder: Path) -> dict[str, Any] | None:
@@ -119,17 +135,24 @@ def _done(folder: Path) -> dict[str, Any] | None:
 def make_plan(experiment: Experiment, out_dir: str | Path, evaluation: EvalContext) -> list[PlannedStep]:
     """What would run and what is cached in `out_dir`."""
     out = Path(out_dir)
-    keys = step_keys(experiment, evaluation)
+    keys, answers = _step_keys(experiment, evaluation)
     plan = []
     for step in experiment.steps:
         key = keys[step.name]
         done = _done(out / step.name)
         cached = done is not None and done.get("key") == key
-        started = out / step.name / STARTED
-        resumes = not cached and started.is_file() and read_json(started).get("key") == key
+        started = read_json(out / step.name / STARTED) if (out / step.name / STARTED).is_file() else {}
+        resumes = not cached and started.get("key") == key
+        rejudges = (not cached and not resumes and step.judged_from_answers
+                    and _answers_key(started) == answers[step.name])
         plan.append(PlannedStep(step, key, cached, experiment.inputs(step), done.get("seconds") if cached else None,
-                                done.get("key") if done else None, resumes))
+                                done.get("key") if done else None, resumes, answers[step.name], rejudges))
     return plan
+
+
+def _answers_key(started: dict[str, Any]) -> str | None:
+    """A folder's key without the judges (before identities were keyed, its key was just that)."""
+    return started.get("answers_key", started.get("key"))
 
 
 def check_run_folder(plan: list[PlannedStep], out_dir: str | Path, *, force: bool = False) -> None:
@@ -158,7 +181,9 @@ def format_plan(plan: list[PlannedStep], out_dir: str | Path) -> str:
             what = "cached"
         else:
             stale = [ref for ref in dict.fromkeys(p.inputs.values()) if ref in reruns]
-            what = ("run: after " + ", ".join(stale) if stale else "run: resumes its unfinished folder" if p.resumes
+            what = ("run: judged again from its saved answers (the judge changed)" if p.rejudges
+                    else "run: after " + ", ".join(stale) if stale
+                    else "run: resumes its unfinished folder" if p.resumes
                     else "run: not run yet" if p.previous_key is None else "run: settings changed")
             reruns.add(p.step.name)
         uses = ", ".join(f"{f}={ref}" for f, ref in p.inputs.items())
@@ -212,7 +237,7 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
             log.info("step %s (%s): cached", p.step.name, p.step.kind)
             outputs[p.step.name] = _done(folder)["outputs"]
             continue
-        _prepare(folder, p.key)
+        _prepare(folder, p)
         log.info("step %s (%s): running", p.step.name, p.step.kind)
         ctx = StepContext(experiment, folder, evaluation, outputs, out)
         started = time.time()
@@ -240,12 +265,13 @@ def run_experiment(experiment: Experiment, out_dir: str | Path, *, progress: boo
     return result
 
 
-def _prepare(folder: Path, key: str) -> None:
-    """An unfinished folder with the same key is resumed; a folder of this runner with another key is stale and
-    removed (one it did not make is kept: check_run_folder refused it unless --force)."""
+def _prepare(folder: Path, p: PlannedStep) -> None:
+    """An unfinished folder with the same key is resumed, and an evaluation whose judges alone changed keeps its
+    answers (the evaluation resumes: it judges them again); any other folder of this runner with another key is
+    stale and removed (one it did not make is kept: check_run_folder refused it unless --force)."""
     started = folder / STARTED
-    if _ours(folder) and not (started.is_file() and read_json(started).get("key") == key):
+    if _ours(folder) and not (p.resumes or p.rejudges):
         shutil.rmtree(folder)
     if (folder / DONE).exists():
         (folder / DONE).unlink()
-    write_json(started, {"key": key, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(started, {"key": p.key, "answers_key": p.answers_key, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
