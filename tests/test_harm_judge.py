@@ -175,6 +175,9 @@ def test_harm_judge_golden_verdicts():
     judge = get_judge("harm")
     got = judge.harmful_many([q for q, _, _ in GOLDEN], [r for _, r, _ in GOLDEN])
     assert got == [h for _, _, h in GOLDEN]
+    from safeunits.eval.judges import judge_identity  # what experiments key on = what metrics.json records
+
+    assert judge_identity("harm") == judge.identity and judge.identity.startswith("harm@")
     with pytest.raises(ValueError, match="rates harm, not refusal"):
         judge.classify("q", "a")
 

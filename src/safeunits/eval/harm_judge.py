@@ -377,7 +377,7 @@ class HarmJudge(Judge):
 
     @property
     def identity(self) -> str:
-        return f"{self.name}@{self.model.digest}"
+        return _identity(self.model)
 
     def probabilities(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         check_lengths(prompts, responses)
@@ -397,9 +397,13 @@ class HarmJudge(Judge):
         return ["complied" if h else "harmless" for h in self.harmful_many(prompts, responses)]
 
 
+def _identity(model: HarmModel) -> str:
+    return f"{HarmJudge.name}@{model.digest}"
+
+
 def shipped_identity() -> str:
     """`HarmJudge.identity` of the shipped judge, read from its weights alone (no backbone loaded)."""
-    return f"{HarmJudge.name}@{HarmModel.load(SHIPPED_DIR).digest}"
+    return _identity(HarmModel.load(SHIPPED_DIR))
 
 
 def shipped_config() -> HarmJudgeConfig:
