@@ -110,15 +110,17 @@ class ScoringLM(HFLM):
             cont_ids[r, :len(cont)] = torch.tensor(cont)
             cont_mask[r, :len(cont)] = 1
         cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-        log_probs = first.unsqueeze(1)
+        token_lp = first.gather(1, cont_ids[:, :1])
+        greedy = first.argmax(-1, keepdim=True) == cont_ids[:, :1]
         if width > 1:  # the later tokens, attending to their context through the cache
             self.scored_tokens += len(rows) * (width - 1)
             positions = ctx_mask.sum(1).unsqueeze(1) + torch.arange(width - 1, device=device)
             rest = self.model(input_ids=cont_ids[:, :-1], attention_mask=torch.cat([ctx_mask, cont_mask[:, :-1]], 1),
-                              position_ids=positions, use_cache=True, **{CACHE: cache}).logits
-            log_probs = torch.cat([log_probs, F.log_softmax(rest.float(), dim=-1)], 1)
-        token_lp = log_probs.gather(2, cont_ids.unsqueeze(2)).squeeze(2)
-        greedy = log_probs.argmax(-1) == cont_ids
+                              position_ids=positions, use_cache=True, **{CACHE: cache}).logits.float()
+            # log-softmax at the continuation's tokens only: no second vocabulary-sized tensor per position
+            rest_lp = rest.gather(2, cont_ids[:, 1:, None]).squeeze(2) - rest.logsumexp(-1)
+            token_lp = torch.cat([token_lp, rest_lp], 1)
+            greedy = torch.cat([greedy, rest.argmax(-1) == cont_ids[:, 1:]], 1)
         scored = []
         for r, (i, cont) in enumerate(rows):
             scored.append((i, (float(token_lp[r, :len(cont)].sum()), bool(greedy[r, :len(cont)].all()))))
