@@ -155,6 +155,10 @@ def test_evaluate_end_to_end_and_resume(eval_model, tokenizer, data_dir, tmp_pat
     # the tokens are counted where they came from: all generated the first time, all resumed the second
     assert again.timing.generated_tokens == 0 and again.timing.tokens_per_s is None
     assert again.timing.resumed_tokens == result.timing.generated_tokens > 0
+    # the cost is broken down: generation, judging, reference NLL and task accuracy within the total
+    t = result.timing
+    assert min(t.judging_s, t.nll_s, t.accuracy_s) > 0
+    assert t.generation_s + t.judging_s + t.nll_s + t.accuracy_s <= t.total_s
     # a half-finished file (an interrupted run): its first row is resumed, the other two generated and counted
     monkeypatch.undo()
     gen = out / "generations/advbench__none.jsonl"

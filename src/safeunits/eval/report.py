@@ -307,5 +307,7 @@ def summary_document(result: EvalResult) -> Document:
             text=f"Total {t.total_s:.1f} s; generation {t.generation_s:.1f} s, {t.generated_tokens} new tokens"
                  + (f" ({t.tokens_per_s:.0f} tok/s)" if t.tokens_per_s else "")
                  + (f"; {t.resumed_rows} rows ({t.resumed_tokens} tokens) resumed from disk" if t.resumed_rows else "")
+                 + (f"; judging {t.judging_s:.1f} s" if t.judging_s is not None else "")
+                 + (f"; reference NLL {t.nll_s:.1f} s" if t.nll_s is not None else "")
                  + (f"; zero-shot tasks {t.accuracy_s:.1f} s" if t.accuracy_s is not None else "") + "."))
     return doc

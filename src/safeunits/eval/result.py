@@ -163,6 +163,8 @@ class Timing(BaseModel):
     resumed_rows: int
     resumed_tokens: int = 0  # tokens of the answers reused from disk (the run's total: + generated_tokens)
     accuracy_s: float | None = Field(None, description="zero-shot task scoring (lm-eval), seconds")
+    judging_s: float | None = Field(None, description="loading the judges and judging every answer (safety, over-safety), seconds")
+    nll_s: float | None = Field(None, description="utility NLL of the reference answers, seconds")
 
 
 class Headline(BaseModel):

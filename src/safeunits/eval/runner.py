@@ -83,8 +83,13 @@ def evaluate(
     run = _Run(model, tokenizer, config, out, data_dir, progress and shard.is_main, backend, shard)
     try:
         run.generate()
-        result = EvalResult(suite=config.name, model=identity, safety=run.safety(), over_safety=run.over_safety(),
-                            utility=run.utility(), answers=run.answers(), out_dir=out)
+        t0 = time.perf_counter()
+        safety, over_safety = run.safety(), run.over_safety()
+        t1 = time.perf_counter()
+        utility = run.utility()
+        judging_s, nll_s = t1 - t0, time.perf_counter() - t1
+        result = EvalResult(suite=config.name, model=identity, safety=safety, over_safety=over_safety,
+                            utility=utility, answers=run.answers(), out_dir=out)
     except BaseException:
         if fresh and not any(p.is_file() for sub in RESULT_DIRS for p in (out / sub).rglob("*")):
             (out / "config.json").unlink(missing_ok=True)  # nothing to resume: the claim is undone (a fix may rerun)
@@ -102,7 +107,7 @@ def evaluate(
     result.timing = Timing(total_s=time.perf_counter() - started, generation_s=run.gen_seconds,
                            generated_tokens=run.gen_tokens, resumed_rows=run.resumed, resumed_tokens=run.resumed_tokens,
                            tokens_per_s=run.gen_tokens / run.gen_seconds if run.gen_tokens and run.gen_seconds else None,
-                           accuracy_s=accuracy_s)
+                           accuracy_s=accuracy_s, judging_s=judging_s, nll_s=nll_s)
     result.environment = {"torch": torch.__version__, "transformers": transformers.__version__,
                           "device": str(model.device), "generation_backend": backend, "threads": torch.get_num_threads(),
                           "machine": platform.machine(), "cpu_count": os.cpu_count(),
