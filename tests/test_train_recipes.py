@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from safeunits.cli import app
+from safeunits.errors import ConfigError
 from safeunits.train.recipes import AlignRecipe, align_data, load_recipe
 from tiny import tiny_model, tiny_tokenizer, tiny_unit_map
 
@@ -310,3 +311,36 @@ def test_named_model_is_rebuilt_when_its_recipe_changes(tmp_path, monkeypatch):
     key["value"] = "b"
     assert loading.resolve_model("toy-named") == str(folder) and builds == ["a", "b"]
     assert json.loads((folder / loading.BUILD_KEY_FILE).read_text())["key"] == "b"
+
+
+def test_ssah_freeze_role_transfer_maps_the_full_finetune_as_the_given_map_was_made(tmp_path, tiny_dir, data_files):
+    """SSAH Fig. 5 inside ssah-freeze (issue 24): the full fine-tune is attributed with the given map's own settings
+    (not the defaults), and the transfer equals one computed directly from the two maps."""
+    from safeunits.experiments.presets import ssah_freeze
+    from safeunits.models.loading import load_model
+    from safeunits.models.signature import model_fingerprint
+    from safeunits.units.attribution import MAP_FILE, AttributionConfig, attribute
+    from safeunits.units.scores import ScoreConfig
+    from safeunits.units.transfer import transition_matrix
+    from safeunits.units.unit_map import UnitMap
+
+    model, tok = load_model(str(tiny_dir))
+    config = AttributionConfig(safety_data=str(data_files["harm"]), utility_data=str(data_files["benign"]), limit=6,
+                               sample_seed=None, plots=False, score=ScoreConfig(max_length=64, batch_size=3),
+                               classify={"r": 0.2, "s": 0.05, "u": 0.1})
+    before = attribute(model, tok, config, tmp_path / "map", model_name=str(tiny_dir))
+    recipe = load_recipe("finetune", {"model": str(tiny_dir), "data": [str(data_files["benign"])], "n_examples": 8,
+                                      "train": {"max_length": 64, "lr": 1e-2}})
+    ssah_freeze(recipe, tmp_path / "map" / MAP_FILE, tmp_path / "run", settings=("full",), suite="none",
+                role_transfer=True, progress=False)
+    after = UnitMap.load(tmp_path / "run" / "full-map")
+    assert AttributionConfig.of_map(after) == AttributionConfig.of_map(before)
+    assert AttributionConfig.of_map(before).model_dump(exclude={"plots"}) == config.model_dump(exclude={"plots"})
+    tuned, _ = load_model(str(tmp_path / "run" / "full" / "model"))
+    assert after.fingerprint == model_fingerprint(tuned) != before.fingerprint  # the map of the fine-tuned model
+    got = json.loads((tmp_path / "run" / "role-transfer" / "transfer.json").read_text())
+    want = transition_matrix(UnitMap.load(tmp_path / "map"), after)
+    assert got["units"] == want.units and got["class_share"] == want.class_share.model_dump()
+    with pytest.raises(ConfigError, match="full"):
+        ssah_freeze(recipe, tmp_path / "map" / MAP_FILE, tmp_path / "run2", settings=("scu+cu",), suite="none",
+                    role_transfer=True, progress=False)

@@ -140,6 +140,9 @@ def ssah_freeze_command(
     protocol: str = typer.Option("ssah", "--protocol",
                                  help="ssah: a ':top' setting (i) first trains 1 epoch with the wider set (ii) frozen "
                                       "(SSAH Table 2); direct: setting (i) from the first step (before issue 24)."),
+    role_transfer: bool = typer.Option(False, "--role-transfer",
+                                       help="Also attribute the full fine-tune with the unit map's own settings and "
+                                            "class its units by the map's cut-offs (SSAH Fig. 5; step role-transfer)."),
     sets: list[str] = sets_option("n_examples=100"),
     suite: Optional[str] = suite_option(None, "'none': training numbers only. Default: quick."),
     data_dir: Optional[Path] = DATA_DIR,
@@ -152,7 +155,7 @@ def ssah_freeze_command(
     _check_map(unit_map)
     rec = _recipe("finetune", config, model, parse_sets(sets))
     ssah_freeze(rec, unit_map, out, settings=tuple(settings), frozen_epochs_factor=frozen_epochs_factor, protocol=protocol,
-                suite=suite or "quick", data_dir=data_dir, progress=not quiet, force=force)
+                suite=suite or "quick", data_dir=data_dir, role_transfer=role_transfer, progress=not quiet, force=force)
     typer.echo((out / "table.md").read_text())
 
 

@@ -219,12 +219,13 @@ class TransferStep(StepBase):
     """Role transfer between two unit maps of the same architecture (which units changed class)."""
 
     kind: Literal["transfer"] = "transfer"
-    before: str = Field(..., description="an attribute step (e.g. of the aligned model)")
-    after: str = Field(..., description="an attribute step (e.g. of the fine-tuned model)")
+    before: str = Field(..., description="an attribute step (e.g. of the aligned model) or a unit map file/folder")
+    after: str = Field(..., description="an attribute step (e.g. of the fine-tuned model) or a unit map file/folder")
     after_classes: Literal["thresholds", "fractions"] = Field(
         "thresholds", description="class the after-model's units by the before map's cut-offs (shares can move, "
                                   "SSAH Fig. 5) or compare each map's own fraction-sized classes (fixed shares)")
     refs: ClassVar = {"before": ("attribute",), "after": ("attribute",)}
+    external: ClassVar = ("before", "after")
 
 
 class HarmfulDataStep(StepBase):

@@ -40,6 +40,8 @@ from safeunits.io import read_json, write_json
 from safeunits.patching.continual import ContinualConfig
 from safeunits.patching.sparse import SparsePatch
 from safeunits.train.recipes import AlignRecipe, FinetuneRecipe, Recipe
+from safeunits.units.attribution import AttributionConfig
+from safeunits.units.unit_map import UnitMap
 
 BudgetProtocol = Literal["ssah", "equal"]
 FreezeProtocol = Literal["ssah", "direct"]
@@ -113,10 +115,16 @@ def budget_experiment(recipe: AlignRecipe, unit_map: Path, *, settings: tuple[st
 def freeze_experiment(recipe: FinetuneRecipe, unit_map: Path, *,
                       settings: tuple[str, ...] = ("full", "scu+cu:top0.06", "scu+cu"),
                       frozen_epochs_factor: float = 1.0, protocol: FreezeProtocol = "ssah",
-                      suite: str | None = "quick", data_dir: str | Path | None = None) -> Experiment:
-    """SSAH §5 as steps: evaluate the model, then per setting (its warm-up step,) a finetune step and its evaluation."""
+                      suite: str | None = "quick", data_dir: str | Path | None = None,
+                      role_transfer: bool = False) -> Experiment:
+    """SSAH §5 as steps: evaluate the model, then per setting (its warm-up step,) a finetune step and its evaluation.
+
+    `role_transfer` (SSAH Fig. 5): the fully fine-tuned model is attributed with the settings `unit_map` was made
+    with, and its units are classed by that map's cut-offs (`transfer` step `role-transfer`)."""
     for setting in settings:
         warmup_setting(setting, protocol)  # an unknown protocol fails before any training
+    if role_transfer and "full" not in settings:
+        raise ConfigError("the role transfer is that of the full fine-tune: add the setting 'full'")
     steps = [_eval_step("before", recipe.model, "before fine-tuning")]
     for setting in settings:
         full = setting == "full"
@@ -130,6 +138,10 @@ def freeze_experiment(recipe: FinetuneRecipe, unit_map: Path, *,
         steps.append(_train_step("finetune", name, recipe, model=start, unit_map=None if full else unit_map,
                                  units={"freeze": None if full else setting},
                                  epochs=recipe.train.epochs * (1 if full else frozen_epochs_factor)))
+        if full and role_transfer:
+            attribution = AttributionConfig.of_map(UnitMap.load(unit_map)).model_dump(mode="json")
+            steps += [{"name": "full-map", "kind": "attribute", "model": name, "settings": attribution},
+                      {"name": "role-transfer", "kind": "transfer", "before": str(unit_map), "after": "full-map"}]
         steps.append(_eval_step(f"{name}-eval", name, _freeze_label(None if full else setting, wider)))
     return _experiment("ssah-freeze", f"SSAH fine-tuning with frozen units (protocol {protocol}) of {recipe.model}",
                        suite, data_dir, steps)
@@ -207,10 +219,10 @@ def ssah_budget(recipe: AlignRecipe, unit_map: Path, out_dir: Path, *, settings:
 def ssah_freeze(recipe: FinetuneRecipe, unit_map: Path, out_dir: Path, *,
                 settings: tuple[str, ...] = ("full", "scu+cu:top0.06", "scu+cu"), frozen_epochs_factor: float = 1.0,
                 protocol: FreezeProtocol = "ssah", suite: str | None = "quick", data_dir: str | Path | None = None,
-                progress: bool = True, force: bool = False) -> list[dict]:
+                role_transfer: bool = False, progress: bool = True, force: bool = False) -> list[dict]:
     """Run `freeze_experiment` into `out_dir` and write table.md / table.json (one row per setting)."""
     experiment = freeze_experiment(recipe, unit_map, settings=settings, frozen_epochs_factor=frozen_epochs_factor,
-                                   protocol=protocol, suite=suite, data_dir=data_dir)
+                                   protocol=protocol, suite=suite, data_dir=data_dir, role_transfer=role_transfer)
     result, got, before_ev, rows = _run_table(experiment, out_dir, "before", "before fine-tuning", progress, force)
     out = Path(out_dir)
     before = before_ev.headline.as_dict() if before_ev else {}
@@ -231,6 +243,8 @@ def ssah_freeze(recipe: FinetuneRecipe, unit_map: Path, out_dir: Path, *,
     note = (f"Model {recipe.model}; data {recipe.data} ({recipe.n_examples} examples); unit map {unit_map}; "
             f"eval suite {experiment.suite}; frozen runs train {frozen_epochs_factor}x the epochs; protocol "
             f"{protocol} (ssah: a :top setting first trains 1 epoch with the wider set frozen; steps include it). "
+            + ("Role transfer of the full fine-tune (SSAH Fig. 5): role-transfer/transfer.json and .png. "
+               if role_transfer else "") +
             f"Steps, models and the report: {_report_note(result)}. " + SIGNIFICANCE_NOTE)
     _write_table(out, "SSAH fine-tuning with frozen safety units", rows, cols, note)
     return rows

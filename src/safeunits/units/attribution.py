@@ -41,6 +41,15 @@ class AttributionConfig(Config):
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     plots: bool = Field(True, description="also write class_shares.png and unit_map.png")
 
+    @classmethod
+    def of_map(cls, unit_map: UnitMap) -> AttributionConfig:
+        """The settings `unit_map` was computed with, so that a map of another model is comparable to it (role
+        transfer); a setting the map does not record keeps its default."""
+        recorded = unit_map.settings
+        fields = {"safety_data": "safety", "utility_data": "utility", "limit": "limit", "sample_seed": "sample_seed",
+                  "score": "score", "classify": "fractions"}
+        return cls.model_validate({field: recorded[key] for field, key in fields.items() if key in recorded})
+
 
 def _take(records: list[Record], n: int, seed: int | None) -> list[Record]:
     """The first n records, or a seeded random sample of n (in dataset order, so batches stay comparable)."""
