@@ -17,16 +17,14 @@ Compare `bound_tok_s` with 4x the `batched` rate of bench_generation.py measured
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
-from bench_generation import quick_suite_calls
+from bench_generation import bench_parser, bench_setup, new_tokens
 
-from safeunits.eval.continuous import _kv_shape
+from safeunits.eval.continuous import MAX_SLOTS, _kv_shape
 from safeunits.eval.generation import GenerationJob, generate_many
-from safeunits.models.loading import load_model
 
 
 def read_rate(n: int = 100_000_000, repeats: int = 5) -> float:
@@ -58,16 +56,8 @@ def attention_seconds(rows: int, kv_heads: int, group: int, positions: int, head
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--limit", type=int, default=None, help="at most N prompts a set (a smoke run; not the measure)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    calls = quick_suite_calls(args.limit)
+    args = bench_parser(__doc__.splitlines()[0]).parse_args()
+    model, tok, calls = bench_setup(args)
     jobs = [GenerationJob(prompts, system_prompt=system) for prompts, system in calls]
     generate_many(model, tok, [GenerationJob(calls[0][0][:4])], max_new_tokens=4, progress=False)  # warm-up
 
@@ -75,7 +65,7 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         answers = generate_many(model, tok, jobs, max_new_tokens=args.max_new_tokens, progress=False)
     wall = time.perf_counter() - t0
-    new = sum(len(tok(a, add_special_tokens=False)["input_ids"]) for job in answers for a in job)
+    new = new_tokens(tok, [a for job in answers for a in job])
     total = mm = attn = 0.0
     for event in prof.key_averages():
         total += event.self_cpu_time_total
@@ -88,7 +78,7 @@ def main() -> None:
 
     _, kv_heads, head_dim = _kv_shape(model)
     group = model.config.num_attention_heads // kv_heads
-    rows = min(sum(len(p) for p, _ in calls), 128)
+    rows = min(sum(len(p) for p, _ in calls), MAX_SLOTS)
     positions = 200  # a slot's cached positions midway through an answer (prefix + own tokens + half an answer)
     measured = attention_seconds(rows, kv_heads, group, positions, head_dim)
     read = read_rate()

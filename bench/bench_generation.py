@@ -37,23 +37,39 @@ def quick_suite_calls(limit: int | None = None) -> list[tuple[list[str], str | N
     return [(advbench, None), (advbench, SAFETY_SYSTEM_PROMPT), (xstest, None)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options every generation bench takes: model, new tokens, threads, a smoke-run limit."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 avoids spin-wait thrash on a loaded machine)")
-    ap.add_argument("--slots", type=int, default=None, help="continuous engine's rows per step (default: from memory)")
     ap.add_argument("--limit", type=int, default=None, help="at most N prompts a set (a smoke run; not the measure)")
-    args = ap.parse_args()
+    return ap
+
+
+def bench_setup(args: argparse.Namespace):
+    """Threads set, the model loaded, the quick suite's generations: (model, tokenizer, calls)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    calls = quick_suite_calls(args.limit)
+    return model, tok, quick_suite_calls(args.limit)
+
+
+def new_tokens(tok, texts: list[str]) -> int:
+    """Tokens of generated answers, counted by re-tokenising them (the same count for every engine)."""
+    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def main() -> None:
+    ap = bench_parser(__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=None, help="continuous engine's rows per step (default: from memory)")
+    args = ap.parse_args()
+    model, tok, calls = bench_setup(args)
     n = args.max_new_tokens
 
     def count(texts: list[str]) -> int:
-        return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        return new_tokens(tok, texts)
 
     answers: dict[str, list[list[str]]] = {"batched": [], "continuous": []}
     wall = dict.fromkeys(answers, 0.0)
